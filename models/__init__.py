@@ -1,0 +1,3 @@
+"""Model files: the shared ViT backbone (vit.py), mask builders (masks.py) and one file per method.
+Importing this package registers every pretraining preset and checkpoint converter."""
+# One import per method file; each registers its presets/converters in models.registry.

@@ -1,0 +1,59 @@
+"""Registries that connect the method files to the entry scripts.
+
+* Pretraining presets: ``@register_pretrain(recipe=...)`` on a builder function. The builder's keyword
+  arguments are also command-line flags of ``main_pretrain.py`` (added by the method's ``add_args``,
+  default ``None`` = the preset's value); ``build_pretrain_model`` passes every such flag that is set.
+* Official-checkpoint converters: ``register_converter(name, detect, convert)``; ``convert`` maps an
+  official state dict to this project's pretraining-model state dict and returns the preset it fits.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+
+@dataclass
+class PretrainEntry:
+    builder: Callable[..., nn.Module]
+    recipe: dict = field(default_factory=dict)  # defaults of main_pretrain flags for this method
+
+
+PRETRAIN_MODELS: dict[str, PretrainEntry] = {}
+
+
+def register_pretrain(recipe: dict | None = None) -> Callable:
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        PRETRAIN_MODELS[fn.__name__] = PretrainEntry(fn, dict(recipe or {}))
+        return fn
+    return wrap
+
+
+def pretrain_entry(name: str) -> PretrainEntry:
+    if name not in PRETRAIN_MODELS:
+        raise ValueError(f"unknown pretraining model {name!r}; known: {', '.join(sorted(PRETRAIN_MODELS))}")
+    return PRETRAIN_MODELS[name]
+
+
+def build_pretrain_model(name: str, args: argparse.Namespace | dict) -> nn.Module:
+    """Build a registered preset, overriding its keyword arguments with the matching flags that are set."""
+    builder = pretrain_entry(name).builder
+    values = vars(args) if isinstance(args, argparse.Namespace) else args
+    params = inspect.signature(builder).parameters
+    return builder(**{k: v for k, v in values.items() if k in params and v is not None})
+
+
+@dataclass
+class Converter:
+    detect: Callable[[dict], bool]          # does this (prefix-stripped) state dict come from that method?
+    convert: Callable[[dict], tuple[dict, str]]  # official state dict -> (our state dict, preset name)
+
+
+CONVERTERS: dict[str, Converter] = {}
+
+
+def register_converter(name: str, detect: Callable[[dict], bool], convert: Callable[[dict], tuple[dict, str]]) -> None:
+    CONVERTERS[name] = Converter(detect, convert)
