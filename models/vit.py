@@ -106,7 +106,8 @@ class VisionTransformer(nn.Module):
         # Constructor arguments, stored in checkpoints so that an encoder can be rebuilt without flags.
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                           class_token=class_token, pos_embed=pos_embed, norm_eps=norm_eps)
+                           class_token=class_token, pos_embed=pos_embed, norm_eps=norm_eps,
+                           num_classes=num_classes, global_pool=global_pool, fc_norm=fc_norm)
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         if pos_embed not in ("learn", "sincos"):
@@ -151,7 +152,14 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer ids for timm's ``param_groups_layer_decay``: embeddings 0, block i -> i + 1, the rest last."""
+        return {"stem": r"^cls_token|^pos_embed|^patch_embed",
+                "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
+
     def reset_classifier(self, num_classes: int, head_init_std: float = 2e-5) -> None:
+        self.config["num_classes"] = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             trunc_normal_(self.head.weight, std=head_init_std)

@@ -1,0 +1,201 @@
+"""Checkpoints: plain dicts loaded with ``weights_only=True``, written atomically, resumable.
+
+Every checkpoint this project writes holds: ``model`` (state dict), ``vit_config`` (kwargs that rebuild the
+ViT encoder/classifier), ``vit_prefix`` (where the ViT's keys sit inside ``model``: ``'encoder.'`` for
+pretraining models, ``''`` for classifiers), ``encoder_mask`` (the attention mask used in pretraining, for
+probing), ``model_name``, ``epoch``, ``args`` (plain dict), and for training state ``optimizer``, ``scaler``,
+``rng`` (one entry per rank) and ``extra`` (e.g. best accuracy, EMA weights).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
+
+from models.registry import CONVERTERS, build_pretrain_model
+from models.vit import VisionTransformer
+from util.misc import get_rank, get_world_size, is_dist, is_main_process, print0, rng_state, set_rng_state
+
+WRAPPER_PREFIXES = ("module.", "_forward_module.", "_orig_mod.", "model.")
+
+
+def load_file(path: str) -> dict:
+    """torch.load with weights_only=True and one clear error for a missing or unreadable file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, or pickled objects that weights_only refuses
+        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+    return ckpt
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """Remove DDP / Lightning / DeepSpeed / torch.compile prefixes shared by every key."""
+    changed = True
+    while changed and state_dict:
+        changed = False
+        for p in WRAPPER_PREFIXES:
+            if all(k.startswith(p) for k in state_dict):
+                state_dict = {k[len(p):]: v for k, v in state_dict.items()}
+                changed = True
+    return state_dict
+
+
+def _raw_state_dict(ckpt: dict) -> dict:
+    for key in ("model", "state_dict", "module"):  # ours/MAE, Lightning, DeepSpeed
+        if key in ckpt and isinstance(ckpt[key], dict):
+            return ckpt[key]
+    return ckpt
+
+
+def normalize_checkpoint(ckpt: dict, path: str = "") -> dict:
+    """Return a checkpoint in this project's format; official checkpoints go through their converter."""
+    if "vit_config" in ckpt:
+        return ckpt
+    sd = strip_wrapper_prefixes(dict(_raw_state_dict(ckpt)))
+    for name, conv in CONVERTERS.items():
+        if conv.detect(sd):
+            model_sd, preset = conv.convert(sd)
+            out = {"model": model_sd, "model_name": preset, "converted_from": name, "epoch": -1}
+            if preset is not None:
+                with torch.device("meta"):
+                    model = build_pretrain_model(preset, {})
+                out.update(vit_config=dict(model.encoder.config), vit_prefix="encoder.",
+                           encoder_mask=getattr(model, "encoder_mask", None))
+            return out
+    raise ValueError(f"{path or 'checkpoint'}: not a checkpoint of this project and no converter "
+                     f"({', '.join(CONVERTERS) or 'none registered'}) recognises its keys")
+
+
+def load_checkpoint(path: str) -> dict:
+    return normalize_checkpoint(load_file(path), path)
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    """Write to a temp file in the same directory, then rename: a killed job never leaves a torn file."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _gather_rng_states() -> list[dict]:
+    if not is_dist():
+        return [rng_state()]
+    states: list = [None] * get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def save_checkpoint(args: argparse.Namespace, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    optim_step=None, vit: VisionTransformer | None = None, vit_prefix: str = "",
+                    extra: dict | None = None, name: str = "checkpoint-last.pth") -> None:
+    """Save on rank 0 (every rank must call it: RNG states are gathered). Writes ``name`` and, every
+    ``--save_freq`` epochs and at the last epoch, ``checkpoint-<epoch>.pth``; prunes to ``--keep_last``."""
+    rng = _gather_rng_states()
+    if not args.output_dir or not is_main_process():
+        return
+    vit = vit if vit is not None else getattr(model, "encoder", model)
+    state = {
+        "model": model.state_dict(), "vit_config": dict(vit.config), "vit_prefix": vit_prefix,
+        "encoder_mask": getattr(model, "encoder_mask", None), "model_name": args.model, "epoch": epoch,
+        "args": plain_args(args),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": optim_step.state_dict() if optim_step is not None else {},
+        "rng": rng, "extra": extra or {},
+    }
+    save_atomic(state, os.path.join(args.output_dir, name))
+    if name == "checkpoint-last.pth" and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
+        save_atomic(state, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+        if args.keep_last > 0:
+            found = [(re.search(r"checkpoint-(\d+)\.pth$", p), p)
+                     for p in glob.glob(os.path.join(args.output_dir, "checkpoint-*.pth"))]
+            numbered = sorted((int(m.group(1)), p) for m, p in found if m)
+            for _, old in numbered[: -args.keep_last]:
+                os.remove(old)
+
+
+def plain_args(args: argparse.Namespace) -> dict:
+    """The flags as a dict of plain values, so that the checkpoint loads with weights_only=True."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+def resume_path(args: argparse.Namespace) -> str:
+    if args.resume:
+        return args.resume
+    last = os.path.join(args.output_dir, "checkpoint-last.pth") if args.output_dir else ""
+    return last if args.auto_resume and last and os.path.isfile(last) else ""
+
+
+def resume(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+           optim_step=None) -> dict:
+    """Continue from --resume or output_dir/checkpoint-last.pth: model (strict), optimizer, scaler,
+    start epoch and this rank's RNG state. Returns the checkpoint's ``extra`` dict ({} if nothing loaded)."""
+    path = resume_path(args)
+    if not path:
+        return {}
+    ckpt = load_checkpoint(path)
+    model.load_state_dict(ckpt["model"], strict=True)
+    if optimizer is not None and ckpt.get("optimizer"):
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if optim_step is not None:
+            optim_step.load_state_dict(ckpt.get("scaler") or {})
+    args.start_epoch = ckpt["epoch"] + 1
+    rng = ckpt.get("rng") or []
+    if len(rng) == get_world_size():
+        set_rng_state(rng[get_rank()])
+    elif rng:
+        print0(f"warning: checkpoint has RNG states for {len(rng)} ranks, running {get_world_size()}; not restored")
+    print0(f"resumed from {path} (epoch {ckpt['epoch']}), continuing at epoch {args.start_epoch}")
+    return ckpt.get("extra", {})
+
+
+def vit_state_dict(ckpt: dict) -> dict:
+    """The ViT's keys of a normalised checkpoint, prefix removed."""
+    prefix = ckpt.get("vit_prefix", "")
+    return {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+
+
+def load_vit_weights(vit: VisionTransformer, ckpt: dict) -> None:
+    """Initialise ``vit`` from a checkpoint's encoder (MAE ``--finetune`` semantics): drop a head whose shape
+    differs, resample position embeddings to the new grid, load non-strictly, and refuse anything missing
+    other than the classifier head / fc_norm."""
+    sd = vit_state_dict(ckpt)
+    own = vit.state_dict()
+    for k in ("head.weight", "head.bias"):
+        if k in sd and (k not in own or sd[k].shape != own[k].shape):
+            del sd[k]
+    if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
+        if sd["pos_embed"].shape[1] - vit.num_prefix_tokens <= 0:
+            raise ValueError("checkpoint pos_embed does not fit this model's prefix tokens")
+        side = vit.grid_size
+        sd["pos_embed"] = resample_abs_pos_embed(sd["pos_embed"], (side, side),
+                                                 num_prefix_tokens=vit.num_prefix_tokens)
+    if "norm.weight" in sd and "norm.weight" not in own:  # global-pool classifier: norm -> fc_norm init
+        sd.pop("norm.weight"), sd.pop("norm.bias")
+    result = vit.load_state_dict(sd, strict=False)
+    allowed = {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    bad = set(result.missing_keys) - allowed
+    if bad:
+        raise ValueError(f"checkpoint does not fit the model: missing {sorted(bad)[:8]}"
+                         f"{' ...' if len(bad) > 8 else ''} (architecture differs?)")
+    print0(f"loaded encoder weights: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+
+
+def load_vit(path: str, **overrides) -> tuple[VisionTransformer, dict]:
+    """Rebuild the ViT stored in any checkpoint (ours or an official one with a converter), with ctor
+    ``overrides`` (num_classes, global_pool, img_size, drop_path_rate, ...), and load its weights."""
+    ckpt = load_checkpoint(path)
+    if "vit_config" not in ckpt:
+        raise ValueError(f"{path}: converted checkpoint does not say which encoder it holds")
+    vit = VisionTransformer(**{**ckpt["vit_config"], **overrides})
+    load_vit_weights(vit, ckpt)
+    return vit, ckpt
