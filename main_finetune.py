@@ -21,8 +21,19 @@ from models.vit import VisionTransformer, vit_config
 from util.args import add_common_args, fill_defaults, str2bool
 from util.checkpoint import load_checkpoint, load_vit_weights, resume, save_checkpoint
 from util.datasets import build_dataset, build_loader, build_transform
-from util.misc import (OptimizerStep, cleanup_distributed, effective_lr, init_distributed_mode, make_log_writer,
-                       print0, seed_everything, write_args, write_json_line)
+from util.misc import (
+    OptimizerStep,
+    cleanup_distributed,
+    effective_lr,
+    init_distributed_mode,
+    make_log_writer,
+    print0,
+    run_cli,
+    seed_everything,
+    wrap_model,
+    write_args,
+    write_json_line,
+)
 
 FINETUNE_DEFAULTS = dict(batch_size=64, epochs=50, blr=1e-3, min_lr=1e-6, warmup_epochs=5, warmup_lr=0.0,
                          weight_decay=0.05, input_size=224, drop_path=0.1)
@@ -53,7 +64,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup_prob", type=float, default=1.0)
     g.add_argument("--mixup_switch_prob", type=float, default=0.5)
     g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
-    g.add_argument("--crop_pct", type=float, default=None, help="eval centre-crop fraction (timm default 0.875)")
     g.add_argument("--model_ema", action="store_true", help="keep an EMA of the weights (evaluated too)")
     g.add_argument("--model_ema_decay", type=float, default=0.9999)
     g = parser.add_argument_group("evaluation")
@@ -129,12 +139,7 @@ def main(args: argparse.Namespace) -> None:
         cleanup_distributed()
         return
 
-    model_ddp = model
-    if args.distributed:
-        model_ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.index is not None else None)
-    if args.compile:
-        model_ddp = torch.compile(model_ddp)
+    model_ddp = wrap_model(model, args)
     log_writer = make_log_writer(args)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{n_params / 1e6:.2f}M trainable parameters; start training for {args.epochs} epochs")
@@ -145,7 +150,8 @@ def main(args: argparse.Namespace) -> None:
         train_stats = train_one_epoch(model_ddp, criterion, train_loader, optim_step, device, epoch, args,
                                       mixup_fn, model_ema, log_writer)
         test_stats = evaluate(model, val_loader, device, args.amp)
-        record = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in test_stats.items()}}
+        record = {**{f"train_{k}": v for k, v in train_stats.items()},
+                  **{f"test_{k}": v for k, v in test_stats.items()}}
         acc = test_stats["acc1"]
         if model_ema is not None:
             ema_stats = evaluate(model_ema.module, val_loader, device, args.amp)
@@ -167,4 +173,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
+    run_cli(main, get_args_parser())

@@ -22,8 +22,19 @@ from models.vit import VisionTransformer
 from util.args import add_common_args, fill_defaults, str2bool
 from util.checkpoint import load_checkpoint, load_vit_weights, resume, save_checkpoint
 from util.datasets import build_dataset, build_loader, build_transform
-from util.misc import (OptimizerStep, cleanup_distributed, effective_lr, init_distributed_mode, make_log_writer,
-                       print0, seed_everything, write_args, write_json_line)
+from util.misc import (
+    OptimizerStep,
+    cleanup_distributed,
+    effective_lr,
+    init_distributed_mode,
+    make_log_writer,
+    print0,
+    run_cli,
+    seed_everything,
+    wrap_model,
+    write_args,
+    write_json_line,
+)
 
 # MAE linear probe (LARS, blr 0.1, wd 0, 90 epochs) and XTRA attentive probe (AdamW β (0.9, 0.95), wd 0.1,
 # 100 epochs, warmup 10 from lr/10, cosine to 1e-5, clip 3; blr 6.25e-5 = lr 1e-3 at batch 4096).
@@ -116,7 +127,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--final_norm", type=str2bool, default=False,
                         help="apply the encoder's final LayerNorm to the features (MAE linprobe: true)")
     parser.add_argument("--pool", choices=["token", "avg"], default=None,
-                        help="linear probe pooling (default: cls token if the encoder has one, else mean)")
+                        help="linear probe pooling (default: the encoder's own global_pool; else cls token if it has one)")
     parser.add_argument("--probe_heads", type=int, default=None,
                         help="attentive probe heads (default: the backbone's head count; XTRA used 16)")
     parser.add_argument("--probe_mask", choices=["none", "block_causal"], default=None,
@@ -126,7 +137,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="k of the block-causal mask (default: from the checkpoint)")
     parser.add_argument("--eval", action="store_true", help="evaluate --resume probe weights and exit")
     parser.add_argument("--dist_eval", type=str2bool, default=True, help="exact sharded validation")
-    parser.add_argument("--crop_pct", type=float, default=None)
     g = parser.add_argument_group("attentive-probe augmentation (timm recipe, as XTRA)")
     g.add_argument("--aa", default="rand-m9-mstd0.5-inc1")
     g.add_argument("--color_jitter", type=float, default=None)
@@ -170,7 +180,9 @@ def main(args: argparse.Namespace) -> None:
         head, pool = AttentivePoolingHead(dim, num_classes, args.probe_heads or backbone.num_heads), None
     else:
         head = LinearHead(dim, num_classes)
-        pool = args.pool or ("token" if backbone.num_prefix_tokens else "avg")
+        stored_pool = ckpt["vit_config"].get("global_pool")  # how the encoder's features were meant to be pooled
+        pool = args.pool or (stored_pool if stored_pool in ("token", "avg") else
+                             "token" if backbone.num_prefix_tokens else "avg")
     model = Probe(backbone, head, args.n_last_blocks, pool, args.final_norm, probe_mask(args, ckpt, backbone))
     model.to(device)
     args.model = f"{args.probe}_probe"
@@ -201,10 +213,7 @@ def main(args: argparse.Namespace) -> None:
         cleanup_distributed()
         return
 
-    model_ddp = model
-    if args.distributed:
-        model_ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.index is not None else None)
+    model_ddp = wrap_model(model, args)
     log_writer = make_log_writer(args)
     criterion = torch.nn.CrossEntropyLoss()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -228,4 +237,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
+    run_cli(main, get_args_parser())

@@ -30,7 +30,9 @@ from util.misc import (
     is_main_process,
     make_log_writer,
     print0,
+    run_cli,
     seed_everything,
+    wrap_model,
     write_args,
     write_json_line,
 )
@@ -50,9 +52,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="xtra_vit_tiny", help=f"one of: {', '.join(sorted(PRETRAIN_MODELS))}")
     parser.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate of the encoder")
     parser.add_argument("--betas", type=float, nargs=2, default=None, help="AdamW betas")
-    parser.add_argument("--crop_scale", type=float, nargs=2, default=None, help="RandomResizedCrop area range")
-    parser.add_argument("--crop_ratio", type=float, nargs=2, default=None, help="RandomResizedCrop aspect range")
-    parser.add_argument("--crop_pct", type=float, default=None, help="centre-crop fraction for evaluation views")
     parser.add_argument("--visualize_every", type=int, default=0,
                         help="write a PNG of inputs/targets/predictions every N epochs (0 = off)")
     parser.add_argument("--save_encoder", type=str2bool, default=True,
@@ -88,12 +87,7 @@ def main(args: argparse.Namespace) -> None:
     optim_step = OptimizerStep(optimizer, args.amp, args.accum_iter, args.clip_grad, args.device)
     resume(args, model, optimizer, optim_step)
 
-    model_ddp = model
-    if args.distributed:
-        model_ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.index is not None
-                                                              else None)
-    if args.compile:
-        model_ddp = torch.compile(model_ddp)
+    model_ddp = wrap_model(model, args)
     log_writer = make_log_writer(args)
 
     print0(f"start training for {args.epochs} epochs from epoch {args.start_epoch}")
@@ -123,4 +117,4 @@ def export_encoder(model: torch.nn.Module, path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())
+    run_cli(main, get_args_parser())

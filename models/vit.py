@@ -122,7 +122,7 @@ class VisionTransformer(nn.Module):
         self.global_pool = global_pool
         self.num_prefix_tokens = 1 if class_token else 0
         self.pos_embed_type = pos_embed
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid_size = self.patch_embed.grid_size[0]
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None

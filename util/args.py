@@ -36,6 +36,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(offline); synthetic: random tensors (throughput)")
     g.add_argument("--data_path", default="", help="ImageFolder root with train/ and val/")
     g.add_argument("--input_size", type=int, default=None, help="image side in pixels")
+    g.add_argument("--crop_scale", type=float, nargs=2, default=None,
+                   help="RandomResizedCrop area range (default: the method's recipe, else 0.08 1)")
+    g.add_argument("--crop_ratio", type=float, nargs=2, default=None, help="RandomResizedCrop aspect range")
+    g.add_argument("--crop_pct", type=float, default=None, help="eval centre-crop fraction (timm default 0.875)")
     g.add_argument("--num_workers", type=int, default=4)
     g.add_argument("--pin_mem", type=str2bool, default=True)
     g.add_argument("--synthetic_size", type=int, default=1024, help="images per split of --dataset synthetic")

@@ -79,16 +79,17 @@ def build_transform(args: argparse.Namespace, is_train: bool, kind: str):
     Evaluation: resize to input/crop_pct, centre crop, bicubic.
     """
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    scale = tuple(args.crop_scale or (0.08, 1.0))
+    ratio = tuple(args.crop_ratio or (3 / 4, 4 / 3))
     if not is_train:
         return create_transform(args.input_size, is_training=False, interpolation="bicubic",
                                 crop_pct=args.crop_pct, mean=mean, std=std)
     if kind == "finetune":
-        return create_transform(args.input_size, is_training=True, color_jitter=args.color_jitter,
+        return create_transform(args.input_size, is_training=True, scale=scale, ratio=ratio,
+                                color_jitter=args.color_jitter,
                                 auto_augment=args.aa if args.aa not in (None, "", "none") else None,
                                 interpolation="bicubic", re_prob=args.reprob, re_mode=args.remode,
                                 re_count=args.recount, mean=mean, std=std)
-    scale = tuple(getattr(args, "crop_scale", None) or (0.08, 1.0))
-    ratio = tuple(getattr(args, "crop_ratio", None) or (3 / 4, 4 / 3))
     return create_transform(args.input_size, is_training=True, scale=scale, ratio=ratio, color_jitter=None,
                             interpolation="bicubic", mean=mean, std=std)
 

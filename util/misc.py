@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from collections import defaultdict, deque
 from contextlib import nullcontext
@@ -283,3 +284,24 @@ def effective_lr(args: argparse.Namespace) -> None:
                f"{args.batch_size} × accum {args.accum_iter} × world {get_world_size()})")
     else:
         print0(f"lr: {args.lr:.3e} (absolute)  effective batch {eff_batch}")
+
+
+def run_cli(main, parser: argparse.ArgumentParser) -> None:
+    """Parse flags and run ``main``; bad input (missing files, corrupt checkpoints, impossible sizes, unknown
+    names) ends with one 'error: ...' line and exit code 2 instead of a traceback."""
+    args = argparse.ArgumentParser(parents=[parser]).parse_args()
+    try:
+        main(args)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        cleanup_distributed()
+        raise SystemExit(2) from None
+
+
+def wrap_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """DDP when distributed (gradients of trainable parameters only), then torch.compile with --compile."""
+    if args.distributed:
+        device = torch.device(args.device)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.index is not None else None)
+    return torch.compile(model) if getattr(args, "compile", False) else model

@@ -1,0 +1,104 @@
+"""End to end on the embedded digits data: fine-tuning, both probes, torchrun ×2, resume after a kill, bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.helpers import FAST, ROOT, read_log, run_script
+
+FT = [*FAST, "--model", "vit_tiny_patch4", "--input_size", "32", "--batch_size", "32", "--aa", "none",
+      "--reprob", "0", "--blr", "5e-3", "--warmup_epochs", "1", "--layer_decay", "1.0"]
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft")
+    run_script("main_finetune.py", *FT, "--epochs", "4", "--output_dir", out)
+    return out
+
+
+def test_finetune_learns_and_writes_outputs(finetuned):
+    log = read_log(finetuned)
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3]
+    assert log[-1]["test_n"] == 359  # the whole val split, each image once
+    assert log[-1]["test_acc1"] > 25.0  # chance is 10 %
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    for name in ("args.json", "checkpoint-last.pth", "checkpoint-best.pth", "checkpoint-3.pth"):
+        assert (finetuned / name).is_file()
+    assert not list(finetuned.glob("*.tmp*"))
+    ckpt = torch.load(finetuned / "checkpoint-last.pth", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["vit_config"]["num_classes"] == 10 and isinstance(ckpt["args"], dict)
+
+
+def test_eval_only_reproduces_logged_accuracy(finetuned):
+    proc = run_script("main_finetune.py", *FT, "--eval", "--resume", finetuned / "checkpoint-last.pth",
+                      "--output_dir", "")
+    assert f"Acc@1 {read_log(finetuned)[-1]['test_acc1']:.3f}" in proc.stdout
+
+
+@pytest.mark.parametrize("probe", ["linear", "attentive"])
+def test_probes_train_on_a_frozen_backbone(finetuned, tmp_path, probe):
+    run_script("main_linprobe.py", *FAST, "--finetune", finetuned / "checkpoint-last.pth", "--probe", probe,
+               "--batch_size", "64", "--epochs", "3", "--warmup_epochs", "0", "--blr", "0.5", "--aa", "none",
+               "--reprob", "0", "--output_dir", tmp_path)
+    log = read_log(tmp_path)
+    assert log[-1]["test_acc1"] > 20.0
+    probe_ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    backbone = torch.load(finetuned / "checkpoint-last.pth", weights_only=True)["model"]
+    # the backbone stayed frozen
+    torch.testing.assert_close(probe_ckpt["model"]["backbone.blocks.0.attn.qkv.weight"],
+                               backbone["blocks.0.attn.qkv.weight"])
+
+
+def test_torchrun_two_processes_exact_eval(tmp_path):
+    run_script("main_finetune.py", *FT, "--epochs", "1", "--output_dir", tmp_path, nproc=2)
+    log = read_log(tmp_path)
+    assert log[0]["test_n"] == 359  # 359 is odd: exact sharding, no padded duplicates
+    assert (tmp_path / "checkpoint-last.pth").is_file()
+
+
+def test_killed_run_resumes_with_identical_losses(tmp_path):
+    args = [*FT, "--epochs", "4", "--print_freq", "1"]
+    run_script("main_finetune.py", *args, "--output_dir", tmp_path / "straight")
+    reference = {r["epoch"]: r["train_loss"] for r in read_log(tmp_path / "straight")}
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "main_finetune.py", *map(str, args), "--output_dir", str(killed)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint-1.pth").exists() and not (killed / "log.txt").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    while not (killed / "log.txt").exists() or len((killed / "log.txt").read_text().splitlines()) < 2:
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-epoch 2
+    proc.wait()
+    done_before = len(read_log(killed))
+    assert done_before < 4
+    run_script("main_finetune.py", *args, "--output_dir", killed)  # the same command again
+    log = read_log(killed)
+    assert [r["epoch"] for r in log][-4 + done_before:] == list(range(done_before, 4))
+    for r in log:
+        assert r["train_loss"] == reference[r["epoch"]]  # bit-identical
+
+
+def test_bad_input_fails_cleanly_without_writing(tmp_path):
+    out = tmp_path / "out"
+    proc = run_script("main_finetune.py", *FT, "--dataset", "imagefolder", "--data_path", tmp_path / "nope",
+                      "--output_dir", out, check=False)
+    assert proc.returncode == 2 and "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "args.json").exists()
+
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"not a checkpoint")
+    proc = run_script("main_linprobe.py", *FAST, "--finetune", corrupt, "--output_dir", out, check=False)
+    assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr
+    proc = run_script("main_finetune.py", *FT, "--model", "vit_nonexistent", "--output_dir", out, check=False)
+    assert proc.returncode == 2 and "unknown model" in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
