@@ -254,3 +254,13 @@ def vit_config(name: str) -> dict:
 def create_vit(name: str, **kwargs) -> VisionTransformer:
     """Build a preset by name; ``kwargs`` (img_size, num_classes, global_pool, ...) override it."""
     return VisionTransformer(**{**vit_config(name), **kwargs})
+
+
+def timm_kwargs(config: dict) -> dict:
+    """kwargs for ``timm.models.vision_transformer.VisionTransformer`` that give the same network as ``config``
+    (timm's default LayerNorm eps is already 1e-6; other eps values are not expressible this way)."""
+    keep = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
+            "class_token", "num_classes", "global_pool", "fc_norm")
+    if config.get("norm_eps", 1e-6) != 1e-6:
+        raise ValueError(f"LayerNorm eps {config['norm_eps']} differs from timm's 1e-6; pass norm_layer yourself")
+    return {k: config[k] for k in keep if k in config}

@@ -1,0 +1,99 @@
+"""Utilities: lr schedule, checkpoint files and retention, RNG round trip, exact eval shards, NaN stop."""
+import argparse
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from util import misc
+from util.checkpoint import load_file, save_checkpoint
+from util.datasets import DigitsDataset, ShardSampler
+from util.lr_sched import adjust_learning_rate, lr_at
+from util.misc import OptimizerStep, check_finite, rng_state, set_rng_state
+
+
+def sched_args(**kw):
+    return argparse.Namespace(**{**dict(lr=1e-3, min_lr=1e-6, warmup_epochs=10, warmup_lr=1e-4, epochs=100), **kw})
+
+
+def test_warmup_then_half_cycle_cosine():
+    a = sched_args()
+    assert lr_at(0, a) == pytest.approx(1e-4)
+    assert lr_at(5, a) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert lr_at(10, a) == pytest.approx(1e-3)
+    assert lr_at(55, a) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)  # half way through the cosine
+    assert lr_at(100, a) == pytest.approx(1e-6)
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 0.5},
+                           {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=1.0)
+    adjust_learning_rate(opt, 10, a)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 1e-3])
+
+
+def _ckpt_args(tmp_path, **kw):
+    return argparse.Namespace(output_dir=str(tmp_path), save_freq=2, keep_last=2, epochs=9, model="m", **kw)
+
+
+def test_checkpoint_retention_and_weights_only(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    model.config = {"embed_dim": 2}
+    for epoch in range(9):
+        save_checkpoint(_ckpt_args(tmp_path), epoch, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint-7.pth", "checkpoint-8.pth", "checkpoint-last.pth"]
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)  # plain dict, no pickled objects
+    assert ckpt["epoch"] == 8 and ckpt["args"]["model"] == "m" and len(ckpt["rng"]) == 1
+
+
+def test_unreadable_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_file(str(tmp_path / "missing.pth"))
+    (tmp_path / "bad.pth").write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        load_file(str(tmp_path / "bad.pth"))
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="expected a dict"):
+        load_file(str(tmp_path / "list.pth"))
+
+
+def test_rng_state_round_trip_through_weights_only_file(tmp_path):
+    misc.seed_everything(3)
+    torch.save({"rng": rng_state()}, tmp_path / "r.pth")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(torch.load(tmp_path / "r.pth", weights_only=True)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_shard_sampler_covers_each_index_once(monkeypatch):
+    seen = []
+    for rank in range(3):
+        monkeypatch.setattr("util.datasets.get_rank", lambda r=rank: r)
+        monkeypatch.setattr("util.datasets.get_world_size", lambda: 3)
+        seen += list(ShardSampler(10))
+    assert sorted(seen) == list(range(10))
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    train, val = DigitsDataset("train", 16), DigitsDataset("val", 16)
+    assert (len(train), len(val)) == (1438, 359)
+    assert train.images[0].size == (16, 16) and train.images[0].mode == "RGB"
+    assert DigitsDataset("val", 16).targets == val.targets
+
+
+def test_non_finite_loss_stops_naming_the_step():
+    check_finite(torch.tensor(1.0), 0, 0)
+    with pytest.raises(FloatingPointError, match="epoch 2, step 7"):
+        check_finite(torch.tensor(float("nan")), 2, 7)
+
+
+def test_accumulation_steps_only_every_k_micro_batches():
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = OptimizerStep(opt, "off", accum_iter=2, clip_grad=1e-3)
+    before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert step(model(torch.ones(1, 3)).sum(), model.parameters(), 0) is None
+    assert torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), before)
+    norm = step(model(torch.ones(1, 3)).sum(), model.parameters(), 1)
+    assert norm.item() == pytest.approx(2.0)  # grads (1, 1, 1 | 1), averaged over the two micro-batches
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert (after - before).norm().item() == pytest.approx(0.1 * 1e-3, rel=1e-4)  # clipped to norm 1e-3
