@@ -92,8 +92,9 @@ def build_classifier(args: argparse.Namespace, num_classes: int, ckpt: dict | No
 
 
 def main(args: argparse.Namespace) -> None:
-    fill_defaults(args, FINETUNE_DEFAULTS)
     ckpt = load_checkpoint(args.finetune) if args.finetune else None  # bad path -> error before any work
+    # the input size defaults to the pretraining resolution of the checkpoint
+    fill_defaults(args, {**FINETUNE_DEFAULTS, **({"input_size": ckpt["vit_config"]["img_size"]} if ckpt else {})})
     init_distributed_mode(args)
     device = torch.device(args.device)
     if args.output_dir:

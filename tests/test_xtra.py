@@ -1,0 +1,425 @@
+"""XTRA (spec xtra.md §10): block-causal mask, layouts, causality, per-block normalisation, multi-head loss,
+pseudo-random orders, parameter counts of the released sizes, and the official-checkpoint converter checked
+against an independent forward written with the official layout (separate q/k/v, masked_fill softmax, unfold)."""
+import argparse
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models  # noqa: F401  (registers presets)
+from models.masks import block_causal_mask
+from models.registry import CONVERTERS, build_pretrain_model, pretrain_entry
+from models.vit import Attention
+from models.xtra import XTRA, add_args, create_random_permutations, normalize_blocks
+
+# grid 4 (img 32 / patch 8) with k=2: 4 blocks, like the spec's tiny causality example
+SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, block_size=2, predictor_depth=2,
+             predictor_width=32, predictor_heads=2, proj_hidden=48, head_hidden=40)
+
+SPEC_MASK = """
+1100110000000000
+1100110000000000
+1111111100000000
+1111111100000000
+1100110000000000
+1100110000000000
+1111111100000000
+1111111100000000
+1111111111001100
+1111111111001100
+1111111111111111
+1111111111111111
+1111111111001100
+1111111111001100
+1111111111111111
+1111111111111111"""
+
+
+def small(**kw) -> XTRA:
+    torch.manual_seed(0)
+    return XTRA(**{**SMALL, **kw})
+
+
+# ---- 1, 2: mask ---------------------------------------------------------------------------------------
+def test_exact_block_causal_mask_and_counts():
+    expected = torch.tensor([[int(ch) for ch in row] for row in SPEC_MASK.split()], dtype=torch.bool)
+    mask = block_causal_mask(4, 2)
+    assert torch.equal(mask, expected)
+    assert mask.sum(1).tolist() == [4, 4, 8, 8, 4, 4, 8, 8, 12, 12, 16, 16, 12, 12, 16, 16]
+    big = block_causal_mask(16, 4)
+    assert int(big.sum()) == 34816 and int((~big).sum()) == 30720
+    for g in (4, 16):
+        assert torch.equal(block_causal_mask(g, 1), torch.ones(g * g, g * g).tril().bool())
+
+
+@pytest.mark.parametrize("grid,k", [(4, 2), (8, 2), (8, 4), (6, 3)])
+def test_mask_semantics(grid, k):
+    mask = block_causal_mask(grid, k)
+    blk = [(i // k) * (grid // k) + j // k for i in range(grid) for j in range(grid)]
+    for q in range(grid * grid):
+        for j in range(grid * grid):
+            assert bool(mask[q, j]) == (blk[j] <= blk[q])
+    for b in set(blk):  # full, symmetric attention inside a block
+        idx = torch.tensor([t for t in range(grid * grid) if blk[t] == b])
+        assert bool(mask[idx][:, idx].all())
+
+
+# ---- 3, 11: shapes and parameter counts of the released sizes (meta device: no memory, no compute) --------
+def _shapes_on_meta(name: str, side: int) -> dict:
+    with torch.device("meta"):
+        model = build_pretrain_model(name, {})
+        seen = {}
+        model.encoder.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("encoder", o.shape))
+        model.proj.register_forward_hook(lambda m, i, o: seen.__setitem__("proj", o.shape))
+        model.predictor.register_forward_hook(lambda m, i, o: seen.__setitem__("predictor", o.shape))
+        model.aim_proj[0].register_forward_hook(lambda m, i, o: seen.update(concat=i[0].shape, pred=o.shape))
+        imgs = torch.empty(2, 3, side, side)
+        seen["target"] = model.patchify(imgs).shape
+        model(imgs)
+    params = {part: sum(p.numel() for p in getattr(model, part).parameters())
+              for part in ("encoder", "proj", "predictor", "aim_proj")}
+    return {k: tuple(v) for k, v in seen.items()}, params
+
+
+def test_base_patch16_shapes_and_parameters():
+    shapes, params = _shapes_on_meta("xtra_vit_base_patch16", 256)
+    assert shapes == dict(encoder=(2, 256, 768), proj=(2, 256, 768), predictor=(2, 256, 768), concat=(2, 16, 12288),
+                          pred=(2, 16, 12288), target=(2, 16, 3, 64, 64))
+    assert params == dict(encoder=85_843_200, proj=6_295_552, predictor=56_901_120, aim_proj=151_013_376)
+
+
+def test_huge_patch14_shapes_and_parameters():
+    shapes, params = _shapes_on_meta("xtra_vit_huge_patch14", 224)
+    assert shapes == dict(encoder=(2, 256, 1280), proj=(2, 256, 640), predictor=(2, 256, 640), concat=(2, 16, 10240),
+                          pred=(2, 16, 9408), target=(2, 16, 3, 56, 56))
+    # spec: 630.76M, 9.84M, 39.55M, 184.87M
+    assert params == dict(encoder=630_762_240, proj=9_835_520, predictor=39_553_280, aim_proj=184_867_200)
+
+
+def test_tiny_shapes_and_preset():
+    model = small(img_size=64, patch_size=16, num_pred_heads=2)
+    loss, out = model(torch.randn(2, 3, 64, 64))
+    assert out["pred"].shape == (2, 2, 4, 3072) and out["target"].shape == (2, 4, 3072) and loss.ndim == 0
+    assert model.patchify(torch.randn(2, 3, 64, 64)).shape == (2, 4, 3, 32, 32)
+    tiny = build_pretrain_model("xtra_vit_tiny", {})
+    assert tiny.encoder_mask == {"type": "block_causal", "block_size": 2}
+    assert tiny.encoder.config["class_token"] is False and tiny.encoder.num_features == 64
+    assert sorted(tiny.visualize(torch.randn(3, 3, 32, 32))) == ["input", "prediction", "target"]
+    assert pretrain_entry("xtra_vit_base_patch16").recipe["lr"] == 1e-3
+
+
+# ---- 4, 5: layouts -------------------------------------------------------------------------------------
+def test_concat_order_is_channel_major():
+    z = torch.stack([torch.arange(16.0), torch.arange(16.0) + 100], dim=-1)[None]  # grid 4x4, D=2
+    e = small().concat_blocks(z)
+    assert e[0].tolist() == [[0, 1, 4, 5, 100, 101, 104, 105], [2, 3, 6, 7, 102, 103, 106, 107],
+                             [8, 9, 12, 13, 108, 109, 112, 113], [10, 11, 14, 15, 110, 111, 114, 115]]
+
+
+def test_target_patchify_order():
+    model = small(img_size=64, patch_size=16)  # block side 32 px
+    img = torch.arange(3 * 64 * 64, dtype=torch.float).reshape(1, 3, 64, 64)
+    t = model.patchify(img)
+    assert t[0, 1, 0, 0, 0] == img[0, 0, 0, 32] == 32 and t[0, 2, 0, 0, 0] == img[0, 0, 32, 0] == 2048
+    assert t[0, 3, 2, 5, 7] == img[0, 2, 37, 39]  # channel-major (c, y, x) inside each block
+    assert torch.equal(model.unpatchify(t.flatten(2)), img)
+
+
+# ---- 6: causality --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw", [{}, dict(block_size=1, img_size=16)])  # k=2 (4 blocks); plain causal (4 patches)
+def test_prediction_at_block_b_depends_only_on_blocks_up_to_b(kw):
+    model = small(**kw).eval()
+    imgs = torch.randn(1, 3, model.crop_size * 2, model.crop_size * 2)
+    base = model.predict(imgs)[0][:, 0]
+    c = model.crop_size
+    for j in range(4):
+        noisy = imgs.clone()
+        noisy[..., (j // 2) * c:(j // 2 + 1) * c, (j % 2) * c:(j % 2 + 1) * c] += torch.randn(1, 3, c, c)
+        changed = (model.predict(noisy)[0][:, 0] - base).abs().amax(dim=(0, 2)) > 1e-6
+        assert changed.int().tolist() == [int(b >= j) for b in range(4)]
+
+
+# ---- 7, 8: targets and loss ----------------------------------------------------------------------------
+def test_per_block_normalisation_values():
+    alt = (torch.arange(3 * 64 * 64) % 2 * 2.0)[None, None]  # 0, 2, 0, 2, ...
+    assert alt.mean() == 1 and math.isclose(alt.var().item(), 12288 / 12287, rel_tol=1e-6)
+    t = normalize_blocks(alt)
+    torch.testing.assert_close(t.abs(), torch.full_like(t, 0.99995888), rtol=0, atol=1e-7)
+    const = normalize_blocks(torch.full((1, 1, 192), 3.0))
+    assert torch.equal(const, torch.zeros_like(const))
+    # N(0,1) pixels, n = 12288 per block: mean square of the normalised block = (n-1)/n · v/(v+1e-6) ≈ 0.999918
+    gauss = normalize_blocks(torch.randn(1, 64, 12288, generator=torch.Generator().manual_seed(0)))
+    assert abs(gauss.double().pow(2).mean().item() - 0.999918) < 1e-6
+
+
+def _reference_target(model: XTRA, imgs: torch.Tensor) -> torch.Tensor:
+    c = model.crop_size
+    crops = imgs.unfold(2, c, c).unfold(3, c, c).permute(0, 2, 3, 1, 4, 5)
+    t = crops.reshape(imgs.shape[0], -1, 3 * c * c)
+    return (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
+
+
+def test_zero_and_perfect_predictions():
+    model = small()
+    imgs = torch.randn(2, 3, 32, 32)
+    t = _reference_target(model, imgs)
+    for head in model.aim_proj:  # zero output layer: every prediction is 0
+        torch.nn.init.zeros_(head.mlp[2].weight), torch.nn.init.zeros_(head.mlp[2].bias)
+    loss, out = model(imgs)
+    torch.testing.assert_close(out["target"], t)
+    raw = model.patchify(imgs).flatten(2)[:, 1:]
+    n, v = raw.shape[-1], raw.var(-1)
+    torch.testing.assert_close(loss, ((n - 1) / n * v / (v + 1e-6)).mean())
+    perfect = torch.cat([t[:, 1:], torch.randn(2, 1, t.shape[-1])], dim=1)[:, None]  # last position: anything
+    assert model.prediction_loss(perfect, t).item() == 0.0
+
+
+@pytest.mark.parametrize("loss_type,fn", [("mse", F.mse_loss), ("l1", F.l1_loss)])
+def test_multi_head_loss(loss_type, fn):
+    model = small(num_pred_heads=2, loss_type=loss_type)
+    imgs = torch.randn(2, 3, 32, 32)
+    loss, out = model(imgs)
+    h0, h1, t = out["pred"][:, 0], out["pred"][:, 1], _reference_target(model, imgs)
+    assert not torch.allclose(h0, h1)
+    expected = 0.5 * (fn(h0[:, :-1], t[:, 1:]) + fn(h1[:, :-2], t[:, 2:]))
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_raw_pixel_targets_without_norm_pix():
+    model = small(norm_pix_loss=False)
+    imgs = torch.randn(2, 3, 32, 32)
+    loss, out = model(imgs)
+    torch.testing.assert_close(out["target"], model.patchify(imgs).flatten(2))
+    torch.testing.assert_close(loss, F.mse_loss(out["pred"][:, 0, :-1], out["target"][:, 1:]))
+
+
+# ---- 9: SDPA with a boolean mask = explicit masked softmax ----------------------------------------------
+def test_sdpa_equals_explicit_masked_softmax():
+    torch.manual_seed(0)
+    attn = Attention(32, 4).eval()
+    x, mask = torch.randn(2, 16, 32), block_causal_mask(4, 2)
+    q, k, v = attn.qkv(x).reshape(2, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(8)).masked_fill(~mask, float("-inf"))
+    ref = attn.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 16, 32))
+    assert (attn(x, mask=mask) - ref).abs().max() < 1e-6
+
+
+# ---- 10: pseudo-random orders --------------------------------------------------------------------------
+def test_random_permutations_structure():
+    token_perm, block_perm = create_random_permutations(16, 4, seed=3)
+    assert token_perm.shape == (16, 256) and block_perm.shape == (16, 16)
+    assert all(sorted(r) == list(range(16)) for r in block_perm.tolist())
+    assert all(sorted(r) == list(range(256)) for r in token_perm.tolist())
+    assert len(set(block_perm[:, 0].tolist())) == 16  # distinct first blocks
+    for i in range(16):
+        for p in range(256):
+            r, c = divmod(p, 16)
+            b = int(block_perm[i, (r // 4) * 4 + c // 4])  # the block moved into p's slot
+            assert token_perm[i, p] == ((b // 4) * 4 + r % 4) * 16 + (b % 4) * 4 + c % 4
+    again = create_random_permutations(16, 4, seed=3)
+    other = create_random_permutations(16, 4, seed=4)
+    assert torch.equal(again[1], block_perm) and not torch.equal(other[1], block_perm)
+
+
+def _order_mask(block_order: torch.Tensor, grid: int, k: int) -> torch.Tensor:
+    """Reference in ORIGINAL token indices: t may attend to u iff u's block comes no later than t's in the order."""
+    blk = torch.tensor([(i // k) * (grid // k) + j // k for i in range(grid) for j in range(grid)])
+    rank = torch.empty_like(block_order)
+    rank[block_order] = torch.arange(len(block_order))
+    return rank[blk][None, :] <= rank[blk][:, None]
+
+
+def test_permuted_raster_mask_is_block_causal_in_the_permuted_order():
+    token_perm, block_perm = create_random_permutations(8, 2, seed=1)
+    raster = block_causal_mask(8, 2)
+    for i in range(len(block_perm)):
+        p = token_perm[i]
+        assert torch.equal(raster, _order_mask(block_perm[i], 8, 2)[p][:, p])
+
+
+def test_pseudo_random_forward_equals_order_mask_on_unpermuted_tokens():
+    model = small(pseudo_random=True).eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    i = 2
+    token_perm, order = model.token_perms[i], model.block_perms[i]
+    _, out = model(imgs, perm_index=i)
+    assert torch.equal(out["block_order"], order)
+    torch.testing.assert_close(out["target"], normalize_blocks(model.patchify(imgs).flatten(2))[:, order])
+    # reference: tokens in raster order under the order's mask, then grouped per block in that order
+    mask = _order_mask(order, 4, 2)
+    h, _ = model.encoder.forward_blocks(model.encoder.embed(imgs), mask=mask)
+    z = model.predictor(model.proj(model.encoder.norm(h)), mask)
+    ref = model.aim_proj[0](model.concat_blocks(z[:, token_perm]))
+    torch.testing.assert_close(out["pred"][:, 0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_pseudo_random_choice_uses_its_own_generator():
+    torch.manual_seed(5)
+    a = small(pseudo_random=True, perm_seed=7)
+    torch.manual_seed(6)
+    b = small(pseudo_random=True, perm_seed=7)
+    assert torch.equal(a.block_perms, b.block_perms)  # independent of the global RNG
+    a.train(), b.load_state_dict(a.state_dict())
+    imgs = torch.randn(1, 3, 32, 32)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        orders_a = [a(imgs)[1]["block_order"][0].item() for _ in range(8)]
+        assert torch.equal(torch.get_rng_state(), state)  # the per-step choice leaves the global RNG alone
+        torch.manual_seed(123)  # another rank: different global RNG, same sequence of orders
+        assert [b(imgs)[1]["block_order"][0].item() for _ in range(8)] == orders_a
+    assert len(set(orders_a)) > 1
+    a.eval()
+    assert a(imgs)[1]["block_order"][0] == a.block_perms[0, 0]  # eval: order 0
+    assert "token_perms" not in a.state_dict()  # rebuilt from perm_seed; official checkpoints load strictly
+
+
+def test_visualize_places_predictions_in_their_blocks():
+    model = small(pseudo_random=True).eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    panels = model.visualize(imgs)
+    order = model.block_perms[0]
+    preds, target, _ = model.predict(imgs)
+    blocks = model.patchify(panels["prediction"]).flatten(2)
+    t = target.flatten(2)
+    torch.testing.assert_close(blocks[:, order[0]], t[:, 0])  # first block of the order: the input block
+    s = 1  # position 1 of the order: head 0 at position 0, de-normalised with that block's own statistics
+    std = (t[:, s].var(-1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(blocks[:, order[s]], preds[:, 0, 0] * std + t[:, s].mean(-1, keepdim=True))
+    assert torch.equal(panels["input"], imgs)
+
+
+# ---- bad input, flags ----------------------------------------------------------------------------------
+def test_bad_configs_and_inputs_raise():
+    with pytest.raises(ValueError, match="not divisible by block_size"):
+        XTRA(**{**SMALL, "img_size": 48, "patch_size": 8, "block_size": 4})
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        XTRA(**{**SMALL, "img_size": 30})
+    with pytest.raises(ValueError, match="without targets"):
+        XTRA(**{**SMALL, "num_pred_heads": 4})
+    with pytest.raises(ValueError, match="loss_type"):
+        XTRA(**{**SMALL, "loss_type": "huber"})
+    with pytest.raises(ValueError, match="predictor_heads"):
+        XTRA(**{**SMALL, "predictor_heads": 5})
+    model = small()
+    with pytest.raises(ValueError, match="multiple of the block side"):
+        model(torch.randn(1, 3, 40, 40))
+    with pytest.raises(ValueError, match="square RGB"):
+        model(torch.randn(1, 3, 32, 16))
+    with pytest.raises(ValueError, match="pseudo_random"):
+        model(torch.randn(1, 3, 32, 32), perm_index=0)
+    with pytest.raises(ValueError, match="out of range"):
+        small(pseudo_random=True)(torch.randn(1, 3, 32, 32), perm_index=4)
+
+
+def test_flags_default_to_none_and_override_the_preset():
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    assert all(v is None for v in vars(parser.parse_args([])).values())
+    args = parser.parse_args(["--block_size", "4", "--num_pred_heads", "2", "--loss_type", "l1",
+                              "--pseudo_random", "true", "--norm_pix_loss", "false"])
+    model = build_pretrain_model("xtra_vit_tiny", args)
+    assert model.block_size == 4 and len(model.aim_proj) == 2 and model.loss_type == "l1"
+    assert model.pseudo_random and not model.norm_pix_loss and model.encoder_mask["block_size"] == 4
+
+
+def test_no_weight_decay_exemptions_beyond_1d_params():
+    assert small().no_weight_decay() == set()  # pos_embed and the patch conv are decayed, as officially
+
+
+# ---- converter -----------------------------------------------------------------------------------------
+def _official_state_dict(model: XTRA) -> dict:
+    """Random weights under the official key names (official_keys/xtra.md), LayerNorms included."""
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for k, v in model.state_dict().items():
+        key = "enc." + k[len("encoder."):] if k.startswith("encoder.") else k
+        is_ln_weight = "norm" in k and k.endswith(".weight")
+        sd[key] = torch.randn(v.shape, generator=g) * (0.3 if v.ndim > 1 else 0.1) + float(is_ln_weight)
+    return sd
+
+
+def _ref_block(x, sd, pre, heads, mask):
+    """Official layout: LN eps 1e-6, q/k/v as separate row blocks of the fused weight, masked_fill softmax."""
+    B, N, D = x.shape
+    h = F.layer_norm(x, (D,), sd[pre + "norm1.weight"], sd[pre + "norm1.bias"], eps=1e-6)
+    w, b = sd[pre + "attn.qkv.weight"], sd[pre + "attn.qkv.bias"]
+    q, k, v = [(h @ w[i * D:(i + 1) * D].T + b[i * D:(i + 1) * D]).reshape(B, N, heads, D // heads).transpose(1, 2)
+               for i in range(3)]
+    scores = (q @ k.transpose(-1, -2)) * (D // heads) ** -0.5
+    a = scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
+    x = x + F.linear(a.transpose(1, 2).reshape(B, N, D), sd[pre + "attn.proj.weight"], sd[pre + "attn.proj.bias"])
+    h = F.layer_norm(x, (D,), sd[pre + "norm2.weight"], sd[pre + "norm2.bias"], eps=1e-6)
+    h = F.gelu(F.linear(h, sd[pre + "mlp.fc1.weight"], sd[pre + "mlp.fc1.bias"]))
+    return x + F.linear(h, sd[pre + "mlp.fc2.weight"], sd[pre + "mlp.fc2.bias"])
+
+
+def _reference_forward(sd, imgs, patch, k, heads, pred_heads):
+    B = imgs.shape[0]
+    x = F.conv2d(imgs, sd["enc.patch_embed.proj.weight"], sd["enc.patch_embed.proj.bias"], stride=patch)
+    x = x.flatten(2).transpose(1, 2) + sd["enc.pos_embed"]
+    G = int(math.isqrt(x.shape[1]))
+    ids = torch.tensor([(i // k) * (G // k) + j // k for i in range(G) for j in range(G)])
+    masked = ids[None, :] > ids[:, None]  # official convention: True = NOT allowed
+    depth = len({key.split(".")[2] for key in sd if key.startswith("enc.blocks.")})
+    for i in range(depth):
+        x = _ref_block(x, sd, f"enc.blocks.{i}.", heads, masked)
+    x = F.layer_norm(x, x.shape[-1:], sd["enc.norm.weight"], sd["enc.norm.bias"], eps=1e-6)
+    z = F.linear(F.gelu(F.linear(x, sd["proj.mlp.0.weight"], sd["proj.mlp.0.bias"])), sd["proj.mlp.2.weight"])
+    z = z + sd["predictor.pos_embed"]
+    for i in range(len({key.split(".")[2] for key in sd if key.startswith("predictor.blocks.")})):
+        z = _ref_block(z, sd, f"predictor.blocks.{i}.", pred_heads, masked)
+    z = F.layer_norm(z, z.shape[-1:], sd["predictor.norm.weight"], sd["predictor.norm.bias"], eps=1e-6)
+    D = z.shape[-1]  # concatenation as the official code does it: grid view, unfold, flatten per block
+    e = z.transpose(1, 2).reshape(B, D, G, G).unfold(2, k, k).unfold(3, k, k)
+    e = e.permute(0, 2, 3, 1, 4, 5).reshape(B, (G // k) ** 2, D * k * k)
+    h = F.gelu(F.linear(e, sd["aim_proj.0.mlp.0.weight"], sd["aim_proj.0.mlp.0.bias"]))
+    return F.linear(h, sd["aim_proj.0.mlp.2.weight"], sd["aim_proj.0.mlp.2.bias"])
+
+
+def test_converter_round_trip_matches_official_layout_forward():
+    torch.manual_seed(0)
+    model = build_pretrain_model("xtra_vit_tiny", {})
+    official = _official_state_dict(model)
+    conv = CONVERTERS["xtra"]
+    assert conv.detect(official) and not conv.detect(model.state_dict())
+    ours, preset = conv.convert(official)
+    assert preset == "xtra_vit_tiny"
+    model.load_state_dict(ours, strict=True)
+    model.eval()
+    imgs = torch.randn(2, 3, 32, 32)
+    loss, out = model(imgs)
+    ref = _reference_forward(official, imgs, patch=4, k=2, heads=4, pred_heads=4)
+    torch.testing.assert_close(out["pred"][:, 0], ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, F.mse_loss(ref[:, :-1], _reference_target(model, imgs)[:, 1:]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_converter_handles_probe_checkpoints_and_unknown_sizes():
+    model = build_pretrain_model("xtra_vit_tiny", {})
+    official = _official_state_dict(model)
+    probe = {k: v for k, v in official.items() if k.startswith("enc.")}
+    probe["classifier.linear.weight"] = torch.zeros(10, 64)  # the probe's own head: not part of the model
+    ours, preset = CONVERTERS["xtra"].convert(probe)
+    assert preset == "xtra_vit_tiny" and all(k.startswith("encoder.") for k in ours)
+    model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in ours.items()}, strict=True)
+    two_heads = _official_state_dict(build_pretrain_model("xtra_vit_tiny", {"num_pred_heads": 2}))
+    ours, preset = CONVERTERS["xtra"].convert(two_heads)
+    assert preset is None and "aim_proj.1.mlp.2.bias" in ours
+
+
+@pytest.mark.parametrize("wrap", ["lightning", "deepspeed"])
+def test_official_file_loads_through_load_vit(tmp_path, wrap):
+    from util.checkpoint import load_vit
+
+    model = build_pretrain_model("xtra_vit_tiny", {})
+    official = _official_state_dict(model)
+    raw = {"state_dict": official, "epoch": 799} if wrap == "lightning" else \
+        {"module": {"module." + k: v for k, v in official.items()}}
+    torch.save(raw, tmp_path / "official.pt")
+    vit, info = load_vit(str(tmp_path / "official.pt"))
+    assert info["model_name"] == "xtra_vit_tiny" and info["encoder_mask"] == {"type": "block_causal", "block_size": 2}
+    model.load_state_dict(CONVERTERS["xtra"].convert(official)[0])
+    x, mask = torch.randn(2, 3, 32, 32), block_causal_mask(8, 2)
+    torch.testing.assert_close(vit.eval().forward_features(x, mask=mask), model.encoder.eval().forward_features(x, mask=mask))
