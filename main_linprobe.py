@@ -121,6 +121,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Frozen-backbone probing", add_help=False)
     parser.add_argument("--finetune", required=True, help="checkpoint with the pretrained encoder")
     parser.add_argument("--probe", choices=["linear", "attentive"], default="linear")
+    parser.add_argument("--optimizer", choices=["lars", "adamw"], default=None,
+                        help="default: lars for --probe linear (MAE), adamw for attentive; XTRA's linear probe "
+                             "used AdamW β (0.9, 0.95)")
     parser.add_argument("--nb_classes", type=int, default=None, help="default: number of dataset classes")
     parser.add_argument("--n_last_blocks", type=int, default=None,
                         help="average the outputs of the last N blocks (default 1 linear, 6 attentive)")
@@ -193,7 +196,7 @@ def main(args: argparse.Namespace) -> None:
     effective_lr(args)
     if args.warmup_lr is None:  # XTRA's attentive probe warms up from lr/10
         args.warmup_lr = args.lr / 10
-    if args.probe == "linear":
+    if (args.optimizer or ("lars" if args.probe == "linear" else "adamw")) == "lars":
         # MAE's LARS: trust-ratio adaptation (and weight decay) only for the weight matrix, not the bias.
         weights = [p for p in head.parameters() if p.ndim > 1]
         biases = [p for p in head.parameters() if p.ndim <= 1]
