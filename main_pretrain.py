@@ -73,6 +73,8 @@ def main(args: argparse.Namespace) -> None:
 
     model = build_pretrain_model(args.model, {**vars(args), "img_size": args.input_size,
                                               "drop_path_rate": args.drop_path}).to(device)
+    if hasattr(model, "teacher") and model.teacher is None:
+        raise ValueError(f"{args.model} learns from a teacher's features: give --teacher (and --teacher_weights)")
     dataset = build_dataset(args, "train", build_transform(args, is_train=True, kind="pretrain"))
     loader = build_loader(dataset, args, is_train=True)
     write_args(args)

@@ -14,7 +14,7 @@ FAST = ["--dataset", "digits", "--num_workers", "0", "--print_freq", "1000", "--
 
 def run_script(script: str, *args: str, nproc: int = 0, timeout: int = 300, check: bool = True,
                ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1" if nproc else "2"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1" if nproc else os.environ.get("OMP_NUM_THREADS", "2")}
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
     else:

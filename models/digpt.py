@@ -1,0 +1,467 @@
+"""D-iGPT (Ren et al., ICML 2024): segment-wise autoregressive prediction of a frozen teacher's features.
+
+The patch grid is cut into square segments (official: 2×2 quadrants of 7×7 tokens at 224/16). Each image gets a
+random segment order; all segments but the last, followed by ONE trailing cls token, go through the encoder
+under a segment-causal mask (``models.masks.segment_causal_mask``). A learned fusion (one shared LayerNorm, one
+Linear) of several encoder blocks (official 6/8/10/12) gives one memory per decoder layer for each of two
+cross-attention decoders with position-only queries:
+  * ``next_*``: queries at the NEXT segment's positions predict the teacher features of segments order[1:];
+  * ``vis_*``:  queries at the SAME (visible) positions predict those of segments order[:-1];
+in both the cls query predicts the teacher's cls feature. Predictions are resized per segment to the teacher's
+grid (official 7×7 -> 8×8, bilinear) and the loss is 2 − 2·cos per token, mean over tokens, summed over both.
+
+Fine-tuning and probing use the encoder bidirectionally with cls first, as the official fine-tuning does
+(spec §6-7), so ``encoder_mask`` is None. The teacher is held outside the module tree: it is neither in
+``state_dict()`` nor in ``parameters()``, but ``.to()`` / ``.cuda()`` move it along.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Mlp, trunc_normal_
+
+from models.masks import block_ids, segment_causal_mask
+from models.registry import PRETRAIN_MODELS, register_converter, register_pretrain
+from models.teacher import FrozenTeacher, load_teacher, teacher_tokens
+from models.vit import Attention, VisionTransformer, sincos_pos_embed_2d
+
+# Official recipe (spec §5): effective batch 4096 = 32 GPUs × 128 (or 64 × accum 2), lr = 1.5e-4 × 4096/256.
+RECIPE = dict(blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), epochs=300, warmup_epochs=40, warmup_lr=0.0,
+              min_lr=0.0, input_size=224, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), batch_size=128)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Segment bookkeeping (pure tensor functions, shared by the student tokens, the queries and the teacher targets)
+def segment_index(grid_size: int, segment_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Raster indices of a grid's tokens sorted by segment (segments numbered row-major, tokens row-major
+    inside each segment): ``tokens[:, segment_index(...)]`` lists segment 0's tokens first."""
+    return torch.argsort(block_ids(grid_size, segment_size, device), stable=True)
+
+
+def split_segments(tokens: torch.Tensor, grid_size: int, segment_size: int) -> torch.Tensor:
+    """[B, G*G, C] raster tokens -> [B, S, T, C] with S = (G/s)² segments of T = s² tokens."""
+    B, N, C = tokens.shape
+    if N != grid_size ** 2:
+        raise ValueError(f"{N} tokens do not form a {grid_size}×{grid_size} grid")
+    idx = segment_index(grid_size, segment_size, tokens.device)
+    return tokens[:, idx].reshape(B, -1, segment_size ** 2, C)
+
+
+def gather_segments(segments: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """[B, S, T, C] segments -> the same, reordered per image: out[b, k] = segments[b, order[b, k]]."""
+    B, S, T, C = segments.shape
+    return torch.gather(segments.expand(order.shape[0], -1, -1, -1), 1, order[:, :, None, None].expand(-1, -1, T, C))
+
+
+def resize_segments(tokens: torch.Tensor, segment_size: int, out_size: int) -> torch.Tensor:
+    """[B, K*s*s, C] tokens of K square segments -> [B, K*o*o, C], each segment resized on its own
+    (bilinear, align_corners=False, as the official 7×7 -> 8×8 step)."""
+    if out_size == segment_size:
+        return tokens
+    B, N, C = tokens.shape
+    x = tokens.reshape(-1, segment_size, segment_size, C).permute(0, 3, 1, 2)
+    x = F.interpolate(x, size=(out_size, out_size), mode="bilinear", align_corners=False)
+    return x.permute(0, 2, 3, 1).reshape(B, -1, C)
+
+
+def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of 2 − 2·cos(pred, target) = ||p/|p| − t/|t|||² (the official loss; F.normalize's
+    1e-12 floor only matters for all-zero vectors, where the official code would give NaN)."""
+    p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
+    return (2 - 2 * (p * t).sum(-1)).mean()
+
+
+def random_order(batch_size: int, num_segments: int, device: torch.device | str | None = None) -> torch.Tensor:
+    return torch.rand(batch_size, num_segments, device=device).argsort(dim=1)
+
+
+def check_order(order: torch.Tensor, batch_size: int, num_segments: int) -> torch.Tensor:
+    """An explicit segment order, [S] (same for every image) or [B, S], validated and returned as [B, S]."""
+    order = torch.as_tensor(order)
+    if order.ndim == 1:
+        order = order[None].expand(batch_size, -1)
+    if order.shape != (batch_size, num_segments) or order.is_floating_point():
+        raise ValueError(f"order must be [{num_segments}] or [{batch_size}, {num_segments}] integers, got "
+                         f"{tuple(order.shape)} {order.dtype}")
+    if not torch.equal(order.sort(dim=1).values.cpu(), torch.arange(num_segments).expand(batch_size, -1)):
+        raise ValueError(f"every row of order must be a permutation of 0..{num_segments - 1}")
+    return order.long()
+
+
+def _segment_grid(img_size: int, patch_size: int, segment_size: int) -> tuple[int, int]:
+    """(patch grid side, segments per side), or a ValueError for a geometry D-iGPT cannot cut."""
+    if img_size % patch_size:
+        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    grid = img_size // patch_size
+    if segment_size < 1 or grid % segment_size or grid // segment_size < 2:
+        raise ValueError(f"patch grid {grid} cannot be cut into at least 2×2 segments of {segment_size}×{segment_size}")
+    return grid, grid // segment_size
+
+
+# ---------------------------------------------------------------------------------------------------
+class DecoderBlock(nn.Module):
+    """Self-attention over the queries, cross-attention to one encoder memory (norm2_1 on the queries, norm2_2
+    on the memory; attn2's fused qkv = the official attn2.q rows then attn2.kv rows), then the MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn1 = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.norm2_1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm2_2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn2 = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), mask=mask)
+        x = x + self.attn2(self.norm2_1(x), mask=mask, context=self.norm2_2(memory))
+        return x + self.mlp(self.norm2(x))
+
+
+class DiGPT(nn.Module):
+    """D-iGPT pretraining model; ``forward(imgs)`` -> (loss, out). See the module docstring.
+
+    ``enc_layers`` are 1-based block numbers (official 6, 8, 10, 12), strictly increasing and ending at the last
+    block. ``teacher_dim``/``teacher_grid``: width and grid side of the teacher's tokens (official CLIP ViT-H/14
+    at 224: 1024 and 16); the teacher grid must split into the same number of segments per side.
+    There is deliberately no ``no_weight_decay()``: the official recipe decays the cls and query tokens.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
+                 num_heads: int = 12, mlp_ratio: float = 4.0, segment_size: int = 7,
+                 enc_layers: Sequence[int] = (6, 8, 10, 12), decoder_dim: int = 1024, decoder_depth: int = 2,
+                 decoder_heads: int = 32, teacher_dim: int = 1024, teacher_grid: int = 16,
+                 drop_path_rate: float = 0.0, feature_norm_eps: float = 1e-5):
+        super().__init__()
+        grid, side = _segment_grid(img_size, patch_size, segment_size)
+        enc_layers = [int(i) for i in enc_layers]
+        if not enc_layers or any(b <= a for a, b in zip(enc_layers, enc_layers[1:])) or enc_layers[0] < 1 \
+                or enc_layers[-1] != depth:
+            # Blocks after the deepest tap would get no gradient (and break DDP); the official taps end at 12.
+            raise ValueError(f"enc_layers must be strictly increasing block numbers in 1..{depth} ending at "
+                             f"{depth}, got {enc_layers}")
+        if teacher_grid % side:
+            raise ValueError(f"teacher grid {teacher_grid} cannot be cut into the student's {side}×{side} segments")
+        self.img_size, self.grid_size, self.segment_size = img_size, grid, segment_size
+        self.num_segments = side * side
+        self.teacher_dim, self.teacher_grid = teacher_dim, teacher_grid
+        self.teacher_segment = teacher_grid // side
+        self.enc_layers = tuple(enc_layers)
+        self.decoder_depth, self.decoder_dim = decoder_depth, decoder_dim
+        self.encoder_mask = None  # downstream use is bidirectional, as the official fine-tuning
+        self._teacher: FrozenTeacher | None = None
+
+        # Encoder config = what downstream rebuilds: no final norm (fc_norm + global average pooling, the
+        # official fine-tune) and a LEARNABLE pos_embed there; here it holds the frozen sin-cos table.
+        self.encoder = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                         num_heads=num_heads, mlp_ratio=mlp_ratio, pos_embed="learn",
+                                         global_pool="avg", fc_norm=True, drop_path_rate=drop_path_rate)
+        self.encoder.pos_embed.data.copy_(sincos_pos_embed_2d(embed_dim, grid, num_prefix_tokens=1))
+        self.encoder.pos_embed.requires_grad_(False)
+        self.encoder.fc_norm.requires_grad_(False)  # unused in pretraining: frozen so DDP sees no idle parameter
+        self.register_buffer("mask", segment_causal_mask(self.num_segments - 1, segment_size ** 2), persistent=False)
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_dim, grid, 1)[None], persistent=False)
+
+        def branch(prefix: str) -> None:
+            # ONE LayerNorm shared by all tapped levels (the official [LN] * 4 list), PyTorch's default eps.
+            setattr(self, f"{prefix}_feat_norm", nn.LayerNorm(embed_dim, eps=feature_norm_eps))
+            setattr(self, f"{prefix}_enc2dec", nn.Linear(len(enc_layers) * embed_dim, decoder_depth * decoder_dim))
+            setattr(self, f"{prefix}_query", nn.Parameter(torch.zeros(1, 1, decoder_dim)))
+            setattr(self, f"{prefix}_blocks", nn.ModuleList(
+                [DecoderBlock(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth)]))
+            setattr(self, f"{prefix}_norm", nn.LayerNorm(decoder_dim, eps=1e-6))
+            setattr(self, f"{prefix}_pred", nn.Linear(decoder_dim, teacher_dim))
+
+        branch("next")  # official "ar": predicts the next segment
+        branch("vis")   # official "kd": predicts the visible segments
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Official init: xavier-uniform Linears (zero bias), unit LayerNorms, queries N(0, 0.02) truncated,
+        cls token ZERO (a quirk of the official code, kept); the patch conv keeps the encoder's xavier init."""
+        self.apply(_init_xavier)
+        nn.init.zeros_(self.encoder.cls_token)
+        trunc_normal_(self.next_query, std=0.02)
+        trunc_normal_(self.vis_query, std=0.02)
+
+    # -- teacher, held outside the module tree --------------------------------------------------------
+    @property
+    def teacher(self) -> FrozenTeacher | None:
+        return self._teacher
+
+    def set_teacher(self, teacher: FrozenTeacher | None) -> None:
+        if teacher is not None:
+            if teacher.embed_dim != self.teacher_dim:
+                raise ValueError(f"teacher features are {teacher.embed_dim}-d but the model predicts "
+                                 f"{self.teacher_dim}-d (set teacher_dim)")
+            if teacher.grid_size != self.teacher_grid:
+                raise ValueError(f"teacher grid is {teacher.grid_size}×{teacher.grid_size} but the model expects "
+                                 f"{self.teacher_grid} (set teacher_grid)")
+            p = next(iter(self.parameters()))
+            teacher = teacher.to(device=p.device)
+        object.__setattr__(self, "_teacher", teacher)  # not a submodule: stays out of state_dict/parameters
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self._teacher is not None:
+            self._teacher._apply(fn, recurse)
+        return self
+
+    # -- forward pieces -------------------------------------------------------------------------------
+    def _segments(self, tokens: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        return gather_segments(split_segments(tokens, self.grid_size, self.segment_size), order)
+
+    def forward_encoder(self, imgs: torch.Tensor, order: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs of the tapped encoder blocks, [B, L, D] each, L = (S−1)·T patch tokens + the trailing cls."""
+        if imgs.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"D-iGPT's segment layout is fixed for {self.img_size}px inputs, got "
+                             f"{tuple(imgs.shape[-2:])}")
+        enc = self.encoder
+        x = enc.patch_embed(imgs) + enc.pos_embed[:, enc.num_prefix_tokens:]
+        x = self._segments(x, order)[:, :-1].flatten(1, 2)  # the last segment is never seen
+        cls = (enc.cls_token + enc.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        _, taps = enc.forward_blocks(torch.cat([x, cls], dim=1), mask=self.mask,
+                                     return_layers=[i - 1 for i in self.enc_layers])
+        return taps
+
+    def _decode(self, prefix: str, taps: list[torch.Tensor], query_pos: torch.Tensor) -> torch.Tensor:
+        norm = getattr(self, f"{prefix}_feat_norm")
+        memory = getattr(self, f"{prefix}_enc2dec")(torch.cat([norm(t) for t in taps], dim=-1))
+        # Official layout: output row c·depth + l belongs to decoder layer l (layer index last).
+        memory = memory.unflatten(-1, (self.decoder_dim, self.decoder_depth))
+        x = getattr(self, f"{prefix}_query") + query_pos
+        for layer, blk in enumerate(getattr(self, f"{prefix}_blocks")):
+            x = blk(x, memory[..., layer], mask=self.mask)
+        return getattr(self, f"{prefix}_pred")(getattr(self, f"{prefix}_norm")(x))
+
+    def predict(self, imgs: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw decoder outputs (next, visible), [B, L, teacher_dim] each, on the student's segment grid: token
+        k·T + t is position t of segment order[k+1] (next) or order[k] (visible); the last token is cls."""
+        return self._predict(imgs, check_order(order, imgs.shape[0], self.num_segments).to(imgs.device))
+
+    def _predict(self, imgs: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        taps = self.forward_encoder(imgs, order)
+        pos = self._segments(self.decoder_pos_embed[:, 1:], order)  # [B, S, T, Dd], true 2-D positions
+        cls_pos = self.decoder_pos_embed[:, :1].expand(imgs.shape[0], -1, -1)
+        next_pos = torch.cat([pos[:, 1:].flatten(1, 2), cls_pos], dim=1)
+        vis_pos = torch.cat([pos[:, :-1].flatten(1, 2), cls_pos], dim=1)
+        return self._decode("next", taps, next_pos), self._decode("vis", taps, vis_pos)
+
+    def to_teacher_grid(self, pred: torch.Tensor) -> torch.Tensor:
+        """[B, (S−1)·s² + 1, T] predictions -> [B, (S−1)·st² + 1, T]: each segment resized to the teacher's
+        segment side st, cls kept last."""
+        patches = resize_segments(pred[:, :-1], self.segment_size, self.teacher_segment)
+        return torch.cat([patches, pred[:, -1:]], dim=1)
+
+    def targets(self, teacher_feats: tuple[torch.Tensor, torch.Tensor], order: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher (cls [B, T], patches [B, Gt², T]) -> (next target, visible target), [B, (S−1)·st² + 1, T]."""
+        t_cls, t_patch = teacher_feats
+        B = order.shape[0]
+        want = (B, self.teacher_grid ** 2, self.teacher_dim)
+        if tuple(t_patch.shape) != want or tuple(t_cls.shape) != (B, self.teacher_dim):
+            raise ValueError(f"teacher features must be cls [{B}, {self.teacher_dim}] and patches {list(want)}, got "
+                             f"{list(t_cls.shape)} and {list(t_patch.shape)}")
+        seg = gather_segments(split_segments(t_patch, self.teacher_grid, self.teacher_segment), order)
+        t_cls = t_cls[:, None]
+        return (torch.cat([seg[:, 1:].flatten(1, 2), t_cls], dim=1),
+                torch.cat([seg[:, :-1].flatten(1, 2), t_cls], dim=1))
+
+    def forward(self, imgs: torch.Tensor, teacher_feats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                order: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss = L_next + L_vis. ``teacher_feats`` (cls, patches) and ``order`` ([S] or [B, S]) are computed
+        here when not given (the order at random per image)."""
+        B = imgs.shape[0]
+        if order is None:  # official: torch.randperm per sample on the CPU RNG; here one draw on the device
+            order = random_order(B, self.num_segments, imgs.device)
+        else:
+            order = check_order(order, B, self.num_segments).to(imgs.device)
+        if teacher_feats is None:
+            if self._teacher is None:
+                raise ValueError("D-iGPT needs a teacher: build with teacher=... (--teacher) or call set_teacher")
+            teacher_feats = teacher_tokens(self._teacher, imgs)
+        target_next, target_vis = self.targets(teacher_feats, order)
+        pred_next, pred_vis = (self.to_teacher_grid(p) for p in self._predict(imgs, order))
+        loss_next, loss_vis = cosine_loss(pred_next, target_next), cosine_loss(pred_vis, target_vis)
+        out = dict(loss_next=loss_next.detach(), loss_vis=loss_vis.detach(), order=order,
+                   pred_next=pred_next, pred_vis=pred_vis, target_next=target_next, target_vis=target_vis)
+        return loss_next + loss_vis, out
+
+    @torch.no_grad()
+    def visualize(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Feature targets have no pixels to show. Panels: the input; what the encoder sees (the never-seen
+        segment set to the mean colour); and, per teacher token, the cosine similarity of the prediction to its
+        target (black −1 ... white +1) for the next-segment and the visible-segment decoders (black where a
+        decoder predicts nothing)."""
+        _, out = self.forward(imgs)
+        order = out["order"]
+        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=imgs.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_DEFAULT_STD, device=imgs.device).view(1, 3, 1, 1)
+
+        def to_image(values: torch.Tensor, segments: torch.Tensor, grid: int, side: int) -> torch.Tensor:
+            """Values [B, K, side²] of segments [B, K] -> [B, 1, H, W] (zero where no segment is given)."""
+            B = values.shape[0]
+            per_segment = values.new_zeros(B, self.num_segments, side * side)
+            per_segment.scatter_(1, segments[:, :, None].expand(-1, -1, side * side), values)
+            raster = values.new_zeros(B, grid * grid)
+            raster[:, segment_index(grid, side, values.device)] = per_segment.flatten(1)
+            return F.interpolate(raster.view(B, 1, grid, grid), size=imgs.shape[-2:], mode="nearest")
+
+        T = self.segment_size ** 2
+        seen = to_image(imgs.new_ones(imgs.shape[0], self.num_segments - 1, T), order[:, :-1], self.grid_size,
+                        self.segment_size)
+        panels = {"input": imgs, "encoder_input": imgs * seen}  # 0 = the mean colour in normalised space
+        st2 = self.teacher_segment ** 2
+        for name, segments in (("next", order[:, 1:]), ("vis", order[:, :-1])):
+            cos = F.cosine_similarity(out[f"pred_{name}"][:, :-1].float(), out[f"target_{name}"][:, :-1].float(), -1)
+            heat = to_image((cos.view(cos.shape[0], -1, st2) + 1) / 2, segments, self.teacher_grid,
+                            self.teacher_segment)
+            panels[f"{name}_cosine"] = (heat - mean) / std
+        return panels
+
+
+def _init_xavier(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets. Builder keyword arguments are main_pretrain.py flags (None = the preset's value).
+BASE = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, segment_size=7,
+            enc_layers=(6, 8, 10, 12), decoder_dim=1024, decoder_depth=2, decoder_heads=32, teacher_dim=1024,
+            teacher_grid=16, drop_path_rate=0.0)
+# CPU tests: 32 px, patch 4 -> 8×8 grid in 2×2 segments of 4×4; the teacher a project ViT of the same grid.
+TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, segment_size=4, enc_layers=(2, 3, 4),
+            decoder_dim=64, decoder_depth=2, decoder_heads=4, teacher_dim=64, teacher_grid=8, drop_path_rate=0.0)
+
+
+def build_digpt(preset: dict, teacher: str | None = None, teacher_weights: str | None = None, **overrides) -> DiGPT:
+    """A preset with ``overrides`` (None = keep); with ``teacher``, load it and take teacher_dim/teacher_grid
+    from it unless they are given explicitly."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    cfg = {**preset, **given}
+    _segment_grid(cfg["img_size"], cfg["patch_size"], cfg["segment_size"])  # cheap check before loading anything
+    if teacher_weights is not None and teacher is None:
+        raise ValueError("teacher_weights given without teacher")
+    frozen = load_teacher(teacher, teacher_weights) if teacher else None
+    if frozen is not None:
+        cfg["teacher_dim"] = given.get("teacher_dim", frozen.embed_dim)
+        cfg["teacher_grid"] = given.get("teacher_grid", frozen.grid_size)
+    model = DiGPT(**cfg)
+    model.set_teacher(frozen)
+    return model
+
+
+@register_pretrain(recipe=RECIPE)
+def digpt_vit_base_patch16(img_size: int | None = None, segment_size: int | None = None, teacher: str | None = None,
+                           teacher_weights: str | None = None, teacher_dim: int | None = None,
+                           teacher_grid: int | None = None, enc_layers: Sequence[int] | None = None,
+                           decoder_depth: int | None = None, decoder_dim: int | None = None,
+                           decoder_heads: int | None = None, drop_path_rate: float | None = None) -> DiGPT:
+    """Official D-iGPT ViT-B/16: 224 px, 2×2 segments of 7×7, taps 6/8/10/12, decoders 2 × 1024-d × 32 heads,
+    teacher OpenCLIP ViT-H/14 (1024-d tokens on a 16×16 grid)."""
+    return build_digpt(BASE, teacher, teacher_weights, img_size=img_size, segment_size=segment_size,
+                       teacher_dim=teacher_dim, teacher_grid=teacher_grid, enc_layers=enc_layers,
+                       decoder_depth=decoder_depth, decoder_dim=decoder_dim, decoder_heads=decoder_heads,
+                       drop_path_rate=drop_path_rate)
+
+
+@register_pretrain(recipe={**RECIPE, "input_size": 32, "batch_size": 64})
+def digpt_vit_tiny(img_size: int | None = None, segment_size: int | None = None, teacher: str | None = None,
+                   teacher_weights: str | None = None, teacher_dim: int | None = None, teacher_grid: int | None = None,
+                   enc_layers: Sequence[int] | None = None, decoder_depth: int | None = None,
+                   decoder_dim: int | None = None, decoder_heads: int | None = None,
+                   drop_path_rate: float | None = None) -> DiGPT:
+    """CPU-sized D-iGPT: 32 px, patch 4, 64-d, depth 4, 2×2 segments of 4×4, taps 2/3/4."""
+    return build_digpt(TINY, teacher, teacher_weights, img_size=img_size, segment_size=segment_size,
+                       teacher_dim=teacher_dim, teacher_grid=teacher_grid, enc_layers=enc_layers,
+                       decoder_depth=decoder_depth, decoder_dim=decoder_dim, decoder_heads=decoder_heads,
+                       drop_path_rate=drop_path_rate)
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("D-iGPT")
+    g.add_argument("--segment_size", type=int, default=None, help="segment side in patches (official 7)")
+    g.add_argument("--teacher", default=None,
+                   help="frozen teacher: a checkpoint of this project, a timm model name (with --teacher_weights), "
+                        "or open_clip:<arch> (with --teacher_weights; official: open_clip:ViT-H-14)")
+    g.add_argument("--teacher_weights", default=None, help="local weights file of a timm / open_clip teacher")
+    g.add_argument("--teacher_dim", type=int, default=None, help="teacher token width (default: from the teacher)")
+    g.add_argument("--teacher_grid", type=int, default=None, help="teacher token grid side (default: from the teacher)")
+    g.add_argument("--enc_layers", type=int, nargs="+", default=None,
+                   help="1-based encoder blocks fused into the decoder memories (official 6 8 10 12)")
+    g.add_argument("--decoder_depth", type=int, default=None)
+    g.add_argument("--decoder_dim", type=int, default=None)
+    g.add_argument("--decoder_heads", type=int, default=None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Official checkpoints (github.com/OliverRensu/D-iGPT, DiGPT_torch)
+def _official_detect(sd: dict) -> bool:
+    return "ar_enc2dec.weight" in sd and "kd_enc2dec.weight" in sd and "ar_blocks.0.attn2.kv.weight" in sd
+
+
+def _official_convert(sd: dict) -> tuple[dict, str | None]:
+    """Official state dict -> ours. The official forward unpacks the encoder's (kd memory, ar memory) as
+    (ar, kd): the next-segment decoder ("ar_blocks") reads the memory of ``kd_enc_norm``/``kd_enc2dec`` and the
+    visible-segment decoder ("kd_blocks") that of ``ar_enc_*`` (spec §2). The mapping below keeps that wiring,
+    so converted weights compute what the released model computes."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith(("cls_token", "pos_embed", "patch_embed.", "blocks.")):
+            out[f"encoder.{k}"] = v
+    dim = sd["cls_token"].shape[-1]
+    out["encoder.fc_norm.weight"], out["encoder.fc_norm.bias"] = torch.ones(dim), torch.zeros(dim)
+    for official, ours in (("ar", "next"), ("kd", "vis")):
+        memory_src = "kd" if official == "ar" else "ar"  # the swap
+        norms = sorted({k.split(".")[1] for k in sd if k.startswith(f"{memory_src}_enc_norm.")})
+        for i in norms:  # the official list repeats one LayerNorm module: all copies must agree
+            for p in ("weight", "bias"):
+                if not torch.equal(sd[f"{memory_src}_enc_norm.{i}.{p}"], sd[f"{memory_src}_enc_norm.0.{p}"]):
+                    raise ValueError(f"{memory_src}_enc_norm.{i} differs from .0: not an official D-iGPT checkpoint")
+        for p in ("weight", "bias"):
+            out[f"{ours}_feat_norm.{p}"] = sd[f"{memory_src}_enc_norm.0.{p}"]
+            out[f"{ours}_enc2dec.{p}"] = sd[f"{memory_src}_enc2dec.{p}"]
+            out[f"{ours}_norm.{p}"] = sd[f"{official}_norm.{p}"]
+            out[f"{ours}_pred.{p}"] = sd[f"{official}_pred.{p}"]
+        out[f"{ours}_query"] = sd[f"{official}_token"]
+        prefix = f"{official}_blocks."
+        for k, v in sd.items():
+            if not k.startswith(prefix):
+                continue
+            rest = k[len(prefix):]
+            j, name = rest.split(".", 1)
+            if name.startswith("attn2.q."):  # fused with attn2.kv below
+                p = name.rsplit(".", 1)[1]
+                out[f"{ours}_blocks.{j}.attn2.qkv.{p}"] = torch.cat([v, sd[f"{prefix}{j}.attn2.kv.{p}"]], dim=0)
+            elif not name.startswith("attn2.kv."):
+                out[f"{ours}_blocks.{j}.{name}"] = v
+    return out, _matching_preset(out)
+
+
+def _matching_preset(state_dict: dict) -> str | None:
+    """The registered D-iGPT preset whose state-dict shapes equal these (heads are assumed the preset's)."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    for name, entry in PRETRAIN_MODELS.items():
+        if entry.builder.__module__ != __name__:
+            continue
+        with torch.device("meta"):
+            model = entry.builder()
+        if {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes:
+            return name
+    return None
+
+
+register_converter("digpt", _official_detect, _official_convert)
