@@ -97,3 +97,17 @@ def test_accumulation_steps_only_every_k_micro_batches():
     assert norm.item() == pytest.approx(2.0)  # grads (1, 1, 1 | 1), averaged over the two micro-batches
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert (after - before).norm().item() == pytest.approx(0.1 * 1e-3, rel=1e-4)  # clipped to norm 1e-3
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_plain_timm_vit_checkpoint_loads_with_inferred_architecture(tmp_path, global_pool):
+    import timm
+
+    from util.checkpoint import load_vit
+    theirs = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=7,
+                               global_pool=global_pool).eval()
+    torch.save({"model": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, tmp_path / "mae_style.pth")
+    ours, ckpt = load_vit(str(tmp_path / "mae_style.pth"))
+    assert ckpt["vit_config"]["num_heads"] == 6 and ckpt["vit_config"]["fc_norm"] == (global_pool == "avg")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(ours.eval()(x), theirs(x), rtol=0, atol=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import re
 
@@ -57,23 +58,53 @@ def _raw_state_dict(ckpt: dict) -> dict:
     return ckpt
 
 
+# Head counts of the standard ViT widths (shapes do not tell the head count).
+HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
+
+
+def infer_vit_config(sd: dict) -> dict | None:
+    """Architecture of a timm/MAE/DeiT-layout ViT state dict (fused ``attn.qkv``), or None if it is not one."""
+    if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd or "pos_embed" not in sd:
+        return None
+    dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
+    if dim not in HEADS_BY_WIDTH:
+        raise ValueError(f"cannot tell the head count of a {dim}-wide ViT from its weights")
+    prefix = int("cls_token" in sd)
+    grid = math.isqrt(sd["pos_embed"].shape[1] - prefix)
+    head = sd.get("head.weight")
+    return {"img_size": grid * patch, "patch_size": patch, "embed_dim": dim,
+            "depth": len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), "num_heads": HEADS_BY_WIDTH[dim],
+            "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
+            "class_token": bool(prefix), "pos_embed": "learn", "norm_eps": 1e-6,
+            "num_classes": head.shape[0] if head is not None and head.ndim == 2 else 0,
+            "global_pool": "avg" if "fc_norm.weight" in sd or not prefix else "token",
+            "fc_norm": "fc_norm.weight" in sd}
+
+
 def normalize_checkpoint(ckpt: dict, path: str = "") -> dict:
-    """Return a checkpoint in this project's format; official checkpoints go through their converter."""
+    """Return a checkpoint in this project's format. Official checkpoints go through their method's converter;
+    a plain timm/MAE/DeiT ViT state dict is taken as it is, its architecture read from the tensor shapes."""
     if "vit_config" in ckpt:
         return ckpt
     sd = strip_wrapper_prefixes(dict(_raw_state_dict(ckpt)))
-    for name, conv in CONVERTERS.items():
-        if conv.detect(sd):
-            model_sd, preset = conv.convert(sd)
-            out = {"model": model_sd, "model_name": preset, "converted_from": name, "epoch": -1}
-            if preset is not None:
-                with torch.device("meta"):
-                    model = build_pretrain_model(preset, {})
-                out.update(vit_config=dict(model.encoder.config), vit_prefix="encoder.",
-                           encoder_mask=getattr(model, "encoder_mask", None))
-            return out
-    raise ValueError(f"{path or 'checkpoint'}: not a checkpoint of this project and no converter "
-                     f"({', '.join(CONVERTERS) or 'none registered'}) recognises its keys")
+    converted = next(((name, *conv.convert(sd)) for name, conv in CONVERTERS.items() if conv.detect(sd)), None)
+    if converted is None:
+        config = infer_vit_config(sd)
+        if config is None:
+            raise ValueError(f"{path or 'checkpoint'}: not a checkpoint of this project, not a timm ViT, and no "
+                             f"converter ({', '.join(CONVERTERS) or 'none registered'}) recognises its keys")
+        return {"model": sd, "model_name": None, "converted_from": "timm", "epoch": -1, "vit_config": config,
+                "vit_prefix": "", "encoder_mask": None}
+    name, model_sd, preset = converted
+    out = {"model": model_sd, "model_name": preset, "converted_from": name, "epoch": -1}
+    if preset is not None:
+        with torch.device("meta"):
+            model = build_pretrain_model(preset, {})
+        out.update(vit_config=dict(model.encoder.config), vit_prefix="encoder.",
+                   encoder_mask=getattr(model, "encoder_mask", None))
+    elif (config := infer_vit_config(model_sd)) is not None:  # e.g. an official fine-tuned classifier
+        out.update(vit_config=config, vit_prefix="", encoder_mask=None)
+    return out
 
 
 def load_checkpoint(path: str) -> dict:
