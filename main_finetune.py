@@ -84,6 +84,7 @@ def build_classifier(args: argparse.Namespace, num_classes: int, ckpt: dict | No
         arch = {**arch, **preset}
     if not arch:
         raise ValueError("give --model (a ViT preset) or --finetune (a checkpoint that stores its architecture)")
+    arch["pos_embed"] = "learn"  # fine-tuning trains the position table (MAE, SAIM), initialised from the checkpoint
     global_pool = args.global_pool or "avg"
     if global_pool == "token" and not arch.get("class_token", True):
         raise ValueError("--global_pool token needs a cls token, and this encoder has none; use --global_pool avg")

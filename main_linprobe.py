@@ -121,9 +121,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser("Frozen-backbone probing", add_help=False)
     parser.add_argument("--finetune", required=True, help="checkpoint with the pretrained encoder")
     parser.add_argument("--probe", choices=["linear", "attentive"], default="linear")
-    parser.add_argument("--optimizer", choices=["lars", "adamw"], default=None,
+    parser.add_argument("--optimizer", choices=["lars", "adamw", "sgd"], default=None,
                         help="default: lars for --probe linear (MAE), adamw for attentive; XTRA's linear probe "
-                             "used AdamW β (0.9, 0.95)")
+                             "used AdamW β (0.9, 0.95), SAIM's SGD with momentum 0.9")
     parser.add_argument("--nb_classes", type=int, default=None, help="default: number of dataset classes")
     parser.add_argument("--n_last_blocks", type=int, default=None,
                         help="average the outputs of the last N blocks (default 1 linear, 6 attentive)")
@@ -196,17 +196,16 @@ def main(args: argparse.Namespace) -> None:
     effective_lr(args)
     if args.warmup_lr is None:  # XTRA's attentive probe warms up from lr/10
         args.warmup_lr = args.lr / 10
-    if (args.optimizer or ("lars" if args.probe == "linear" else "adamw")) == "lars":
-        # MAE's LARS: trust-ratio adaptation (and weight decay) only for the weight matrix, not the bias.
-        weights = [p for p in head.parameters() if p.ndim > 1]
-        biases = [p for p in head.parameters() if p.ndim <= 1]
-        optimizer = Lars([{"params": weights, "always_adapt": True},
-                          {"params": biases, "weight_decay": 0.0, "always_adapt": False}],
-                         lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    # weight decay (and LARS trust-ratio adaptation) only for weight matrices, not biases, as MAE's LARS
+    groups = [{"params": [p for p in head.parameters() if p.ndim > 1], "always_adapt": True},
+              {"params": [p for p in head.parameters() if p.ndim <= 1], "weight_decay": 0.0, "always_adapt": False}]
+    optimizer_name = args.optimizer or ("lars" if args.probe == "linear" else "adamw")
+    if optimizer_name == "lars":
+        optimizer = Lars(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+    elif optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.AdamW([{"params": [p for p in head.parameters() if p.ndim > 1]},
-                                       {"params": [p for p in head.parameters() if p.ndim <= 1], "weight_decay": 0.0}],
-                                      lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     optim_step = OptimizerStep(optimizer, args.amp, args.accum_iter, args.clip_grad, args.device)
     extra = resume(args, model, None if args.eval else optimizer, optim_step)
     if args.eval:
