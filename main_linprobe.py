@@ -130,7 +130,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--final_norm", type=str2bool, default=False,
                         help="apply the encoder's final LayerNorm to the features (MAE linprobe: true)")
     parser.add_argument("--pool", choices=["token", "avg"], default=None,
-                        help="linear probe pooling (default: the encoder's own global_pool; else cls token if it has one)")
+                        help="linear probe pooling (default: the encoder's own global_pool)")
     parser.add_argument("--probe_heads", type=int, default=None,
                         help="attentive probe heads (default: the backbone's head count; XTRA used 16)")
     parser.add_argument("--probe_mask", choices=["none", "block_causal"], default=None,
