@@ -69,6 +69,8 @@ class SlimmableViT(VisionTransformer):
             raise ValueError(f"a slimmable classifier needs num_classes > 0, got {num_classes}")
         if not 0 < smallest_ratio <= largest_ratio <= 1:
             raise ValueError(f"need 0 < smallest_ratio <= largest_ratio <= 1, got {smallest_ratio}, {largest_ratio}")
+        for r in (smallest_ratio, largest_ratio):
+            _active_width(r, embed_dim, num_heads)  # both ends must be valid widths (before building anything)
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
                          embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                          qkv_bias=qkv_bias, class_token=True, pos_embed="learn", global_pool="token",
@@ -99,8 +101,6 @@ class SlimmableViT(VisionTransformer):
         # Official init (timm DeiT): cls token N(0, 1e-6), PyTorch's default init for the patch-embed conv.
         nn.init.normal_(self.cls_token, std=1e-6)
         self.patch_embed.proj.reset_parameters()
-        for r in (smallest_ratio, largest_ratio):
-            self.widths(r)  # both ends must be valid widths
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -127,11 +127,7 @@ class SlimmableViT(VisionTransformer):
         divisible by the (fixed) number of heads."""
         if not self.smallest_ratio <= ratio <= self.largest_ratio:
             raise ValueError(f"ratio {ratio} is outside [{self.smallest_ratio}, {self.largest_ratio}]")
-        d, hidden = int(ratio * self.embed_dim), int(ratio * self.mlp_hidden)  # int() floors, as the official code
-        if d == 0 or d % self.num_heads:
-            raise ValueError(f"ratio {ratio} gives width {d}, not a positive multiple of the {self.num_heads} heads "
-                             f"(valid ratios are multiples of {self.num_heads}/{self.embed_dim})")
-        return d, hidden
+        return _active_width(ratio, self.embed_dim, self.num_heads), int(ratio * self.mlp_hidden)
 
     def takes_first(self, ratio: float, ends: bool = False) -> bool:
         """Isolated activation: the smallest and largest ratios slice the first channels, the others the last.
@@ -235,6 +231,14 @@ class SlimmableViT(VisionTransformer):
         return (logits, dist) if self.training else (logits + dist) / 2
 
 
+def _active_width(ratio: float, embed_dim: int, num_heads: int) -> int:
+    d = int(ratio * embed_dim)  # int() floors, as the official code
+    if d == 0 or d % num_heads:
+        raise ValueError(f"ratio {ratio} gives width {d}, not a positive multiple of the {num_heads} heads "
+                         f"(valid ratios are multiples of {num_heads}/{embed_dim})")
+    return d
+
+
 def create_scala(name: str, **kwargs) -> SlimmableViT:
     """Build a preset by name; ``kwargs`` (num_classes, smallest_ratio, drop_path_rate, ...) override it."""
     if name not in SCALA_PRESETS:
@@ -303,8 +307,11 @@ def width_losses(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, 
         raise ValueError(f"transfer must be 'progressive' or 'US', got {transfer!r}")
     full = previous = None
     for j, ratio in enumerate(ratios):
+        out = model(images, ratio)
+        if not isinstance(out, tuple):
+            raise ValueError("width_losses needs the distilled model in train mode (cls and dist logits)")
         # losses in at least float32 (the logits are bf16/fp16 under autocast)
-        cls, dist = (o.to(torch.promote_types(o.dtype, torch.float32)) for o in model(images, ratio))
+        cls, dist = (o.to(torch.promote_types(o.dtype, torch.float32)) for o in out)
         if j == 0:
             kd_target = teacher_logits.argmax(dim=1) if teacher_logits is not None else targets
             alpha = distill_alpha if teacher_logits is not None else 0.5

@@ -32,6 +32,16 @@ D, H, C = 64, 4, 10  # tiny: scala_vit_tiny with 10 classes
 GRID13 = [0.25 + k / 16 for k in range(13)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's barriers make
+    every op ~100x slower; restore the setting for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(dtype=torch.float64, seed=0, std=0.3, **kw):
     """The tiny model with weights large enough that every parameter visibly matters (init std is 0.02)."""
     torch.manual_seed(seed)
@@ -281,6 +291,10 @@ def test_output_contract_and_invalid_ratios(deit_s_b):
         deit_s_b[0](torch.zeros(1, 3, 224, 224, device="meta"), 0.3)
     with pytest.raises(ValueError, match="unknown Scala model"):
         create_scala("scala_nope")
+    with pytest.raises(ValueError, match="width 19"):
+        create_scala("scala_vit_tiny", smallest_ratio=0.3)
+    with pytest.raises(ValueError, match="distilled model in train mode"):
+        next(width_losses(model.eval(), x, torch.zeros(3, dtype=torch.long), [1.0]))
 
 
 # 8 ------------------------------------------------------------------------------------------------------
@@ -380,16 +394,14 @@ def test_converter_official_checkpoint():
     assert conv.detect(official)
     plain_vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=D, depth=2, num_heads=H).state_dict()
     assert not conv.detect(plain_vit)
-    # a DeiT-style file: weights under 'model' (+ model_ema, epoch, ...), DDP prefix
-    ckpt = normalize_checkpoint({"model": {f"module.{k}": v for k, v in official.items()}, "epoch": 99,
-                                 "model_ema": {}, "args": {}})
-    assert ckpt["converted_from"] == "scala" and ckpt["model_name"] is None
-    cfg = config_from_state_dict(ckpt["model"], num_heads=H)
+    converted, preset = conv.convert(official)
+    assert preset is None and converted.keys() == official.keys()
+    cfg = config_from_state_dict(converted, num_heads=H)
     assert cfg == dict(img_size=32, patch_size=4, in_chans=3, num_classes=C, embed_dim=D, depth=2, num_heads=H,
                        mlp_ratio=4.0, qkv_bias=True, distilled=True)
-    assert config_from_state_dict(ckpt["model"])["num_heads"] == 1  # DeiT rule D/64 when not given
+    assert config_from_state_dict(converted)["num_heads"] == 1  # DeiT rule D/64 when not given
     model = create_scala("scala_vit_tiny", num_classes=C).double().eval()
-    model.load_state_dict(ckpt["model"], strict=True)
+    model.load_state_dict(converted, strict=True)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     for r in (0.25, 0.5, 0.8125, 1.0):
         ref = timm_deit_distilled(official, r, r in (0.25, 1.0))(x)
@@ -397,6 +409,19 @@ def test_converter_official_checkpoint():
     broken = {k: v for k, v in official.items() if k != "blocks.1.norm2.bias"}
     with pytest.raises(ValueError, match="does not fit"):
         conv.convert(broken)
+
+
+def test_official_deit_s_file_goes_through_the_checkpoint_loader():
+    """A released Scala-S file (DeiT layout: weights under 'model', DDP prefix, + model_ema, epoch, ...), with
+    meta tensors: only keys and shapes matter on this path."""
+    with torch.device("meta"):
+        net = timm_deit.VisionTransformerDistilled(embed_dim=384, depth=12, num_heads=6, num_classes=1000)
+    official = {f"module.{k}": v for k, v in net.state_dict().items()}
+    ckpt = normalize_checkpoint({"model": official, "model_ema": {}, "epoch": 99})
+    assert ckpt["converted_from"] == "scala" and ckpt["model_name"] is None
+    assert config_from_state_dict(ckpt["model"]) == dict(
+        img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=384, depth=12, num_heads=6,
+        mlp_ratio=4.0, qkv_bias=True, distilled=True)
 
 
 def test_export_loads_into_a_standalone_timm_deit():

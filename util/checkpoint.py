@@ -31,7 +31,9 @@ def load_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # official MAE/DeiT/Scala files pickle their flags as an argparse.Namespace: allow that one class
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, or pickled objects that weights_only refuses
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict):
@@ -63,8 +65,9 @@ HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 1
 
 
 def infer_vit_config(sd: dict) -> dict | None:
-    """Architecture of a timm/MAE/DeiT-layout ViT state dict (fused ``attn.qkv``), or None if it is not one."""
-    if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd or "pos_embed" not in sd:
+    """Architecture of a timm/MAE/DeiT-layout ViT state dict (fused ``attn.qkv``), or None if it is not one
+    (distilled layouts with a dist token are not plain ViTs: Scala rebuilds those itself)."""
+    if "dist_token" in sd or "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd or "pos_embed" not in sd:
         return None
     dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
     if dim not in HEADS_BY_WIDTH:
