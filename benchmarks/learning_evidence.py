@@ -49,19 +49,20 @@ def random_init_checkpoint(name: str, extra: dict, path: Path) -> None:
 
 
 def probe(ckpt: Path, kind: str, out: Path, args: argparse.Namespace) -> float:
-    run("main_linprobe.py", *COMMON, "--finetune", ckpt, "--probe", kind, "--epochs", args.probe_epochs,
-        "--batch_size", 64, "--warmup_epochs", 1, "--blr", args.linear_blr if kind == "linear" else args.attentive_blr,
-        "--aa", "none", "--reprob", 0, "--crop_scale", 0.6, 1, "--output_dir", out, "--auto_resume", "false")
+    # Both probes with AdamW at one fixed lr (XTRA's probe optimiser): LARS needs far larger batches than 64.
+    run("main_linprobe.py", *COMMON, "--finetune", ckpt, "--probe", kind, "--optimizer", "adamw",
+        "--epochs", args.probe_epochs, "--batch_size", 64, "--warmup_epochs", 1, "--lr", args.probe_lr,
+        "--weight_decay", 0.05, "--aa", "none", "--reprob", 0, "--crop_scale", 0.6, 1, "--output_dir", out,
+        "--auto_resume", "false")
     return best_acc(out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", default=None, help="tiny presets (default: every *_tiny preset)")
-    parser.add_argument("--pretrain_epochs", type=int, default=10)
-    parser.add_argument("--probe_epochs", type=int, default=10)
-    parser.add_argument("--linear_blr", type=float, default=0.5)
-    parser.add_argument("--attentive_blr", type=float, default=0.01)
+    parser.add_argument("--pretrain_epochs", type=int, default=30)
+    parser.add_argument("--probe_epochs", type=int, default=15)
+    parser.add_argument("--probe_lr", type=float, default=1e-3)
     parser.add_argument("--teacher", default="", help="D-iGPT teacher checkpoint (default: trained here first)")
     parser.add_argument("--work_dir", default="out/learning_evidence")
     args = parser.parse_args()

@@ -7,6 +7,8 @@
 "limit": the same transformer blocks (recorded during a real forward: same widths, token counts, and
 cross-attention contexts) replayed with no attention mask, forward + backward + AdamW step over their
 parameters only — a plain ViT of the same encoder (+ decoder) dimensions. ratio = limit img/s ÷ method img/s.
+"masked": the same replay with the method's attention masks; mask_cost = limit ÷ masked, so the rest of the
+ratio is spent outside the transformer blocks (patch embedding, targets, heads, the loss, their optimizer step).
 On CUDA the table adds MFU from FLOPs counted with torch.utils.flop_counter.
 """
 from __future__ import annotations
@@ -57,9 +59,19 @@ def timed(step, iters: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def random_teacher(model_name: str, path: str) -> str:
+    """A randomly initialised classifier checkpoint as D-iGPT's teacher (its cost is part of the method's step)."""
+    from models.vit import create_vit
+    from util.checkpoint import save_atomic
+    vit = create_vit(model_name, img_size=32, num_classes=10)
+    save_atomic({"model": vit.state_dict(), "vit_config": dict(vit.config), "vit_prefix": ""}, path)
+    return path
+
+
 def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
-    model = build_pretrain_model(name, {}).to(device)
+    extra = {"teacher": random_teacher("vit_tiny_patch4", "/tmp/throughput_teacher.pth")} if "digpt" in name else {}
+    model = build_pretrain_model(name, extra).to(device)
     img = model.encoder.patch_embed.img_size[0]
     imgs = torch.randn(args.batch_size, 3, img, img, device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -74,18 +86,19 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     calls = record_block_calls(model, imgs)
     blocks = list(dict.fromkeys(m for m, _, _ in calls))
     limit_opt = torch.optim.AdamW([p for b in blocks for p in b.parameters()], lr=1e-4)
-    inputs = [(m, tuple(a.clone().requires_grad_(a.is_floating_point()) for a in a_),
-               {k: v for k, v in kw.items() if k != "mask"}) for m, a_, kw in calls]
+    inputs = [(m, tuple(a.clone().requires_grad_(a.is_floating_point()) for a in a_), kw) for m, a_, kw in calls]
 
-    def limit_step():
+    def blocks_step(keep_mask: bool):
         with autocast_context(device, args.amp):
-            out = sum(m(*a, **kw).float().mean() for m, a, kw in inputs)
+            out = sum(m(*a, **{k: v for k, v in kw.items() if keep_mask or k != "mask"}).float().mean()
+                      for m, a, kw in inputs)
         out.backward()
         limit_opt.step()
         limit_opt.zero_grad(set_to_none=True)
 
     row = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
-    for label, step in (("method", method_step), ("limit", limit_step)):
+    steps = (("method", method_step), ("limit", lambda: blocks_step(False)), ("masked", lambda: blocks_step(True)))
+    for label, step in steps:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sec = timed(step, args.iters, args.warmup, device)
@@ -98,6 +111,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
             row["mfu_%"] = 100 * fc.get_total_flops() / sec / peak if peak else float("nan")
     row["ratio"] = row["limit_img_s"] / row["method_img_s"]
+    row["mask_cost"] = row["limit_img_s"] / row["masked_img_s"]  # the same blocks with their masks
     return row
 
 
@@ -113,7 +127,8 @@ def main() -> None:
     device = torch.device(args.device)
     names = args.models or sorted(n for n in PRETRAIN_MODELS if n.endswith(("_tiny", "_small")))
     rows = [bench(n, args, device) for n in names]
-    cols = ["model", "params_M", "method_img_s", "limit_img_s", "ratio", "method_mem_MB", "limit_mem_MB"]
+    cols = ["model", "params_M", "method_img_s", "limit_img_s", "ratio", "masked_img_s", "mask_cost",
+            "method_mem_MB", "limit_mem_MB"]
     cols += ["mfu_%"] if device.type == "cuda" else []
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), batch "
           f"{args.batch_size}, amp {args.amp}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")

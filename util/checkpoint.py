@@ -67,7 +67,8 @@ HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 1
 def infer_vit_config(sd: dict) -> dict | None:
     """Architecture of a timm/MAE/DeiT-layout ViT state dict (fused ``attn.qkv``), or None if it is not one
     (distilled layouts with a dist token are not plain ViTs: Scala rebuilds those itself)."""
-    if "dist_token" in sd or "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd or "pos_embed" not in sd:
+    needed = ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "pos_embed")
+    if "dist_token" in sd or any(k not in sd for k in needed):
         return None
     dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
     if dim not in HEADS_BY_WIDTH:
