@@ -20,7 +20,6 @@ from torchvision.utils import make_grid, save_image
 import models  # noqa: F401  (registers the pretraining presets)
 from models.registry import build_pretrain_model
 from models.vit import VisionTransformer
-from util.args import str2bool
 from util.checkpoint import load_checkpoint, vit_state_dict
 from util.datasets import build_dataset, build_transform
 from util.misc import run_cli
@@ -73,7 +72,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_path", default="")
     parser.add_argument("--split", choices=["train", "val"], default="val")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--pin_mem", type=str2bool, default=False)
     return parser
 
 
