@@ -196,8 +196,9 @@ class VisionTransformer(nn.Module):
                                 mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Outputs of the last ``n`` blocks (or of the listed block indices), before the final norm.
         Blocks after the deepest requested one are not run."""
-        layers = list(range(len(self.blocks) - n, len(self.blocks))) if isinstance(n, int) else list(n)
-        layers = [i % len(self.blocks) for i in layers]
+        depth = len(self.blocks)
+        layers = list(range(max(depth - n, 0), depth)) if isinstance(n, int) else list(n)  # n > depth: all
+        layers = [i % depth for i in layers]
         x = self.embed(x)
         taps = {}
         for i, blk in enumerate(self.blocks[: max(layers) + 1]):
