@@ -60,3 +60,12 @@ def test_resume_from_an_interrupted_run_matches(pretrained, tmp_path):
     (tmp_path / "log.txt").write_text("\n".join((pretrained / "log.txt").read_text().splitlines()[:2]) + "\n")
     run_script("main_pretrain.py", *PT, "--epochs", "3", "--output_dir", tmp_path)
     assert read_log(tmp_path)[2] == read_log(pretrained)[2]  # epoch 2: bit-identical loss, lr, grad norm
+
+
+def test_attentive_probe_of_the_pretrained_encoder_under_torchrun(pretrained, tmp_path):
+    proc = run_script("main_linprobe.py", *FAST, "--finetune", pretrained / "checkpoint-last.pth", "--probe",
+                      "attentive", "--batch_size", "32", "--epochs", "1", "--warmup_epochs", "0", "--blr", "0.05",
+                      "--aa", "none", "--reprob", "0", "--output_dir", tmp_path, nproc=2)
+    assert "mask: on" in proc.stdout  # XTRA probes keep the block-causal mask recorded in the checkpoint
+    log = read_log(tmp_path)
+    assert log[0]["test_n"] == 359 and log[0]["test_acc1"] > 12.0  # chance: 10 %
