@@ -7,7 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from util.lr_sched import adjust_learning_rate
-from util.misc import MetricLogger, OptimizerStep, SmoothedValue, all_reduce_sum, autocast_context, check_finite, print0
+from util.misc import (
+    MetricLogger,
+    OptimizerStep,
+    SmoothedValue,
+    all_reduce_sum,
+    autocast_context,
+    check_finite,
+    log_step,
+    print0,
+)
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, optim_step: OptimizerStep,
@@ -36,10 +45,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, 
             model_ema.update(model)
         lr = max(g["lr"] for g in optim_step.optimizer.param_groups)  # the head's lr under layer decay
         logger.update(loss=loss.detach(), lr=lr, grad_norm=grad_norm, n=images.shape[0])
-        if log_writer is not None and grad_norm is not None:
-            epoch_1000x = int((epoch + step / steps) * 1000)
-            log_writer.add_scalar("loss", loss.item(), epoch_1000x)
-            log_writer.add_scalar("lr", lr, epoch_1000x)
+        if grad_norm is not None:
+            log_step(log_writer, epoch + step / steps, loss=loss, lr=lr)
     logger.synchronize_between_processes()
     print0(f"Epoch [{epoch}] averaged stats: {logger}")
     return logger.averages()

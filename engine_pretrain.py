@@ -6,7 +6,7 @@ import argparse
 import torch
 
 from util.lr_sched import adjust_learning_rate
-from util.misc import MetricLogger, OptimizerStep, SmoothedValue, autocast_context, check_finite, print0
+from util.misc import MetricLogger, OptimizerStep, SmoothedValue, autocast_context, check_finite, log_step, print0
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optim_step: OptimizerStep, device: torch.device, epoch: int,
@@ -29,11 +29,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optim_step: OptimizerStep, d
             check_finite(loss, epoch, step)
             grad_norm = optim_step(loss, model.parameters(), step)
         logger.update(loss=loss.detach(), lr=lr, grad_norm=grad_norm, n=images.shape[0])
-        if log_writer is not None and grad_norm is not None:
-            epoch_1000x = int((epoch + step / steps) * 1000)  # x axis comparable across batch sizes
-            log_writer.add_scalar("train_loss", loss.item(), epoch_1000x)
-            log_writer.add_scalar("lr", lr, epoch_1000x)
-            log_writer.add_scalar("grad_norm", grad_norm.item(), epoch_1000x)
+        if grad_norm is not None:
+            log_step(log_writer, epoch + step / steps, train_loss=loss, lr=lr, grad_norm=grad_norm)
     logger.synchronize_between_processes()
     print0(f"Epoch [{epoch}] averaged stats: {logger}")
     return logger.averages()

@@ -51,6 +51,7 @@ from util.misc import (
     get_rank,
     init_distributed_mode,
     is_main_process,
+    log_step,
     make_log_writer,
     print0,
     run_cli,
@@ -174,10 +175,8 @@ def train_one_epoch(model: nn.Module, teacher: nn.Module | None, loader, optim_s
         logger.update(loss=total, lr=lr, grad_norm=grad_norm, n=images.shape[0], **values)
         if not full_only:
             logger.update(r3=ratios[1], r2=ratios[2])
-        if log_writer is not None and grad_norm is not None:
-            epoch_1000x = int((epoch + step / steps) * 1000)
-            log_writer.add_scalar("loss", total.item(), epoch_1000x)
-            log_writer.add_scalar("lr", lr, epoch_1000x)
+        if grad_norm is not None:
+            log_step(log_writer, epoch + step / steps, loss=total, lr=lr)
     logger.synchronize_between_processes()
     print0(f"Epoch [{epoch}] averaged stats: {logger}")
     return logger.averages()

@@ -69,3 +69,11 @@ def test_attentive_probe_of_the_pretrained_encoder_under_torchrun(pretrained, tm
     assert "mask: on" in proc.stdout  # XTRA probes keep the block-causal mask recorded in the checkpoint
     log = read_log(tmp_path)
     assert log[0]["test_n"] == 359 and log[0]["test_acc1"] > 12.0  # chance: 10 %
+
+
+def test_tensorboard_scalars_per_step(pretrained):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(pretrained)).Reload()
+    assert {"train_loss", "lr", "grad_norm"} <= set(events.Tags()["scalars"])
+    steps = [e.step for e in events.Scalars("train_loss")]
+    assert len(steps) == 3 * 22 and steps[0] == 0 and steps[-1] < 3000  # epoch_1000x axis, 22 steps per epoch

@@ -254,6 +254,14 @@ class MetricLogger:
         print0(f"{header} total time: {datetime.timedelta(seconds=int(total))} ({total / max(n, 1):.4f} s/it)")
 
 
+def log_step(log_writer, epoch: float, **scalars: float | torch.Tensor) -> None:
+    """Tensorboard scalars against ``epoch_1000x`` (fractional epoch × 1000: curves stay comparable when the
+    batch size changes); a no-op without a writer."""
+    if log_writer is not None:
+        for name, value in scalars.items():
+            log_writer.add_scalar(name, value.item() if isinstance(value, torch.Tensor) else value, int(epoch * 1000))
+
+
 def write_json_line(output_dir: str, record: dict) -> None:
     if output_dir and is_main_process():
         with open(os.path.join(output_dir, "log.txt"), "a") as f:
