@@ -6,14 +6,12 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from util.lr_sched import adjust_learning_rate
 from util.misc import (
-    MetricLogger,
     OptimizerStep,
-    SmoothedValue,
     all_reduce_sum,
     autocast_context,
     check_finite,
+    epoch_batches,
     log_step,
     print0,
 )
@@ -23,17 +21,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, 
                     device: torch.device, epoch: int, args: argparse.Namespace, mixup_fn=None, model_ema=None,
                     log_writer=None) -> dict[str, float]:
     model.train()
-    logger = MetricLogger()
-    logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
-    steps = len(loader) // args.accum_iter * args.accum_iter  # no half-accumulated group at the epoch's end
+    logger, batches = epoch_batches(loader, optim_step.optimizer, device, epoch, args)
     params = [p for p in model.parameters() if p.requires_grad]
-    for step, (images, targets) in enumerate(logger.log_every(loader, args.print_freq, f"Epoch [{epoch}]",
-                                                              args.batch_size)):
-        if step >= steps:
-            break
-        if step % args.accum_iter == 0:
-            adjust_learning_rate(optim_step.optimizer, epoch + step / steps, args)
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    for step, epoch_f, images, targets in batches:
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         with optim_step.sync_context(model, step):
@@ -46,7 +36,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, 
         lr = max(g["lr"] for g in optim_step.optimizer.param_groups)  # the head's lr under layer decay
         logger.update(loss=loss.detach(), lr=lr, grad_norm=grad_norm, n=images.shape[0])
         if grad_norm is not None:
-            log_step(log_writer, epoch + step / steps, loss=loss, lr=lr)
+            log_step(log_writer, epoch_f, loss=loss, lr=lr)
     logger.synchronize_between_processes()
     print0(f"Epoch [{epoch}] averaged stats: {logger}")
     return logger.averages()

@@ -39,15 +39,13 @@ from models.teacher import load_teacher
 from util.args import add_common_args, fill_defaults, str2bool
 from util.checkpoint import load_checkpoint, resume, resume_path, save_atomic, save_checkpoint
 from util.datasets import build_dataset, build_loader, build_transform
-from util.lr_sched import adjust_learning_rate
 from util.misc import (
-    MetricLogger,
     OptimizerStep,
-    SmoothedValue,
     autocast_context,
     check_finite,
     cleanup_distributed,
     effective_lr,
+    epoch_batches,
     get_rank,
     init_distributed_mode,
     is_main_process,
@@ -136,18 +134,10 @@ def train_one_epoch(model: nn.Module, teacher: nn.Module | None, loader, optim_s
     optim_step.accum_iter = n_widths * args.accum_iter
     # per-rank draws (as the official seed + rank), re-seeded per epoch so that a resumed run draws the same
     rng = random.Random(f"scala-{args.seed}-{get_rank()}-{epoch}")
-    logger = MetricLogger()
-    logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
-    steps = len(loader) // args.accum_iter * args.accum_iter
+    logger, batches = epoch_batches(loader, optim_step.optimizer, device, epoch, args)
     params = [p for p in model.parameters() if p.requires_grad]
     names = ["full", "r3", "r2", "s"]
-    for step, (images, targets) in enumerate(logger.log_every(loader, args.print_freq, f"Epoch [{epoch}]",
-                                                              args.batch_size)):
-        if step >= steps:
-            break
-        if step % args.accum_iter == 0:
-            adjust_learning_rate(optim_step.optimizer, epoch + step / steps, args)
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    for step, epoch_f, images, targets in batches:
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         elif args.smoothing > 0:
@@ -176,7 +166,7 @@ def train_one_epoch(model: nn.Module, teacher: nn.Module | None, loader, optim_s
         if not full_only:
             logger.update(r3=ratios[1], r2=ratios[2])
         if grad_norm is not None:
-            log_step(log_writer, epoch + step / steps, loss=total, lr=lr)
+            log_step(log_writer, epoch_f, loss=total, lr=lr)
     logger.synchronize_between_processes()
     print0(f"Epoch [{epoch}] averaged stats: {logger}")
     return logger.averages()

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from util.lr_sched import adjust_learning_rate
+
 
 # ---------------------------------------------------------------------------------------------------
 # Distributed
@@ -260,6 +262,28 @@ def log_step(log_writer, epoch: float, **scalars: float | torch.Tensor) -> None:
     if log_writer is not None:
         for name, value in scalars.items():
             log_writer.add_scalar(name, value.item() if isinstance(value, torch.Tensor) else value, int(epoch * 1000))
+
+
+def epoch_batches(loader, optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
+                  args: argparse.Namespace) -> tuple[MetricLogger, Iterator]:
+    """The loop head shared by every training epoch: a MetricLogger (progress lines) and an iterator of
+    (step, fractional epoch, images, targets) on ``device``. The lr is set at the start of each accumulation group,
+    and a trailing incomplete group is dropped (its gradients would leak into the next epoch)."""
+    logger = MetricLogger()
+    logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
+    steps = len(loader) // args.accum_iter * args.accum_iter
+
+    def batches() -> Iterator:
+        for step, (images, targets) in enumerate(logger.log_every(loader, args.print_freq, f"Epoch [{epoch}]",
+                                                                  args.batch_size)):
+            if step >= steps:
+                break
+            if step % args.accum_iter == 0:
+                adjust_learning_rate(optimizer, epoch + step / steps, args)
+            yield (step, epoch + step / steps, images.to(device, non_blocking=True),
+                   targets.to(device, non_blocking=True))
+
+    return logger, batches()
 
 
 def write_json_line(output_dir: str, record: dict) -> None:
