@@ -23,6 +23,7 @@ from util.checkpoint import load_checkpoint, load_vit_weights, resume, save_chec
 from util.datasets import build_dataset, build_loader, build_transform
 from util.misc import (
     OptimizerStep,
+    adamw,
     cleanup_distributed,
     effective_lr,
     init_distributed_mode,
@@ -125,7 +126,7 @@ def main(args: argparse.Namespace) -> None:
     effective_lr(args)
     groups = param_groups_layer_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
                                       layer_decay=args.layer_decay)
-    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    optimizer = adamw(groups, lr=args.lr)
     optim_step = OptimizerStep(optimizer, args.amp, args.accum_iter, args.clip_grad, args.device)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     extra = resume(args, model, None if args.eval else optimizer, optim_step)

@@ -24,6 +24,7 @@ from util.checkpoint import load_checkpoint, load_vit_weights, resume, save_chec
 from util.datasets import build_dataset, build_loader, build_transform
 from util.misc import (
     OptimizerStep,
+    adamw,
     cleanup_distributed,
     effective_lr,
     init_distributed_mode,
@@ -205,7 +206,7 @@ def main(args: argparse.Namespace) -> None:
     elif optimizer_name == "sgd":
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
     else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+        optimizer = adamw(groups, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     optim_step = OptimizerStep(optimizer, args.amp, args.accum_iter, args.clip_grad, args.device)
     extra = resume(args, model, None if args.eval else optimizer, optim_step)
     if args.eval:

@@ -24,6 +24,7 @@ from util.checkpoint import resume, save_atomic, save_checkpoint
 from util.datasets import build_dataset, build_loader, build_transform
 from util.misc import (
     OptimizerStep,
+    adamw,
     cleanup_distributed,
     effective_lr,
     init_distributed_mode,
@@ -84,8 +85,8 @@ def main(args: argparse.Namespace) -> None:
 
     effective_lr(args)
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=skip),
-                                  lr=args.lr, betas=tuple(args.betas))
+    optimizer = adamw(param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=skip), lr=args.lr,
+                      betas=tuple(args.betas))
     optim_step = OptimizerStep(optimizer, args.amp, args.accum_iter, args.clip_grad, args.device)
     resume(args, model, optimizer, optim_step)
 

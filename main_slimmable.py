@@ -41,6 +41,7 @@ from util.checkpoint import load_checkpoint, resume, resume_path, save_atomic, s
 from util.datasets import build_dataset, build_loader, build_transform
 from util.misc import (
     OptimizerStep,
+    adamw,
     autocast_context,
     check_finite,
     cleanup_distributed,
@@ -256,8 +257,8 @@ def main(args: argparse.Namespace) -> None:
     val_loader = build_loader(val_set, args, is_train=False)
 
     effective_lr(args)
-    optimizer = torch.optim.AdamW(param_groups_weight_decay(model, args.weight_decay,
-                                                            no_weight_decay_list=model.no_weight_decay()), lr=args.lr)
+    optimizer = adamw(param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay()),
+                      lr=args.lr)
     optim_step = OptimizerStep(optimizer, args.amp, args.accum_iter, args.clip_grad, args.device)
     extra = resume(args, model, None if args.eval else optimizer, optim_step)
 

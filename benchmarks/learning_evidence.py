@@ -1,8 +1,10 @@
-"""Does pretraining learn? For each autoregressive method: pretrain a tiny model on the embedded digits for a
-fixed budget on CPU, probe it (linear and attentive), and probe a randomly initialised copy the same way.
+"""Does it learn? For each autoregressive method: pretrain a tiny model on the embedded digits for a fixed budget
+on CPU, probe it (linear and attentive), and probe a randomly initialised copy the same way. For Scala: train one
+slimmable model, then each of its widths alone with the same recipe, and compare top-1 per width.
 
-    python benchmarks/learning_evidence.py                      # all methods, default budget
+    python benchmarks/learning_evidence.py                      # every AR method and Scala, default budget
     python benchmarks/learning_evidence.py --methods xtra_vit_tiny --pretrain_epochs 20
+    python benchmarks/learning_evidence.py --methods scala_vit_tiny --scala_epochs 50
 
 Every number in the printed table comes from the runs this script launches (entry scripts as subprocesses,
 outputs under --work_dir).
@@ -57,29 +59,67 @@ def probe(ckpt: Path, kind: str, out: Path, args: argparse.Namespace) -> float:
     return best_acc(out)
 
 
+def scala_run(args: argparse.Namespace, out: Path, smallest: float, largest: float, full_warm: int) -> list[dict]:
+    """One main_slimmable.py run; the rows of its final all-widths table (the last epoch's model)."""
+    wall = run("main_slimmable.py", *COMMON, "--model", "scala_vit_tiny", "--input_size", 32, "--batch_size", 64,
+               "--lr", args.scala_lr, "--warmup_epochs", 3, "--epochs", args.scala_epochs, "--full_warm_epochs",
+               full_warm, "--smallest_ratio", smallest, "--largest_ratio", largest, "--granularity", 0.25,
+               "--mixup", 0, "--cutmix", 0, "--aa", "none", "--reprob", 0, "--teacher", args.teacher,
+               "--throughput_iters", 2, "--output_dir", out, "--auto_resume", "false")
+    table = next(json.loads(line)["eval_table"] for line in (out / "log.txt").read_text().splitlines()
+                 if "eval_table" in line)
+    return [dict(row, wall_s=wall) for row in table]
+
+
+def scala_evidence(args: argparse.Namespace, work: Path) -> None:
+    """Scala (ε = 1/4: widths 0.25/0.5/0.75/1 every step after the full-width warm-up) against each width
+    trained alone: the same model slice, recipe, teacher and epochs, full-width steps only."""
+    slim = scala_run(args, work / "scala", 0.25, 1.0, 3)
+    alone = [scala_run(args, work / f"scala_alone_{r['ratio']:g}", r["ratio"], r["ratio"], args.scala_epochs)[0]
+             for r in slim]
+    print(f"\nScala on digits, CPU, scala_vit_tiny at 32 px, {args.scala_epochs} epochs (lr {args.scala_lr}, "
+          f"warmup 3, Scala's first 3 epochs full width only), teacher {Path(args.teacher).parent.name}; top-1 (%) "
+          f"of the last epoch's model on 359 val images\n")
+    print("| ratio | width | params | Scala top-1 | trained alone | Δ |")
+    print("|---|---|---|---|---|---|")
+    for s, a in zip(slim, alone):
+        print(f"| {s['ratio']:g} | {s['width']} | {s['params']:,} | {s['acc1']:.1f} | {a['acc1']:.1f} | "
+              f"{s['acc1'] - a['acc1']:+.1f} |")
+    walls = ", ".join(f"{a['wall_s']:.0f}" for a in alone)
+    print(f"\nwall time: Scala {slim[0]['wall_s']:.0f} s (one model, every width); trained alone "
+          f"{sum(a['wall_s'] for a in alone):.0f} s in total ({walls})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="*", default=None, help="tiny presets (default: every *_tiny preset)")
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help="tiny pretraining presets and/or scala_vit_tiny (default: all of them)")
     parser.add_argument("--pretrain_epochs", type=int, default=30)
     parser.add_argument("--probe_epochs", type=int, default=15)
     parser.add_argument("--pretrain_lr", type=float, default=1e-3, help="absolute lr of every method's pretraining")
     parser.add_argument("--pretrain_warmup", type=float, default=3, help="warmup epochs of every method")
     parser.add_argument("--probe_lr", type=float, default=1e-3)
-    parser.add_argument("--teacher", default="", help="D-iGPT teacher checkpoint (default: trained here first)")
+    parser.add_argument("--scala_epochs", type=int, default=30)
+    parser.add_argument("--scala_lr", type=float, default=2e-3)
+    parser.add_argument("--teacher", default="",
+                        help="teacher checkpoint of D-iGPT and Scala, a 32-px classifier (default: trained here first)")
     parser.add_argument("--work_dir", default="out/learning_evidence")
     args = parser.parse_args()
     work = ROOT / args.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    names = args.methods or sorted(n for n in PRETRAIN_MODELS if n.endswith("_tiny"))
+    names = args.methods or sorted(n for n in [*PRETRAIN_MODELS, "scala_vit_tiny"] if n.endswith("_tiny"))
+    for n in names:
+        if n not in PRETRAIN_MODELS and n != "scala_vit_tiny":
+            parser.error(f"unknown preset {n!r}; use tiny pretraining presets or scala_vit_tiny")
 
-    if any(n.startswith("digpt") for n in names) and not args.teacher:
+    if any(n.startswith(("digpt", "scala")) for n in names) and not args.teacher:
         teacher = work / "teacher"
         run("main_finetune.py", *COMMON, "--model", "vit_tiny_patch4", "--input_size", 32, "--epochs", 15,
             "--batch_size", 32, "--blr", 5e-3, "--warmup_epochs", 1, "--layer_decay", 1, "--aa", "none",
             "--reprob", 0, "--output_dir", teacher, "--auto_resume", "false")
         args.teacher = str(teacher / "checkpoint-best.pth")
     rows = []
-    for name in names:
+    for name in [n for n in names if n in PRETRAIN_MODELS]:
         flags = ["--teacher", args.teacher] if name.startswith("digpt") else []
         out = work / name
         # One optimisation budget for every method: the recipes' blr rule gives 20× smaller lrs than XTRA's
@@ -98,6 +138,13 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    if rows:
+        print_pretrain_table(rows, args)
+    if "scala_vit_tiny" in names:
+        scala_evidence(args, work)
+
+
+def print_pretrain_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\ndigits, CPU ({os.cpu_count()} cores), pretrain {args.pretrain_epochs} epochs (lr {args.pretrain_lr}, "
           f"warmup {args.pretrain_warmup}), probes "
           f"{args.probe_epochs} epochs; accuracies are the best val top-1 (%) over the probe epochs\n")

@@ -1,15 +1,24 @@
-"""Training-step throughput of every pretraining method against its plain-ViT limit, in one process.
+"""Training-step throughput of every pretraining method, and of Scala at each width, against its plain-ViT limit.
 
-    python benchmarks/throughput.py                      # CPU: tiny and small presets
-    python benchmarks/throughput.py --models xtra_vit_base_patch16 --batch_size 64 --amp bf16   # CUDA
+    python benchmarks/throughput.py                                   # CPU: every tiny preset, Scala at 4 widths
+    python benchmarks/throughput.py --models xtra_vit_small_patch16 --batch_size 16
+    python benchmarks/throughput.py --compile                         # + compiled and FlexAttention columns
+    python benchmarks/throughput.py --models xtra_vit_base_patch16 scala_deit_base_patch16 --amp bf16 --compile
 
 "method": one full training step (forward + loss + backward + AdamW step) of the registered preset.
 "limit": the same transformer blocks (recorded during a real forward: same widths, token counts, and
 cross-attention contexts) replayed with no attention mask, forward + backward + AdamW step over their
 parameters only — a plain ViT of the same encoder (+ decoder) dimensions. ratio = limit img/s ÷ method img/s.
-"masked": the same replay with the method's attention masks; mask_cost = limit ÷ masked, so the rest of the
-ratio is spent outside the transformer blocks (patch embedding, targets, heads, the loss, their optimizer step).
-On CUDA the table adds MFU from FLOPs counted with torch.utils.flop_counter.
+"masked": the same replay with the method's boolean masks through SDPA; mask_cost = limit ÷ masked, so the rest
+of the ratio is spent outside the transformer blocks (patch embedding, targets, heads, the loss, their optimizer
+step). With --compile: the method step and the masked replay under torch.compile, and the masked replay with
+the masks as FlexAttention BlockMasks (compiled; FlexAttention has no backward on CPU, so that column is CUDA
+only). On CUDA the table adds peak memory and MFU from FLOPs counted with torch.utils.flop_counter.
+
+Scala rows (``<preset>@r``): the sub-network at width ratio r (forward of the sliced model in train mode, CE on
+both heads, backward, AdamW over the whole model) against the standalone timm distilled DeiT of that width,
+which the sub-network equals; ``<preset> (4-width step)``: one Scala training step (widths 1, 0.75, 0.5, 0.25,
+their losses, one AdamW step) against training the four standalone DeiTs.
 """
 from __future__ import annotations
 
@@ -17,15 +26,23 @@ import argparse
 import os
 import sys
 import time
+from typing import Callable
 
+import timm.models.deit as timm_deit
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models  # noqa: E402,F401
+from models.masks import to_block_mask  # noqa: E402
 from models.registry import PRETRAIN_MODELS, build_pretrain_model  # noqa: E402
-from util.misc import autocast_context  # noqa: E402
+from models.scala import SCALA_PRESETS, SlimmableViT, create_scala, width_losses  # noqa: E402
+from models.vit import VisionTransformer  # noqa: E402
+from util.checkpoint import save_atomic  # noqa: E402
+from util.misc import adamw, autocast_context  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
+SCALA_RATIOS = (0.25, 0.5, 0.75, 1.0)
 
 
 def record_block_calls(model: torch.nn.Module, imgs: torch.Tensor) -> list[tuple[torch.nn.Module, tuple, dict]]:
@@ -46,96 +63,212 @@ def record_block_calls(model: torch.nn.Module, imgs: torch.Tensor) -> list[tuple
     return calls
 
 
-def timed(step, iters: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
+def train_step(forward: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> Callable[[], None]:
+    def step() -> None:
+        forward().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
-def random_teacher(model_name: str, path: str) -> str:
-    """A randomly initialised classifier checkpoint as D-iGPT's teacher (its cost is part of the method's step)."""
-    from models.vit import create_vit
-    from util.checkpoint import save_atomic
-    vit = create_vit(model_name, img_size=32, num_classes=10)
+def measure(steps: dict[str, Callable[[], None]], args: argparse.Namespace, device: torch.device) -> dict:
+    """images/s (and peak MB on CUDA) of each step: ``args.warmup`` untimed calls each (these include any
+    compilation), then ``args.rounds`` rounds that time ``args.iters`` calls of every step in turn; the best round
+    counts, so that load from other processes on a shared machine hits all steps alike and inflates none."""
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    best = dict.fromkeys(steps, float("inf"))
+    mem = dict.fromkeys(steps, float("nan"))
+    for _ in range(args.rounds):
+        for label, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                mem[label] = torch.cuda.max_memory_allocated() / 2**20
+            best[label] = min(best[label], (time.perf_counter() - start) / args.iters)
+    return {**{f"{k}_img_s": args.batch_size / v for k, v in best.items()},
+            **{f"{k}_mem_MB": v for k, v in mem.items()}}
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    """FLOPs of one call (matrix products, convolutions and attention, as torch.utils.flop_counter counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc:
+        step()
+    return fc.get_total_flops()
+
+
+def mfu(flops: int, img_s: float, args: argparse.Namespace, device: torch.device) -> float:
+    """Model FLOPs utilisation (%) on a known CUDA device, else NaN."""
+    if device.type != "cuda":
+        return float("nan")
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+    return 100 * flops * img_s / args.batch_size / peak if peak else float("nan")
+
+
+def random_teacher(name: str, path: str) -> dict:
+    """D-iGPT's teacher for timing: a randomly initialised classifier with the student's encoder shape (its
+    forward is part of the method's step)."""
+    with torch.device("meta"):
+        config = dict(build_pretrain_model(name, {}).encoder.config)
+    vit = VisionTransformer(**{**config, "num_classes": 10, "global_pool": "token", "class_token": True})
     save_atomic({"model": vit.state_dict(), "vit_config": dict(vit.config), "vit_prefix": ""}, path)
-    return path
+    return {"teacher": path}
 
 
-def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+def bench_pretrain(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
-    extra = {"teacher": random_teacher("vit_tiny_patch4", "/tmp/throughput_teacher.pth")} if "digpt" in name else {}
+    extra = random_teacher(name, "/tmp/throughput_teacher.pth") if name.startswith("digpt") else {}
     model = build_pretrain_model(name, extra).to(device)
     img = model.encoder.patch_embed.img_size[0]
     imgs = torch.randn(args.batch_size, 3, img, img, device=device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def method_step():
-        with autocast_context(device, args.amp):
-            loss, _ = model(imgs)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def loss_of(net: torch.nn.Module) -> Callable[[], torch.Tensor]:
+        def forward() -> torch.Tensor:
+            with autocast_context(device, args.amp):
+                return net(imgs)[0]
+        return forward
 
     calls = record_block_calls(model, imgs)
     blocks = list(dict.fromkeys(m for m, _, _ in calls))
-    limit_opt = torch.optim.AdamW([p for b in blocks for p in b.parameters()], lr=1e-4)
     inputs = [(m, tuple(a.clone().requires_grad_(a.is_floating_point()) for a in a_), kw) for m, a_, kw in calls]
 
-    def blocks_step(keep_mask: bool):
-        with autocast_context(device, args.amp):
-            out = sum(m(*a, **{k: v for k, v in kw.items() if keep_mask or k != "mask"}).float().mean()
-                      for m, a, kw in inputs)
-        out.backward()
-        limit_opt.step()
-        limit_opt.zero_grad(set_to_none=True)
+    def replay(mask: str) -> Callable[[], torch.Tensor]:
+        """The recorded block calls with no mask ('none'), their boolean masks ('sdpa') or BlockMasks ('flex')."""
+        block_masks: dict[int, object] = {}
+        for _, _, kw in inputs:
+            if mask == "flex" and torch.is_tensor(kw.get("mask")) and id(kw["mask"]) not in block_masks:
+                block_masks[id(kw["mask"])] = to_block_mask(kw["mask"])
 
-    row = {"model": name, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
-    steps = (("method", method_step), ("limit", lambda: blocks_step(False)), ("masked", lambda: blocks_step(True)))
-    for label, step in steps:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        sec = timed(step, args.iters, args.warmup, device)
-        row[f"{label}_img_s"] = args.batch_size / sec
-        row[f"{label}_mem_MB"] = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-        if label == "method" and device.type == "cuda":
-            from torch.utils.flop_counter import FlopCounterMode
-            with FlopCounterMode(display=False) as fc:
-                method_step()
-            peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
-            row["mfu_%"] = 100 * fc.get_total_flops() / sec / peak if peak else float("nan")
+        def kwargs(kw: dict) -> dict:
+            if mask == "none" or kw.get("mask") is None:
+                return {k: v for k, v in kw.items() if k != "mask"}
+            return {**kw, "mask": block_masks[id(kw["mask"])]} if mask == "flex" else kw
+
+        def forward() -> torch.Tensor:
+            with autocast_context(device, args.amp):
+                return sum(m(*a, **kwargs(kw)).float().mean() for m, a, kw in inputs)
+        return forward
+
+    opt = adamw(model.parameters(), lr=1e-4)
+    block_opt = adamw([p for b in blocks for p in b.parameters()], lr=1e-4)
+    steps = {"method": train_step(loss_of(model), opt), "limit": train_step(replay("none"), block_opt),
+             "masked": train_step(replay("sdpa"), block_opt)}
+    if args.compile:
+        steps["method_compiled"] = train_step(torch.compile(loss_of(model)), opt)
+        steps["masked_compiled"] = train_step(torch.compile(replay("sdpa")), block_opt)
+        if device.type == "cuda":  # FlexAttention has no backward on CPU
+            steps["flex_compiled"] = train_step(torch.compile(replay("flex")), block_opt)
+    return finish_row(name, model, steps, args, device)
+
+
+def standalone_deit(model: SlimmableViT, ratio: float) -> torch.nn.Module:
+    """The timm distilled DeiT that the sub-network at ``ratio`` equals (in train mode: cls and dist logits)."""
+    width, hidden = model.widths(ratio)
+    net = timm_deit.VisionTransformerDistilled(
+        img_size=model.img_size, patch_size=model.patch_embed.patch_size[0], embed_dim=width, depth=len(model.blocks),
+        num_heads=model.num_heads, mlp_ratio=hidden / width, num_classes=model.num_classes)
+    net.set_distilled_training(True)
+    return net.to(next(model.parameters()).device).train()
+
+
+def bench_scala(name: str, ratio: float | None, args: argparse.Namespace, device: torch.device) -> dict:
+    """Scala at one width (``ratio``) or, with ``ratio=None``, one whole Scala step: the four widths 1, 0.75, 0.5,
+    0.25 with their losses (no teacher: its forward is the same extra work in both), each backpropagated, then
+    one AdamW step; its limit trains the four standalone DeiTs of those widths."""
+    torch.manual_seed(0)
+    model = create_scala(name, num_classes=1000).to(device).train()
+    ratios = [ratio] if ratio is not None else [1.0, 0.75, 0.5, 0.25]
+    standalone = [standalone_deit(model, r) for r in ratios]
+    imgs = torch.randn(args.batch_size, 3, model.img_size, model.img_size, device=device)
+    labels = torch.randint(0, 1000, (args.batch_size,), device=device)
+
+    def ce(net: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        with autocast_context(device, args.amp):
+            cls_logits, dist_logits = net(imgs)
+        return F.cross_entropy(cls_logits.float(), labels) + F.cross_entropy(dist_logits.float(), labels)
+
+    def scala_forward() -> torch.Tensor:
+        if ratio is not None:
+            return ce(lambda x: model(x, ratio))
+        losses = width_losses(model, imgs, labels, ratios)
+        with autocast_context(device, args.amp):
+            _, loss = next(losses)
+        for _ in ratios[1:]:  # backpropagate each width before the next forward, as main_slimmable does
+            loss.backward()
+            with autocast_context(device, args.amp):
+                _, loss = next(losses)
+        return loss
+
+    def limit_forward() -> torch.Tensor:
+        for net in standalone[:-1]:
+            ce(net).backward()
+        return ce(standalone[-1])
+
+    opt = adamw(model.parameters(), lr=1e-4)
+    steps = {"method": train_step(scala_forward, opt),
+             "limit": train_step(limit_forward, adamw([p for n in standalone for p in n.parameters()], lr=1e-4))}
+    if args.compile and ratio is not None:
+        steps["method_compiled"] = train_step(torch.compile(scala_forward), opt)
+    row = finish_row(f"{name}@{ratio:g}" if ratio is not None else f"{name} (4-width step)", model, steps, args,
+                     device)
+    row["params_M"] = model.num_params(ratio or 1.0) / 1e6
+    return row
+
+
+def finish_row(name: str, model: torch.nn.Module, steps: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """Timings, FLOP ratio and MFU of one model's steps. flop_ratio = method FLOPs ÷ limit FLOPs: the ratio an
+    implementation with no overhead beyond its arithmetic would reach."""
+    row = {"model": name, "params_M": sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6}
+    row.update(measure(steps, args, device))
+    method_flops = count_flops(steps["method"])
+    row["flop_ratio"] = method_flops / count_flops(steps["limit"])
     row["ratio"] = row["limit_img_s"] / row["method_img_s"]
-    row["mask_cost"] = row["limit_img_s"] / row["masked_img_s"]  # the same blocks with their masks
+    row["mask_cost"] = row["limit_img_s"] / row["masked_img_s"] if "masked_img_s" in row else float("nan")
+    row["mfu_%"] = mfu(method_flops, row["method_img_s"], args, device)
     return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="*", default=None, help="presets (default: every *_tiny/_small preset)")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="pretraining or Scala presets (default: every *_tiny preset)")
+    parser.add_argument("--scala_ratios", type=float, nargs="+", default=SCALA_RATIOS)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=5, help="timed calls per round")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds; the best counts")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--amp", choices=["bf16", "fp16", "off"], default="off")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile and FlexAttention columns")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    names = args.models or sorted(n for n in PRETRAIN_MODELS if n.endswith(("_tiny", "_small")))
-    rows = [bench(n, args, device) for n in names]
-    cols = ["model", "params_M", "method_img_s", "limit_img_s", "ratio", "masked_img_s", "mask_cost",
-            "method_mem_MB", "limit_mem_MB"]
-    cols += ["mfu_%"] if device.type == "cuda" else []
+    names = args.models or sorted(n for n in [*PRETRAIN_MODELS, *SCALA_PRESETS] if n.endswith("_tiny"))
+    for n in names:
+        if n not in PRETRAIN_MODELS and n not in SCALA_PRESETS:
+            parser.error(f"unknown preset {n!r}; known: {', '.join(sorted([*PRETRAIN_MODELS, *SCALA_PRESETS]))}")
+    rows = []
+    for n in names:
+        rows += [bench_scala(n, r, args, device) for r in [*args.scala_ratios, None]] if n in SCALA_PRESETS \
+            else [bench_pretrain(n, args, device)]
+        print(f"done {n}", file=sys.stderr, flush=True)
+    cols = ["model", "params_M", "method_img_s", "limit_img_s", "ratio", "flop_ratio", "masked_img_s", "mask_cost"]
+    cols += ["method_compiled_img_s", "masked_compiled_img_s", "flex_compiled_img_s"] if args.compile else []
+    cols += ["method_mem_MB", "limit_mem_MB", "mfu_%"] if device.type == "cuda" else []
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), batch "
           f"{args.batch_size}, amp {args.amp}, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        cells = [r.get(c, float("nan")) for c in cols]
+        print("| " + " | ".join("–" if isinstance(v, float) and v != v else f"{v:.2f}" if isinstance(v, float)
+                                else str(v) for v in cells) + " |")
 
 
 if __name__ == "__main__":

@@ -342,16 +342,21 @@ def _init_xavier(m: nn.Module) -> None:
 BASE = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, segment_size=7,
             enc_layers=(6, 8, 10, 12), decoder_dim=1024, decoder_depth=2, decoder_heads=32, teacher_dim=1024,
             teacher_grid=16, drop_path_rate=0.0)
+SMALL = dict(BASE, embed_dim=384, num_heads=6, decoder_dim=512, decoder_heads=16)
 # CPU tests: 32 px, patch 4 -> 8×8 grid in 2×2 segments of 4×4; the teacher a project ViT of the same grid.
 TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, segment_size=4, enc_layers=(2, 3, 4),
             decoder_dim=64, decoder_depth=2, decoder_heads=4, teacher_dim=64, teacher_grid=8, drop_path_rate=0.0)
 
 
-def build_digpt(preset: dict, teacher: str | None = None, teacher_weights: str | None = None, **overrides) -> DiGPT:
-    """A preset with ``overrides`` (None = keep); with ``teacher``, load it and take teacher_dim/teacher_grid
-    from it unless they are given explicitly."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    cfg = {**preset, **given}
+def build_digpt(preset: str, img_size: int | None = None, segment_size: int | None = None, teacher: str | None = None,
+                teacher_weights: str | None = None, teacher_dim: int | None = None, teacher_grid: int | None = None,
+                enc_layers: Sequence[int] | None = None, decoder_depth: int | None = None,
+                decoder_dim: int | None = None, decoder_heads: int | None = None,
+                drop_path_rate: float | None = None) -> DiGPT:
+    """A D-iGPT preset; every keyword that is not None (a main_pretrain.py flag) overrides it. With ``teacher``,
+    load it and take teacher_dim/teacher_grid from it unless they are given explicitly."""
+    given = {k: v for k, v in locals().items() if k not in ("preset", "teacher", "teacher_weights") and v is not None}
+    cfg = {**_PRESETS[preset][0], **given}
     _segment_grid(cfg["img_size"], cfg["patch_size"], cfg["segment_size"])  # cheap check before loading anything
     if teacher_weights is not None and teacher is None:
         raise ValueError("teacher_weights given without teacher")
@@ -364,31 +369,17 @@ def build_digpt(preset: dict, teacher: str | None = None, teacher_weights: str |
     return model
 
 
-@register_pretrain(recipe=RECIPE)
-def digpt_vit_base_patch16(img_size: int | None = None, segment_size: int | None = None, teacher: str | None = None,
-                           teacher_weights: str | None = None, teacher_dim: int | None = None,
-                           teacher_grid: int | None = None, enc_layers: Sequence[int] | None = None,
-                           decoder_depth: int | None = None, decoder_dim: int | None = None,
-                           decoder_heads: int | None = None, drop_path_rate: float | None = None) -> DiGPT:
-    """Official D-iGPT ViT-B/16: 224 px, 2×2 segments of 7×7, taps 6/8/10/12, decoders 2 × 1024-d × 32 heads,
-    teacher OpenCLIP ViT-H/14 (1024-d tokens on a 16×16 grid)."""
-    return build_digpt(BASE, teacher, teacher_weights, img_size=img_size, segment_size=segment_size,
-                       teacher_dim=teacher_dim, teacher_grid=teacher_grid, enc_layers=enc_layers,
-                       decoder_depth=decoder_depth, decoder_dim=decoder_dim, decoder_heads=decoder_heads,
-                       drop_path_rate=drop_path_rate)
-
-
-@register_pretrain(recipe={**RECIPE, "input_size": 32, "batch_size": 64})
-def digpt_vit_tiny(img_size: int | None = None, segment_size: int | None = None, teacher: str | None = None,
-                   teacher_weights: str | None = None, teacher_dim: int | None = None, teacher_grid: int | None = None,
-                   enc_layers: Sequence[int] | None = None, decoder_depth: int | None = None,
-                   decoder_dim: int | None = None, decoder_heads: int | None = None,
-                   drop_path_rate: float | None = None) -> DiGPT:
-    """CPU-sized D-iGPT: 32 px, patch 4, 64-d, depth 4, 2×2 segments of 4×4, taps 2/3/4."""
-    return build_digpt(TINY, teacher, teacher_weights, img_size=img_size, segment_size=segment_size,
-                       teacher_dim=teacher_dim, teacher_grid=teacher_grid, enc_layers=enc_layers,
-                       decoder_depth=decoder_depth, decoder_dim=decoder_dim, decoder_heads=decoder_heads,
-                       drop_path_rate=drop_path_rate)
+_PRESETS = {  # (architecture, recipe, description)
+    "digpt_vit_tiny": (TINY, {**RECIPE, "input_size": 32, "batch_size": 64},
+                       "CPU-sized D-iGPT: 32 px, patch 4, 64-d, depth 4, 2×2 segments of 4×4, taps 2/3/4"),
+    "digpt_vit_small_patch16": (SMALL, RECIPE, "not an official preset: ViT-S/16 at 224 px, taps 6/8/10/12, "
+                                               "decoders 2 × 512-d × 16 heads, the base recipe"),
+    "digpt_vit_base_patch16": (BASE, RECIPE, "official D-iGPT ViT-B/16: 224 px, 2×2 segments of 7×7, taps 6/8/10/12, "
+                                             "decoders 2 × 1024-d × 32 heads, teacher OpenCLIP ViT-H/14 (1024-d "
+                                             "tokens on a 16×16 grid)"),
+}
+for _name, (_arch, _recipe, _description) in _PRESETS.items():
+    register_pretrain(_name, build_digpt, _recipe, _description)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -455,7 +446,7 @@ def _matching_preset(state_dict: dict) -> str | None:
     """The registered D-iGPT preset whose state-dict shapes equal these (heads are assumed the preset's)."""
     shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
     for name, entry in PRETRAIN_MODELS.items():
-        if entry.builder.__module__ != __name__:
+        if entry.builder.func is not build_digpt:
             continue
         with torch.device("meta"):
             model = entry.builder()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 
 def block_ids(grid_size: int, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -58,3 +59,16 @@ def permutation_two_stream_masks(order: torch.Tensor) -> tuple[torch.Tensor, tor
     query = rank[:, None, :] < rank[:, :, None]
     query[:, 0, 0] = True  # the cls query row would otherwise be empty
     return content.unsqueeze(1), query.unsqueeze(1)
+
+
+def to_block_mask(mask: torch.Tensor) -> BlockMask:
+    """The same mask as a FlexAttention ``BlockMask`` (for ``flex_attention``; ``models.vit.Attention`` takes
+    either). ``mask``: boolean [Q, K], or [B, 1, Q, K] / [B, H, Q, K] per sample (and head)."""
+    if mask.dim() == 2:
+        return create_block_mask(lambda b, h, q, k: mask[q, k], None, None, *mask.shape, device=mask.device)
+    if mask.dim() != 4:
+        raise ValueError(f"mask must be [Q, K] or [B, H, Q, K], got shape {tuple(mask.shape)}")
+    if mask.shape[1] == 1:
+        return create_block_mask(lambda b, h, q, k: mask[b, 0, q, k], mask.shape[0], None, *mask.shape[2:],
+                                 device=mask.device)
+    return create_block_mask(lambda b, h, q, k: mask[b, h, q, k], *mask.shape, device=mask.device)

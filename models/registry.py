@@ -1,14 +1,16 @@
 """Registries that connect the method files to the entry scripts.
 
-* Pretraining presets: ``@register_pretrain(recipe=...)`` on a builder function. The builder's keyword
-  arguments are also command-line flags of ``main_pretrain.py`` (added by the method's ``add_args``,
-  default ``None`` = the preset's value); ``build_pretrain_model`` passes every such flag that is set.
+* Pretraining presets: ``register_pretrain(name, builder, recipe)``. Each method has one builder
+  ``builder(preset_name, **flags)``; its keyword arguments are also command-line flags of ``main_pretrain.py``
+  (added by the method's ``add_args``, default ``None`` = the preset's value), and ``build_pretrain_model``
+  passes every such flag that is set.
 * Official-checkpoint converters: ``register_converter(name, detect, convert)``; ``convert`` maps an
   official state dict to this project's pretraining-model state dict and returns the preset it fits.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -18,18 +20,16 @@ import torch.nn as nn
 
 @dataclass
 class PretrainEntry:
-    builder: Callable[..., nn.Module]
+    builder: Callable[..., nn.Module]  # the method's builder with the preset name bound: keyword arguments only
     recipe: dict = field(default_factory=dict)  # defaults of main_pretrain flags for this method
+    description: str = ""
 
 
 PRETRAIN_MODELS: dict[str, PretrainEntry] = {}
 
 
-def register_pretrain(recipe: dict | None = None) -> Callable:
-    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        PRETRAIN_MODELS[fn.__name__] = PretrainEntry(fn, dict(recipe or {}))
-        return fn
-    return wrap
+def register_pretrain(name: str, builder: Callable[..., nn.Module], recipe: dict, description: str = "") -> None:
+    PRETRAIN_MODELS[name] = PretrainEntry(functools.partial(builder, name), dict(recipe), description)
 
 
 def pretrain_entry(name: str) -> PretrainEntry:

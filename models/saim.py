@@ -250,32 +250,32 @@ _ARCH = {
     # blur scaled down with the 4-px patches (9×9, sigma 1 would smear a quarter of every patch)
     "saim_vit_tiny": dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, query_depth=2,
                           gaussian_kernel_size=3, gaussian_sigma=0.5),
+    "saim_vit_small_patch16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, query_depth=12),
     "saim_vit_base_patch16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, query_depth=12),
 }
 
 
-def _build(name: str, overrides: dict) -> SAIM:
-    return SAIM(**{**_DEFAULTS, **_ARCH[name], **{k: v for k, v in overrides.items() if v is not None}})
+def build_saim(preset: str, img_size: int | None = None, query_depth: int | None = None,
+               share_weight: bool | None = None, prediction_head: str | None = None,
+               gaussian_kernel_size: int | None = None, gaussian_sigma: float | None = None,
+               norm_pix_loss: bool | None = None, loss_type: str | None = None, drop_path_rate: float | None = None,
+               fuse_streams: bool | None = None) -> SAIM:
+    """A SAIM preset; every keyword that is not None (a main_pretrain.py flag) overrides it."""
+    overrides = {k: v for k, v in locals().items() if k != "preset" and v is not None}
+    return SAIM(**{**_DEFAULTS, **_ARCH[preset], **overrides})
 
 
-@register_pretrain(recipe=dict(_RECIPE, input_size=32, batch_size=64, epochs=50, warmup_epochs=5))
-def saim_vit_tiny(img_size: int | None = None, query_depth: int | None = None, share_weight: bool | None = None,
-                  prediction_head: str | None = None, gaussian_kernel_size: int | None = None,
-                  gaussian_sigma: float | None = None, norm_pix_loss: bool | None = None, loss_type: str | None = None,
-                  drop_path_rate: float | None = None, fuse_streams: bool | None = None) -> SAIM:
-    """CPU-sized SAIM: 32 px, patch 4, width 64, 2 content + 2 query blocks, 3×3 blur (sigma 0.5)."""
-    return _build("saim_vit_tiny", locals())
-
-
-@register_pretrain(recipe=dict(_RECIPE, input_size=224, batch_size=64, epochs=800, warmup_epochs=30))
-def saim_vit_base_patch16(img_size: int | None = None, query_depth: int | None = None,
-                          share_weight: bool | None = None, prediction_head: str | None = None,
-                          gaussian_kernel_size: int | None = None, gaussian_sigma: float | None = None,
-                          norm_pix_loss: bool | None = None, loss_type: str | None = None,
-                          drop_path_rate: float | None = None, fuse_streams: bool | None = None) -> SAIM:
-    """The official saim_base with the README flags: ViT-B/16 at 224 px, 12 query blocks, MLP head, 9×9 blur
-    (sigma 1), norm_pix_loss, L2. 175,424,256 trainable parameters. The official code has no larger preset."""
-    return _build("saim_vit_base_patch16", locals())
+_PRESETS = {  # (recipe, description)
+    "saim_vit_tiny": (dict(input_size=32, batch_size=64, epochs=50, warmup_epochs=5),
+                      "CPU-sized SAIM: 32 px, patch 4, width 64, 2 content + 2 query blocks, 3×3 blur (sigma 0.5)"),
+    "saim_vit_small_patch16": (dict(input_size=224, batch_size=64, epochs=800, warmup_epochs=30),
+                               "not an official preset: ViT-S/16 at 224 px, 12 query blocks, the base recipe"),
+    "saim_vit_base_patch16": (dict(input_size=224, batch_size=64, epochs=800, warmup_epochs=30),
+                              "the official saim_base with the README flags: ViT-B/16 at 224 px, 12 query blocks, "
+                              "MLP head, 9×9 blur (sigma 1), norm_pix_loss, L2; 175,424,256 trainable parameters"),
+}
+for _name, (_recipe, _description) in _PRESETS.items():
+    register_pretrain(_name, build_saim, dict(_RECIPE, **_recipe), _description)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:

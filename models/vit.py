@@ -6,8 +6,10 @@ encoder saved here loads into ``timm.create_model('vit_*', ...)`` with identical
 
 Every block takes an optional boolean attention mask per forward (``True`` = may attend, the
 ``scaled_dot_product_attention`` convention), so the block-causal, permutation and query-stream masks of
-the method files all run through the same blocks. A block can also attend to a separate ``context``
-sequence (cross-attention with the block's own k/v projections), which SAIM's query stream needs.
+the method files all run through the same blocks. A FlexAttention ``BlockMask`` (``models.masks.to_block_mask``)
+is accepted in its place and runs through ``flex_attention``; ``benchmarks/throughput.py`` compares the two.
+A block can also attend to a separate ``context`` sequence (cross-attention with the block's own k/v
+projections), which SAIM's query stream needs.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int, num_prefix_tokens: int = 0) -> torch.Tensor:
@@ -54,7 +57,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | BlockMask | None = None,
                 context: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         if context is None:
@@ -65,7 +68,10 @@ class Attention(nn.Module):
             q = F.linear(x, w_q, b_q).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
             M = context.shape[1]
             k, v = F.linear(context, w_kv, b_kv).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if isinstance(mask, BlockMask):
+            x = flex_attention(q, k, v, block_mask=mask)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 

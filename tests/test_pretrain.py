@@ -77,3 +77,14 @@ def test_tensorboard_scalars_per_step(pretrained):
     assert {"train_loss", "lr", "grad_norm"} <= set(events.Tags()["scalars"])
     steps = [e.step for e in events.Scalars("train_loss")]
     assert len(steps) == 3 * 22 and steps[0] == 0 and steps[-1] < 3000  # epoch_1000x axis, 22 steps per epoch
+
+
+def test_compiled_training_matches_eager(pretrained, tmp_path):
+    """--compile (torch.compile of the model) trains the same: per-epoch losses as the eager run, and the same
+    checkpoint keys (no compile prefix)."""
+    run_script("main_pretrain.py", *PT, "--epochs", "3", "--compile", "--output_dir", tmp_path, timeout=600)
+    eager, compiled = read_log(pretrained), read_log(tmp_path)
+    for a, b in zip(eager, compiled, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
+    keys = set(torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["model"])
+    assert keys == set(torch.load(pretrained / "checkpoint-last.pth", weights_only=True)["model"])

@@ -442,7 +442,7 @@ def test_recipe_weight_decay_groups_and_init_follow_the_official_code():
     recipe = pretrain_entry("saim_vit_base_patch16").recipe
     assert {k: recipe[k] for k in ("blr", "weight_decay", "betas", "warmup_epochs", "crop_scale")} == \
         dict(blr=2e-4, weight_decay=0.5, betas=(0.9, 0.95), warmup_epochs=30, crop_scale=(0.2, 1.0))
-    assert pretrain_entry("saim_vit_base_patch16").builder.__name__ == "saim_vit_base_patch16"
+    assert pretrain_entry("saim_vit_base_patch16").builder.args == ("saim_vit_base_patch16",)
     model = toy()
     assert not hasattr(model, "no_weight_decay")  # main_pretrain then decays the cls token too, as official
     groups = param_groups_weight_decay(model, 0.5)

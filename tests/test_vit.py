@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 
-from models.masks import block_causal_mask
+from models.masks import block_causal_mask, permutation_two_stream_masks, segment_causal_mask, to_block_mask
 from models.vit import Block, VisionTransformer, create_vit, sincos_pos_embed_2d
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -60,6 +60,25 @@ def test_cross_attention_context_uses_fused_kv_rows():
     y = x + blk.attn.proj(att.transpose(1, 2).reshape(1, 3, 16))
     y = y + blk.mlp(blk.norm2(y))
     torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # eager flex_attention warns that it is unfused
+def test_flex_block_masks_match_the_boolean_masks():
+    """Each method's mask as a FlexAttention BlockMask gives the SDPA result (forward: no flex backward on CPU)."""
+    torch.manual_seed(0)
+    blk = Block(32, 4).eval()
+    saim_content, saim_query = permutation_two_stream_masks(torch.stack([torch.randperm(16) for _ in range(2)]))
+    cases = [(block_causal_mask(4, 2), None), (segment_causal_mask(4, 4), None), (saim_content, None),
+             (saim_query, torch.randn(2, 17, 32))]  # the query stream attends to the content stream
+    for mask, context in cases:
+        x = torch.randn(2, mask.shape[-2], 32)
+        with torch.no_grad():
+            expected = blk(x, mask=mask, context=context)
+            torch.testing.assert_close(blk(x, mask=to_block_mask(mask), context=context), expected,
+                                       rtol=1e-5, atol=1e-6)
+            assert not torch.allclose(blk(x, context=context), expected)  # the mask matters
+    with pytest.raises(ValueError, match="Q, K"):
+        to_block_mask(torch.ones(2, 4, 4, dtype=torch.bool))
 
 
 def test_intermediate_layers_are_pre_norm_block_outputs():

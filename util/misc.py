@@ -330,6 +330,12 @@ def run_cli(main, parser: argparse.ArgumentParser) -> None:
         raise SystemExit(2) from None
 
 
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the fused implementation: one kernel over all parameters instead of a loop per tensor (on CPU
+    6.7× faster for a 94M-parameter model, 0.07 vs 0.47 s per step; ``benchmarks/throughput.py``)."""
+    return torch.optim.AdamW(params, fused=True, **kwargs)
+
+
 def wrap_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
     """DDP when distributed (gradients of trainable parameters only), then torch.compile with --compile."""
     if args.distributed:
