@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> None:
     write_args(args)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"model {args.model}: {n_params / 1e6:.2f}M trainable parameters "
-           f"(encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M)")
+           f"(encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M); {entry.description}")
 
     effective_lr(args)
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()

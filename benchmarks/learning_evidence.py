@@ -78,8 +78,8 @@ def scala_evidence(args: argparse.Namespace, work: Path) -> None:
     alone = [scala_run(args, work / f"scala_alone_{r['ratio']:g}", r["ratio"], r["ratio"], args.scala_epochs)[0]
              for r in slim]
     print(f"\nScala on digits, CPU, scala_vit_tiny at 32 px, {args.scala_epochs} epochs (lr {args.scala_lr}, "
-          f"warmup 3, Scala's first 3 epochs full width only), teacher {Path(args.teacher).parent.name}; top-1 (%) "
-          f"of the last epoch's model on 359 val images\n")
+          f"warmup 3, Scala's first 3 epochs full width only), teacher {args.teacher}; top-1 (%) of the last "
+          f"epoch's model on 359 val images\n")
     print("| ratio | width | params | Scala top-1 | trained alone | Δ |")
     print("|---|---|---|---|---|---|")
     for s, a in zip(slim, alone):

@@ -26,7 +26,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, trunc_normal_
 
 from models.masks import block_ids, segment_causal_mask
-from models.registry import PRETRAIN_MODELS, register_converter, register_pretrain
+from models.registry import PRETRAIN_MODELS, TINY_CPU_BUDGET, register_converter, register_pretrain
 from models.teacher import FrozenTeacher, load_teacher, teacher_tokens
 from models.vit import Attention, VisionTransformer, sincos_pos_embed_2d
 
@@ -370,7 +370,7 @@ def build_digpt(preset: str, img_size: int | None = None, segment_size: int | No
 
 
 _PRESETS = {  # (architecture, recipe, description)
-    "digpt_vit_tiny": (TINY, {**RECIPE, "input_size": 32, "batch_size": 64},
+    "digpt_vit_tiny": (TINY, {**RECIPE, **TINY_CPU_BUDGET},
                        "CPU-sized D-iGPT: 32 px, patch 4, 64-d, depth 4, 2×2 segments of 4×4, taps 2/3/4"),
     "digpt_vit_small_patch16": (SMALL, RECIPE, "not an official preset: ViT-S/16 at 224 px, taps 6/8/10/12, "
                                                "decoders 2 × 512-d × 16 heads, the base recipe"),

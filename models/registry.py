@@ -27,6 +27,11 @@ class PretrainEntry:
 
 PRETRAIN_MODELS: dict[str, PretrainEntry] = {}
 
+# The tiny presets' recipe override: one CPU budget for every method on the digits (benchmarks/learning_evidence.py:
+# the methods' own blr rule gives 20× smaller lrs than XTRA's absolute 1e-3 at batch 64, and their 30-40 warmup
+# epochs would cover a whole CPU run).
+TINY_CPU_BUDGET = dict(input_size=32, batch_size=64, epochs=30, warmup_epochs=3, lr=1e-3)
+
 
 def register_pretrain(name: str, builder: Callable[..., nn.Module], recipe: dict, description: str = "") -> None:
     PRETRAIN_MODELS[name] = PretrainEntry(functools.partial(builder, name), dict(recipe), description)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 from models.masks import permutation_two_stream_masks
-from models.registry import register_converter, register_pretrain
+from models.registry import TINY_CPU_BUDGET, register_converter, register_pretrain
 from models.vit import Block, VisionTransformer
 from util.args import str2bool
 
@@ -266,7 +266,7 @@ def build_saim(preset: str, img_size: int | None = None, query_depth: int | None
 
 
 _PRESETS = {  # (recipe, description)
-    "saim_vit_tiny": (dict(input_size=32, batch_size=64, epochs=50, warmup_epochs=5),
+    "saim_vit_tiny": (TINY_CPU_BUDGET,
                       "CPU-sized SAIM: 32 px, patch 4, width 64, 2 content + 2 query blocks, 3×3 blur (sigma 0.5)"),
     "saim_vit_small_patch16": (dict(input_size=224, batch_size=64, epochs=800, warmup_epochs=30),
                                "not an official preset: ViT-S/16 at 224 px, 12 query blocks, the base recipe"),

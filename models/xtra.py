@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
 from models.masks import block_causal_mask
-from models.registry import register_converter, register_pretrain
+from models.registry import TINY_CPU_BUDGET, register_converter, register_pretrain
 from models.vit import Block, VisionTransformer, _init_linear_and_norm
 from util.args import str2bool
 
@@ -300,7 +300,7 @@ def build_xtra(preset: str, img_size: int | None = None, block_size: int | None 
 # 72 GPUs = 2088 (the shipped yaml says 1600 / 40 / 0.2 on 96 GPUs). The lr is absolute: set --lr for another
 # global batch. IN-21k H/14 run: 100 epochs, warmup 3, drop-path 0.2, 29 × 72 GPUs.
 _PRESETS = {
-    "xtra_vit_tiny": (dict(input_size=32, epochs=50, warmup_epochs=5, batch_size=64, drop_path=0.0),
+    "xtra_vit_tiny": (dict(TINY_CPU_BUDGET, drop_path=0.0),
                       "CPU-sized XTRA (32 px, patch 4, 4×4 blocks of 2×2 patches): pretrains on the digits in seconds"),
     "xtra_vit_small_patch16": (dict(input_size=256, epochs=800, warmup_epochs=15, batch_size=29, drop_path=0.1),
                                "not an official preset: ViT-S/16 at 256 px with the B/16 recipe, predictor 8×384"),

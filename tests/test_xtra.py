@@ -275,6 +275,29 @@ def test_pseudo_random_choice_uses_its_own_generator():
     assert "token_perms" not in a.state_dict()  # rebuilt from perm_seed; official checkpoints load strictly
 
 
+def test_resume_continues_the_order_sequence(tmp_path):
+    """The order choice's generator is saved with the checkpoint, so a resumed run draws the orders that an
+    uninterrupted run would have drawn next."""
+    from util.checkpoint import resume, save_checkpoint
+
+    args = argparse.Namespace(output_dir=str(tmp_path), model="xtra", save_freq=100, epochs=10, keep_last=0,
+                              resume="", auto_resume=True, start_epoch=0)
+    model = small(pseudo_random=True, perm_seed=3).train()
+    imgs = torch.randn(1, 3, 32, 32)
+
+    def orders(net, n=8):
+        with torch.no_grad():
+            return [net(imgs)[1]["block_order"][0].item() for _ in range(n)]
+
+    orders(model)  # part of an epoch
+    save_checkpoint(args, 0, model, None)
+    expected = orders(model)
+    fresh = small(pseudo_random=True, perm_seed=3).train()
+    assert orders(small(pseudo_random=True, perm_seed=3).train()) != expected  # a restart would repeat the start
+    resume(args, fresh)
+    assert orders(fresh) == expected and args.start_epoch == 1
+
+
 def test_visualize_places_predictions_in_their_blocks():
     model = small(pseudo_random=True).eval()
     imgs = torch.randn(2, 3, 32, 32)

@@ -4,7 +4,8 @@ Every checkpoint this project writes holds: ``model`` (state dict), ``vit_config
 ViT encoder/classifier), ``vit_prefix`` (where the ViT's keys sit inside ``model``: ``'encoder.'`` for
 pretraining models, ``''`` for classifiers), ``encoder_mask`` (the attention mask used in pretraining, for
 probing), ``model_name``, ``epoch``, ``args`` (plain dict), and for training state ``optimizer``, ``scaler``,
-``rng`` (one entry per rank) and ``extra`` (e.g. best accuracy, EMA weights).
+``rng`` (one entry per rank), ``generators`` (states of the model's own generators) and ``extra`` (e.g. best
+accuracy, EMA weights).
 """
 from __future__ import annotations
 
@@ -130,6 +131,13 @@ def _gather_rng_states() -> list[dict]:
     return states
 
 
+def module_generators(model: nn.Module) -> dict[str, torch.Generator]:
+    """The model's own ``torch.Generator`` attributes (e.g. XTRA's order choice), by module path. Their states
+    go into checkpoints next to the global RNG states, so that a resumed run continues their sequences."""
+    return {f"{path}.{attr}" if path else attr: value for path, module in model.named_modules()
+            for attr, value in vars(module).items() if isinstance(value, torch.Generator)}
+
+
 def save_checkpoint(args: argparse.Namespace, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                     optim_step=None, vit: VisionTransformer | None = None, vit_prefix: str = "",
                     extra: dict | None = None, name: str = "checkpoint-last.pth") -> None:
@@ -145,7 +153,8 @@ def save_checkpoint(args: argparse.Namespace, epoch: int, model: nn.Module, opti
         "args": plain_args(args),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scaler": optim_step.state_dict() if optim_step is not None else {},
-        "rng": rng, "extra": extra or {},
+        "rng": rng, "generators": {k: g.get_state() for k, g in module_generators(model).items()},
+        "extra": extra or {},
     }
     save_atomic(state, os.path.join(args.output_dir, name))
     if name == "checkpoint-last.pth" and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
@@ -173,7 +182,8 @@ def resume_path(args: argparse.Namespace) -> str:
 def resume(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
            optim_step=None) -> dict:
     """Continue from --resume or output_dir/checkpoint-last.pth: model (strict), optimizer, scaler,
-    start epoch and this rank's RNG state. Returns the checkpoint's ``extra`` dict ({} if nothing loaded)."""
+    start epoch, the model's own generators and this rank's RNG state. Returns the checkpoint's ``extra`` dict
+    ({} if nothing loaded)."""
     path = resume_path(args)
     if not path:
         return {}
@@ -184,6 +194,9 @@ def resume(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Op
         if optim_step is not None:
             optim_step.load_state_dict(ckpt.get("scaler") or {})
     args.start_epoch = ckpt["epoch"] + 1
+    for name, generator in module_generators(model).items():
+        if name in ckpt.get("generators", {}):
+            generator.set_state(ckpt["generators"][name])
     rng = ckpt.get("rng") or []
     if len(rng) == get_world_size():
         set_rng_state(rng[get_rank()])
