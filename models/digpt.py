@@ -26,7 +26,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, trunc_normal_
 
 from models.masks import block_ids, segment_causal_mask
-from models.registry import PRETRAIN_MODELS, TINY_CPU_BUDGET, register_converter, register_pretrain
+from models.registry import TINY_CPU_BUDGET, matching_preset, register_converter, register_pretrain
 from models.teacher import FrozenTeacher, load_teacher, teacher_tokens
 from models.vit import Attention, VisionTransformer, sincos_pos_embed_2d
 
@@ -439,20 +439,7 @@ def _official_convert(sd: dict) -> tuple[dict, str | None]:
                 out[f"{ours}_blocks.{j}.attn2.qkv.{p}"] = torch.cat([v, sd[f"{prefix}{j}.attn2.kv.{p}"]], dim=0)
             elif not name.startswith("attn2.kv."):
                 out[f"{ours}_blocks.{j}.{name}"] = v
-    return out, _matching_preset(out)
-
-
-def _matching_preset(state_dict: dict) -> str | None:
-    """The registered D-iGPT preset whose state-dict shapes equal these (heads are assumed the preset's)."""
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    for name, entry in PRETRAIN_MODELS.items():
-        if entry.builder.func is not build_digpt:
-            continue
-        with torch.device("meta"):
-            model = entry.builder()
-        if {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes:
-            return name
-    return None
+    return out, matching_preset(build_digpt, out)
 
 
 register_converter("digpt", _official_detect, _official_convert)

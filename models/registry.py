@@ -15,6 +15,7 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 
@@ -49,6 +50,20 @@ def build_pretrain_model(name: str, args: argparse.Namespace | dict) -> nn.Modul
     values = vars(args) if isinstance(args, argparse.Namespace) else args
     params = inspect.signature(builder).parameters
     return builder(**{k: v for k, v in values.items() if k in params and v is not None})
+
+
+def matching_preset(builder: Callable[..., nn.Module], state_dict: dict, prefix: str = "") -> str | None:
+    """The preset registered with ``builder`` whose tensors under ``prefix`` have exactly the names and shapes of
+    ``state_dict``'s tensors under ``prefix`` (each preset built on the meta device), else None. Attention head
+    counts do not show in shapes: the preset's are assumed."""
+    wanted = {k: tuple(v.shape) for k, v in state_dict.items() if k.startswith(prefix)}
+    for name, entry in PRETRAIN_MODELS.items():
+        if entry.builder.func is builder:
+            with torch.device("meta"):
+                model = entry.builder()
+            if {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)} == wanted:
+                return name
+    return None
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 
 from models.masks import permutation_two_stream_masks
-from models.registry import TINY_CPU_BUDGET, register_converter, register_pretrain
+from models.registry import TINY_CPU_BUDGET, matching_preset, register_converter, register_pretrain
 from models.vit import Block, VisionTransformer
 from util.args import str2bool
 
@@ -334,19 +334,7 @@ def convert_official(sd: dict) -> tuple[dict, str | None]:
         if key == "gaussian_blur.weight":
             continue
         out[key if key.startswith(("query_blocks.", "prediction_head.")) else "encoder." + key] = value
-    return out, _matching_preset(out)
-
-
-def _matching_preset(sd: dict) -> str | None:
-    """The SAIM preset whose encoder has the converted encoder's width, patch, grid and depth (shapes cannot tell
-    the head count; the preset's is assumed). Anything else that differs fails the strict load later."""
-    depth = len({k.split(".")[2] for k in sd if k.startswith("encoder.blocks.")})
-    found = (sd["encoder.cls_token"].shape[-1], sd["encoder.patch_embed.proj.weight"].shape[-1],
-             sd["encoder.pos_embed"].shape[1] - 1, depth)
-    for name, a in _ARCH.items():
-        if (a["embed_dim"], a["patch_size"], (a["img_size"] // a["patch_size"]) ** 2, a["depth"]) == found:
-            return name
-    return None
+    return out, matching_preset(build_saim, out, "encoder.")  # the ENCODER decides; other parts load strictly later
 
 
 register_converter("saim", detect_official, convert_official)

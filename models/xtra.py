@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed, trunc_normal_
 
 from models.masks import block_causal_mask
-from models.registry import TINY_CPU_BUDGET, register_converter, register_pretrain
+from models.registry import TINY_CPU_BUDGET, matching_preset, register_converter, register_pretrain
 from models.vit import Block, VisionTransformer, _init_linear_and_norm
 from util.args import str2bool
 
@@ -348,32 +348,8 @@ def convert_official(sd: dict) -> tuple[dict, str | None]:
     predictor / aim_proj) give the encoder alone; keys of the official probe heads are dropped."""
     out = {"encoder." + k[4:]: v for k, v in sd.items() if k.startswith("enc.")}
     out.update({k: v for k, v in sd.items() if k.startswith(_OFFICIAL_PARTS)})
-    return out, _matching_preset(out)
-
-
-def _count(sd: dict, prefix: str) -> int:
-    return sum(1 for k in sd if k.startswith(prefix) and k.endswith(".norm1.weight"))
-
-
-def _matching_preset(sd: dict) -> str | None:
-    """The XTRA preset whose sizes the converted state dict has (the encoder's alone for encoder-only
-    checkpoints), read from tensor shapes without building a model. Attention head counts do not show in the
-    shapes; the preset's are assumed (the released B/16 and H/14 use the preset values)."""
-    n, dim = sd["encoder.pos_embed"].shape[1:]
-    patch = sd["encoder.patch_embed.proj.weight"].shape[-1]
-    found = dict(img_size=int(round(n ** 0.5)) * patch, patch_size=patch, embed_dim=dim,
-                 depth=_count(sd, "encoder.blocks."))
-    if "proj.mlp.0.weight" in sd and "aim_proj.0.mlp.0.weight" in sd:
-        width, head = sd["proj.mlp.2.weight"].shape[0], sd["aim_proj.0.mlp.0.weight"]
-        found.update(proj_hidden=sd["proj.mlp.0.weight"].shape[0], predictor_width=width,
-                     predictor_depth=_count(sd, "predictor.blocks."), head_hidden=head.shape[0],
-                     block_size=int(round((head.shape[1] / width) ** 0.5)),
-                     num_pred_heads=sum(1 for k in sd if k.startswith("aim_proj.") and k.endswith(".mlp.0.weight")))
-    defaults = {"num_pred_heads": 1}
-    for name, arch in _ARCH.items():
-        if all(arch.get(k, defaults.get(k)) == v for k, v in found.items()):
-            return name
-    return None
+    encoder_only = not any(k.startswith(_OFFICIAL_PARTS) for k in out)
+    return out, matching_preset(build_xtra, out, "encoder." if encoder_only else "")
 
 
 register_converter("xtra", detect_official, convert_official)
