@@ -331,8 +331,8 @@ def run_cli(main, parser: argparse.ArgumentParser) -> None:
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:
-    """AdamW with the fused implementation: one kernel over all parameters instead of a loop per tensor (on CPU
-    6.7× faster for a 94M-parameter model, 0.07 vs 0.47 s per step; ``benchmarks/throughput.py``)."""
+    """AdamW with the fused implementation: one kernel over all parameters instead of a loop per tensor (measured
+    on the 2-core CPU for the 94M-parameter xtra_vit_small_patch16: 0.07 vs 0.47 s per step)."""
     return torch.optim.AdamW(params, fused=True, **kwargs)
 
 
