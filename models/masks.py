@@ -68,7 +68,7 @@ def to_block_mask(mask: torch.Tensor) -> BlockMask:
         return create_block_mask(lambda b, h, q, k: mask[q, k], None, None, *mask.shape, device=mask.device)
     if mask.dim() != 4:
         raise ValueError(f"mask must be [Q, K] or [B, H, Q, K], got shape {tuple(mask.shape)}")
-    if mask.shape[1] == 1:
+    if mask.shape[1] == 1:  # index 0, not h: flex_attention calls the mask function with the real head index
         return create_block_mask(lambda b, h, q, k: mask[b, 0, q, k], mask.shape[0], None, *mask.shape[2:],
                                  device=mask.device)
     return create_block_mask(lambda b, h, q, k: mask[b, h, q, k], *mask.shape, device=mask.device)
