@@ -221,7 +221,8 @@ def main(args: argparse.Namespace) -> None:
     if args.model not in SCALA_PRESETS:
         raise ValueError(f"unknown Scala model {args.model!r}; known: {', '.join(SCALA_PRESETS)}")
     path = resume_path(args)
-    ckpt_args = (load_checkpoint(path).get("args") or {}) if path else {}  # also: bad path -> error before work
+    resume_ckpt = load_checkpoint(path) if path else None  # also: bad path -> error before work
+    ckpt_args = (resume_ckpt.get("args") or {}) if resume_ckpt else {}
     fill_defaults(args, {k: ckpt_args.get(k, v) for k, v in WIDTH_DEFAULTS.items()})
     ratio_grid(args.smallest_ratio, args.largest_ratio, args.granularity)  # invalid grid -> ValueError now
     init_ckpt = load_checkpoint(args.init_from) if args.init_from else None
@@ -260,7 +261,7 @@ def main(args: argparse.Namespace) -> None:
     optimizer = adamw(param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay()),
                       lr=args.lr)
     optim_step = OptimizerStep(optimizer, args.amp, args.accum_iter, args.clip_grad, args.device)
-    extra = resume(args, model, None if args.eval else optimizer, optim_step)
+    extra = resume(args, model, None if args.eval else optimizer, optim_step, resume_ckpt)
 
     if args.eval:
         evaluate_ratios(model, eval_ratios, val_loader, device, args)

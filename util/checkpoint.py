@@ -180,14 +180,14 @@ def resume_path(args: argparse.Namespace) -> str:
 
 
 def resume(args: argparse.Namespace, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-           optim_step=None) -> dict:
-    """Continue from --resume or output_dir/checkpoint-last.pth: model (strict), optimizer, scaler,
-    start epoch, the model's own generators and this rank's RNG state. Returns the checkpoint's ``extra`` dict
-    ({} if nothing loaded)."""
+           optim_step=None, ckpt: dict | None = None) -> dict:
+    """Continue from --resume or output_dir/checkpoint-last.pth (``ckpt``: that file, if the caller has already
+    loaded it): model (strict), optimizer, scaler, start epoch, the model's own generators and this rank's RNG
+    state. Returns the checkpoint's ``extra`` dict ({} if nothing loaded)."""
     path = resume_path(args)
     if not path:
         return {}
-    ckpt = load_checkpoint(path)
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path)
     model.load_state_dict(ckpt["model"], strict=True)
     if optimizer is not None and ckpt.get("optimizer"):
         optimizer.load_state_dict(ckpt["optimizer"])
