@@ -334,21 +334,15 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = 
     missing = [k for k in need if k not in sd]
     if missing:
         raise ValueError(f"not a DeiT/Scala state dict: missing {missing}")
-    D = sd["cls_token"].shape[-1]
+    from util.checkpoint import vit_shapes  # here: util.checkpoint imports the models package
+
+    shapes = vit_shapes(sd)
+    D = shapes["embed_dim"]
     if num_heads is None:
         if D % 64:
             raise ValueError(f"cannot infer the number of heads for embed dim {D}; pass num_heads")
         num_heads = D // 64
-    distilled = "dist_token" in sd
-    patch, in_chans = sd["patch_embed.proj.weight"].shape[-1], sd["patch_embed.proj.weight"].shape[1]
-    n_patch = sd["pos_embed"].shape[1] - (2 if distilled else 1)
-    side = math.isqrt(n_patch)
-    if side * side != n_patch:
-        raise ValueError(f"pos_embed holds {n_patch} patch positions, not a square grid")
-    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    return dict(img_size=side * patch, patch_size=patch, in_chans=in_chans, num_classes=sd["head.weight"].shape[0],
-                embed_dim=D, depth=depth, num_heads=num_heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D,
-                qkv_bias="blocks.0.attn.qkv.bias" in sd, distilled=distilled)
+    return dict(shapes, num_classes=sd["head.weight"].shape[0], num_heads=num_heads, distilled="dist_token" in sd)
 
 
 def _detect_official(sd: dict) -> bool:

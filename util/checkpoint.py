@@ -65,24 +65,33 @@ def _raw_state_dict(ckpt: dict) -> dict:
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16}
 
 
+def vit_shapes(sd: dict) -> dict:
+    """What the tensor shapes of a timm-layout ViT state dict (fused ``attn.qkv``; cls and dist tokens optional)
+    tell about its architecture: img_size, patch_size, in_chans, embed_dim, depth, mlp_ratio, qkv_bias."""
+    dim, in_chans, _, patch = sd["patch_embed.proj.weight"].shape
+    n_patch = sd["pos_embed"].shape[1] - int("cls_token" in sd) - int("dist_token" in sd)
+    side = math.isqrt(n_patch)
+    if side * side != n_patch:
+        raise ValueError(f"pos_embed holds {n_patch} patch positions, not a square grid")
+    return {"img_size": side * patch, "patch_size": patch, "in_chans": in_chans, "embed_dim": dim,
+            "depth": 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+            "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, "qkv_bias": "blocks.0.attn.qkv.bias" in sd}
+
+
 def infer_vit_config(sd: dict) -> dict | None:
     """Architecture of a timm/MAE/DeiT-layout ViT state dict (fused ``attn.qkv``), or None if it is not one
     (distilled layouts with a dist token are not plain ViTs: Scala rebuilds those itself)."""
     needed = ("patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "pos_embed")
     if "dist_token" in sd or any(k not in sd for k in needed):
         return None
-    dim, _, patch, _ = sd["patch_embed.proj.weight"].shape
-    if dim not in HEADS_BY_WIDTH:
-        raise ValueError(f"cannot tell the head count of a {dim}-wide ViT from its weights")
-    prefix = int("cls_token" in sd)
-    grid = math.isqrt(sd["pos_embed"].shape[1] - prefix)
+    shapes = vit_shapes(sd)
+    if shapes["embed_dim"] not in HEADS_BY_WIDTH:
+        raise ValueError(f"cannot tell the head count of a {shapes['embed_dim']}-wide ViT from its weights")
+    has_cls = "cls_token" in sd
     head = sd.get("head.weight")
-    return {"img_size": grid * patch, "patch_size": patch, "embed_dim": dim,
-            "depth": len({k.split(".")[1] for k in sd if k.startswith("blocks.")}), "num_heads": HEADS_BY_WIDTH[dim],
-            "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
-            "class_token": bool(prefix), "pos_embed": "learn", "norm_eps": 1e-6,
-            "num_classes": head.shape[0] if head is not None and head.ndim == 2 else 0,
-            "global_pool": "avg" if "fc_norm.weight" in sd or not prefix else "token",
+    return {**shapes, "num_heads": HEADS_BY_WIDTH[shapes["embed_dim"]], "class_token": has_cls, "pos_embed": "learn",
+            "norm_eps": 1e-6, "num_classes": head.shape[0] if head is not None and head.ndim == 2 else 0,
+            "global_pool": "avg" if "fc_norm.weight" in sd or not has_cls else "token",
             "fc_norm": "fc_norm.weight" in sd}
 
 
