@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 
@@ -70,6 +70,26 @@ class SyntheticDataset(Dataset):
         return torch.randn(3, self.input_size, self.input_size, generator=g), i % len(self.classes)
 
 
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize op, also for 0 bits kept: the black image Pillow < 13 returned (Pillow 13 raises).
+
+    timm's increasing posterize keeps ``4 - int(4 * m / 10)`` bits, so a noisy magnitude clipped at 10 (e.g. the
+    MAE/DeiT recipe ``rand-m9-mstd0.5-inc1``) asks for 0 bits; the plain posterize does so below m = 2.5."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # every bit masked: 0 in each channel
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def with_safe_posterize(transform):
+    """Point every posterize op of the timm auto-augment stages in ``transform`` at :func:`posterize_any_bits`."""
+    for stage in getattr(transform, "transforms", [transform]):
+        ops = list(getattr(stage, "ops", [])) + [op for sub in getattr(stage, "policy", []) for op in sub]
+        for op in ops:
+            if op.aug_fn is auto_augment.posterize:
+                op.aug_fn = posterize_any_bits
+    return transform
+
+
 def build_transform(args: argparse.Namespace, is_train: bool, kind: str):
     """Transforms through timm's create_transform.
 
@@ -85,11 +105,10 @@ def build_transform(args: argparse.Namespace, is_train: bool, kind: str):
         return create_transform(args.input_size, is_training=False, interpolation="bicubic",
                                 crop_pct=args.crop_pct, mean=mean, std=std)
     if kind == "finetune":
-        return create_transform(args.input_size, is_training=True, scale=scale, ratio=ratio,
-                                color_jitter=args.color_jitter,
-                                auto_augment=args.aa if args.aa not in (None, "", "none") else None,
-                                interpolation="bicubic", re_prob=args.reprob, re_mode=args.remode,
-                                re_count=args.recount, mean=mean, std=std)
+        return with_safe_posterize(create_transform(
+            args.input_size, is_training=True, scale=scale, ratio=ratio, color_jitter=args.color_jitter,
+            auto_augment=args.aa if args.aa not in (None, "", "none") else None, interpolation="bicubic",
+            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=mean, std=std))
     return create_transform(args.input_size, is_training=True, scale=scale, ratio=ratio, color_jitter=None,
                             interpolation="bicubic", mean=mean, std=std)
 
