@@ -1,12 +1,11 @@
 """Supervised epoch and exact evaluation, shared by fine-tuning and probing."""
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 from util.misc import (
+    Loop,
     OptimizerStep,
     all_reduce_sum,
     autocast_context,
@@ -18,16 +17,15 @@ from util.misc import (
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, optim_step: OptimizerStep,
-                    device: torch.device, epoch: int, args: argparse.Namespace, mixup_fn=None, model_ema=None,
-                    log_writer=None) -> dict[str, float]:
+                    epoch: int, loop: Loop, mixup_fn=None, model_ema=None, log_writer=None) -> dict[str, float]:
     model.train()
-    logger, batches = epoch_batches(loader, optim_step.optimizer, device, epoch, args)
+    logger, batches = epoch_batches(loader, optim_step.optimizer, epoch, loop)
     params = [p for p in model.parameters() if p.requires_grad]
     for step, epoch_f, images, targets in batches:
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
-        with optim_step.sync_context(model, step):
-            with autocast_context(device, args.amp):
+        with optim_step.sync_context(model, optim_step.is_update_step(step)):
+            with autocast_context(loop.device, loop.amp):
                 loss = criterion(model(images), targets)
             check_finite(loss, epoch, step)
             grad_norm = optim_step(loss, params, step)

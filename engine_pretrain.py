@@ -1,27 +1,28 @@
-"""One pretraining epoch, shared by every autoregressive method (the model returns its own loss)."""
+"""One pretraining epoch, shared by every pretraining method: the model returns its loss and named metrics
+(models.registry.PretrainingModel), all of which are logged."""
 from __future__ import annotations
-
-import argparse
 
 import torch
 
-from util.misc import OptimizerStep, autocast_context, check_finite, epoch_batches, log_step, print0
+from util.misc import Loop, OptimizerStep, autocast_context, check_finite, epoch_batches, log_step, print0
 
 
-def train_one_epoch(model: torch.nn.Module, loader, optim_step: OptimizerStep, device: torch.device, epoch: int,
-                    args: argparse.Namespace, log_writer=None) -> dict[str, float]:
+def train_one_epoch(model: torch.nn.Module, loader, optim_step: OptimizerStep, epoch: int, loop: Loop,
+                    log_writer=None) -> dict[str, float]:
     model.train()
-    logger, batches = epoch_batches(loader, optim_step.optimizer, device, epoch, args)
+    logger, batches = epoch_batches(loader, optim_step.optimizer, epoch, loop)
     for step, epoch_f, images, _ in batches:
-        with optim_step.sync_context(model, step):
-            with autocast_context(device, args.amp):
-                loss, _ = model(images)
+        update = optim_step.is_update_step(step)
+        with optim_step.sync_context(model, update):
+            with autocast_context(loop.device, loop.amp):
+                loss, metrics = model(images)
             check_finite(loss, epoch, step)
             grad_norm = optim_step(loss, model.parameters(), step)
         lr = optim_step.optimizer.param_groups[0]["lr"]
-        logger.update(loss=loss.detach(), lr=lr, grad_norm=grad_norm, n=images.shape[0])
+        logger.update(loss=loss.detach(), lr=lr, grad_norm=grad_norm, n=images.shape[0], **metrics)
         if grad_norm is not None:
-            log_step(log_writer, epoch_f, train_loss=loss, lr=lr, grad_norm=grad_norm)
+            log_step(log_writer, epoch_f, train_loss=loss, lr=lr, grad_norm=grad_norm,
+                     **{f"train_{k}": v for k, v in metrics.items()})
     logger.synchronize_between_processes()
     print0(f"Epoch [{epoch}] averaged stats: {logger}")
     return logger.averages()

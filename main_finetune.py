@@ -2,13 +2,15 @@
 
     python main_finetune.py --dataset digits --model vit_tiny_patch4 --input_size 32 --epochs 2
     python main_finetune.py --finetune out/xtra/checkpoint-last.pth --data_path /imagenet ...
+    python main_finetune.py --eval --resume out/ft/checkpoint-best.pth --data_path /imagenet
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import time
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 from timm.data import Mixup
@@ -16,164 +18,217 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
 
+import models
 from engine_finetune import evaluate, train_one_epoch
-from models.vit import VisionTransformer, vit_config
-from util.args import add_common_args, fill_defaults, str2bool
-from util.checkpoint import load_checkpoint, load_vit_weights, resume, save_checkpoint
-from util.datasets import build_dataset, build_loader, build_transform
+from models.checkpoint import ARCH_KEYS, encoder_record, load_checkpoint, load_encoder_weights
+from models.registry import setting_owners
+from models.vit import VIT_PRESETS, VisionTransformer, vit_config
+from util.checkpoint import resume, resume_path, save_checkpoint, training_state
+from util.config import (
+    SHARED_GROUPS,
+    AugmentSettings,
+    Group,
+    Layers,
+    MixupSettings,
+    RunSettings,
+    Settings,
+    SettingsError,
+    SettingsParser,
+    peek,
+    peek_int,
+    print_resolved,
+    resolve_run,
+    setting,
+)
+from util.datasets import build_dataset, build_loader, build_transform, save_class_names
 from util.misc import (
+    Loop,
     OptimizerStep,
     adamw,
     cleanup_distributed,
-    effective_lr,
-    init_distributed_mode,
+    init_distributed,
+    is_main_process,
+    launch_world_size,
     make_log_writer,
     print0,
     run_cli,
     seed_everything,
     wrap_model,
-    write_args,
     write_json_line,
 )
 
-FINETUNE_DEFAULTS = dict(batch_size=64, epochs=50, blr=1e-3, min_lr=1e-6, warmup_epochs=5, warmup_lr=0.0,
-                         weight_decay=0.05, input_size=224, drop_path=0.1)
-ARCH_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "class_token", "pos_embed",
-             "norm_eps", "in_chans")
+assert models  # importing the package registers the official-checkpoint converters
+
+# MAE's ViT-B fine-tuning recipe where this script's flags say nothing else.
+RECIPE = dict(batch_size=64, epochs=50, blr=1e-3, min_lr=1e-6, warmup_epochs=5, warmup_lr=0.0, weight_decay=0.05)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("ViT fine-tuning", add_help=False)
-    parser.add_argument("--model", default=None,
-                        help="ViT preset (e.g. vit_base_patch16); default: the architecture stored in --finetune")
-    parser.add_argument("--finetune", default="", help="checkpoint whose encoder initialises the model")
-    parser.add_argument("--nb_classes", type=int, default=None, help="default: number of dataset classes")
-    parser.add_argument("--global_pool", choices=["avg", "token"], default=None,
-                        help="classifier input: mean of patch tokens + fc_norm (default) or the cls token")
-    parser.add_argument("--drop_path", type=float, default=None)
-    parser.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay (1 = off)")
-    g = parser.add_argument_group("augmentation and regularisation")
-    g.add_argument("--aa", default="rand-m9-mstd0.5-inc1", help="timm RandAugment policy ('none' = off)")
-    g.add_argument("--color_jitter", type=float, default=None, help="only used when --aa is off")
-    g.add_argument("--reprob", type=float, default=0.25, help="random erasing probability")
-    g.add_argument("--remode", default="pixel")
-    g.add_argument("--recount", type=int, default=1)
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (recipe: 0.8)")
-    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (recipe: 1.0)")
-    g.add_argument("--cutmix_minmax", type=float, nargs=2, default=None)
-    g.add_argument("--mixup_prob", type=float, default=1.0)
-    g.add_argument("--mixup_switch_prob", type=float, default=0.5)
-    g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
-    g.add_argument("--model_ema", action="store_true", help="keep an EMA of the weights (evaluated too)")
-    g.add_argument("--model_ema_decay", type=float, default=0.9999)
-    g = parser.add_argument_group("evaluation")
-    g.add_argument("--eval", action="store_true", help="evaluate --resume (or --finetune) weights and exit")
-    g.add_argument("--dist_eval", type=str2bool, default=True,
-                   help="shard validation exactly across ranks (off: every rank evaluates the full set)")
-    return add_common_args(parser)
+@dataclass(frozen=True)
+class FinetuneSettings:
+    model: str | None = setting(None, "ViT preset (" + ", ".join(VIT_PRESETS) + "); none: the architecture "
+                                      "stored in --finetune or --resume")
+    finetune: str = setting("", "checkpoint whose encoder initialises the model (any of this project, official "
+                                "XTRA / SAIM / D-iGPT / MAE files, timm / DeiT ViTs)")
+    num_heads: int | None = setting(None, "attention heads of a checkpoint that does not record them (official "
+                                          "files); none: what it records")
+    nb_classes: int | None = setting(None, "classifier outputs; none: the dataset's number of classes")
+    input_size: int = setting(224, "image side (default: the resolution of the --finetune / --resume checkpoint)")
+    global_pool: Literal["avg", "token"] = setting("avg", "classifier input: mean of patch tokens + fc_norm, "
+                                                          "or the cls token")
+    drop_path: float = setting(0.1, "stochastic depth rate of the last block")
+    layer_decay: float = setting(0.75, "layer-wise lr decay (1 = off)")
+    model_ema: bool = setting(False, "keep an EMA of the weights (evaluated too; best is picked on either)")
+    model_ema_decay: float = setting(0.9999, "EMA decay per update")
+    eval: bool = setting(False, "evaluate --resume (or --finetune) weights and exit")
+    dist_eval: bool = setting(True, "shard validation exactly across ranks (off: every rank evaluates all)")
+
+    def __post_init__(self) -> None:
+        if self.model is not None and self.model not in VIT_PRESETS:
+            raise ValueError(f"unknown model {self.model!r}; known: {', '.join(sorted(VIT_PRESETS))}")
+        if self.nb_classes is not None and self.nb_classes < 1:
+            raise ValueError(f"--nb_classes must be positive, got {self.nb_classes}")
 
 
-def build_classifier(args: argparse.Namespace, num_classes: int, ckpt: dict | None) -> VisionTransformer:
-    """Architecture from --model or from the checkpoint (they must agree), then the classifier settings."""
-    arch = {k: v for k, v in (ckpt or {}).get("vit_config", {}).items() if k in ARCH_KEYS}
-    if args.model:
-        preset = vit_config(args.model)
+GROUPS = [Group("fine-tuning", FinetuneSettings), Group("augmentation", AugmentSettings),
+          Group("mixup and label smoothing", MixupSettings), *SHARED_GROUPS]
+
+
+def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, dict | None, str]:
+    """Settings, the --finetune checkpoint, the checkpoint being resumed and its path."""
+    heads = peek_int(argv, "num_heads")
+    path = resume_path(peek(argv, "resume", RunSettings.resume), peek(argv, "output_dir", RunSettings.output_dir),
+                       peek(argv, "auto_resume", RunSettings.auto_resume))
+    ckpt = load_checkpoint(path, heads) if path else None
+    init_path = peek(argv, "finetune", "")
+    init = load_checkpoint(init_path, heads) if init_path and ckpt is None else None  # a resumed run has its weights
+    if ckpt is not None and (ckpt.get("vit_prefix") != "" or not ckpt["vit_config"].get("num_classes")):
+        raise SettingsError(f"{path} is not a classifier checkpoint (it holds a pretraining model or an encoder); "
+                            "give it to --finetune instead")
+    source = ckpt or init
+    parser, layers = settings_parser({"input_size": source["vit_config"]["img_size"]} if source else {})
+    return resolve_run(argv, parser, layers, (ckpt or {}).get("args")), init, ckpt, path
+
+
+def settings_parser(from_checkpoint: dict | None = None) -> tuple[SettingsParser, Layers]:
+    """The command line and the layers under it: the recipe, then what the checkpoint's encoder fixes."""
+    layers = [("recipe", RECIPE), ("checkpoint encoder", from_checkpoint or {})]
+    return SettingsParser("main_finetune.py", __doc__.split("\n")[0], GROUPS, layers, owner_of=setting_owners), layers
+
+
+def build_classifier(s: Settings, num_classes: int, init: dict | None, ckpt: dict | None) -> VisionTransformer:
+    """The classifier a resumed checkpoint holds, else the architecture of --model or --finetune (they must
+    agree) with this run's classifier settings."""
+    if ckpt is not None:
+        cfg = dict(ckpt["vit_config"])
+        return VisionTransformer(**{**cfg, "img_size": s.input_size, "drop_path_rate": s.drop_path})
+    arch = {k: v for k, v in (init or {}).get("vit_config", {}).items() if k in ARCH_KEYS + ("class_token",
+                                                                                          "norm_eps")}
+    if s.model:
+        preset = vit_config(s.model)
         clash = {k: (v, arch[k]) for k, v in preset.items() if k in arch and arch[k] != v}
         if clash:
-            raise ValueError(f"--model {args.model} does not match the checkpoint's encoder: {clash}")
+            raise ValueError(f"--model {s.model} does not match the checkpoint's encoder: {clash}")
         arch = {**arch, **preset}
     if not arch:
         raise ValueError("give --model (a ViT preset) or --finetune (a checkpoint that stores its architecture)")
-    arch["pos_embed"] = "learn"  # fine-tuning trains the position table (MAE, SAIM), initialised from the checkpoint
-    global_pool = args.global_pool or "avg"
-    if global_pool == "token" and not arch.get("class_token", True):
+    if s.global_pool == "token" and not arch.get("class_token", True):
         raise ValueError("--global_pool token needs a cls token, and this encoder has none; use --global_pool avg")
-    return VisionTransformer(**arch, img_size=args.input_size, num_classes=num_classes, global_pool=global_pool,
-                             fc_norm=global_pool == "avg", drop_path_rate=args.drop_path)
+    # fine-tuning trains the position table (MAE, SAIM), initialised from the checkpoint
+    return VisionTransformer(**arch, pos_embed="learn", img_size=s.input_size, num_classes=num_classes,
+                             global_pool=s.global_pool, fc_norm=s.global_pool == "avg", drop_path_rate=s.drop_path)
 
 
-def main(args: argparse.Namespace) -> None:
-    ckpt = load_checkpoint(args.finetune) if args.finetune else None  # bad path -> error before any work
-    # the input size defaults to the pretraining resolution of the checkpoint
-    fill_defaults(args, {**FINETUNE_DEFAULTS, **({"input_size": ckpt["vit_config"]["img_size"]} if ckpt else {})})
-    init_distributed_mode(args)
-    device = torch.device(args.device)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    seed_everything(args.seed)
+def main(argv: Sequence[str]) -> None:
+    s, init, ckpt, ckpt_path = resolve_settings(argv)
+    print_resolved(s, "main_finetune.py: resolved settings")
+    if s.print_config:
+        return
+    if s.eval and ckpt is None and init is None:
+        raise ValueError("--eval needs --resume (or --finetune) weights")
+    dist_info = init_distributed(s.device, s.dist_url)
+    device = dist_info.device
+    seed_everything(s.seed)
 
-    train_set = build_dataset(args, "train", build_transform(args, is_train=True, kind="finetune"))
-    val_set = build_dataset(args, "val", build_transform(args, is_train=False, kind="finetune"))
-    num_classes = args.nb_classes or len(train_set.classes)
-    model = build_classifier(args, num_classes, ckpt)
-    if ckpt is not None and not args.eval:
-        load_vit_weights(model, ckpt)
-        model.reset_classifier(num_classes, head_init_std=2e-5)
+    train_tf = build_transform(s.input_size, True, s.crop_scale, s.crop_ratio, augment=s.of(AugmentSettings))
+    eval_tf = build_transform(s.input_size, False, crop_pct=s.crop_pct)
+    train_set = None if s.eval else build_dataset(s.dataset, "train", train_tf, s.input_size, s.data_path,
+                                                  s.synthetic_size)
+    val_set = build_dataset(s.dataset, "val", eval_tf, s.input_size, s.data_path, s.synthetic_size)
+    num_classes = s.nb_classes or len((train_set or val_set).classes)
+    model = build_classifier(s, num_classes, init, ckpt)
+    if ckpt is None and init is not None:
+        load_encoder_weights(model, init)
+        if not s.eval:
+            model.reset_classifier(num_classes, head_init_std=2e-5)
     model.to(device)
-    write_args(args)
-    train_loader = build_loader(train_set, args, is_train=True)
-    val_loader = build_loader(val_set, args, is_train=False, shard_eval=args.dist_eval)
+    pin = s.pin_mem and device.type == "cuda"
+    val_loader = build_loader(val_set, s.batch_size, s.num_workers, is_train=False, pin_memory=pin,
+                              shard_eval=s.dist_eval)
+    if s.eval:
+        if ckpt is not None:
+            resume(ckpt, ckpt_path, model)
+        evaluate(model, val_loader, device, s.amp)
+        cleanup_distributed()
+        return
+    train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
+    if s.output_dir and is_main_process():
+        os.makedirs(s.output_dir, exist_ok=True)
+        s.save_json(s.output_dir)
+        save_class_names(train_set, s.output_dir)
 
-    mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=num_classes)
+    mixup = s.of(MixupSettings)
+    mixup_fn = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, cutmix_minmax=s.cutmix_minmax, prob=s.mixup_prob,
+                     switch_prob=s.mixup_switch_prob, mode=s.mixup_mode, label_smoothing=s.smoothing,
+                     num_classes=num_classes) if mixup.enabled() else None
     criterion = (SoftTargetCrossEntropy() if mixup_fn is not None else
-                 LabelSmoothingCrossEntropy(args.smoothing) if args.smoothing > 0 else torch.nn.CrossEntropyLoss())
+                 LabelSmoothingCrossEntropy(s.smoothing) if s.smoothing > 0 else torch.nn.CrossEntropyLoss())
 
-    effective_lr(args)
-    groups = param_groups_layer_decay(model, args.weight_decay, no_weight_decay_list=model.no_weight_decay(),
-                                      layer_decay=args.layer_decay)
-    optimizer = adamw(groups, lr=args.lr)
-    optim_step = OptimizerStep(optimizer, args.amp, args.accum_iter, args.clip_grad, args.device)
-    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    extra = resume(args, model, None if args.eval else optimizer, optim_step)
+    print0(s.describe_lr(launch_world_size()))
+    loop = Loop(device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()))
+    groups = param_groups_layer_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay(),
+                                      layer_decay=s.layer_decay)
+    optimizer = adamw(groups, lr=loop.schedule.lr, betas=tuple(s.betas))
+    optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, device)
+    model_ema = ModelEmaV3(model, decay=s.model_ema_decay) if s.model_ema else None
+    start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
     if model_ema is not None and "model_ema" in extra:
         model_ema.module.load_state_dict(extra["model_ema"])
 
-    if args.eval:
-        if not (args.resume or args.finetune):
-            raise ValueError("--eval needs --resume (or --finetune) weights")
-        if ckpt is not None and not args.resume:
-            load_vit_weights(model, ckpt)
-        evaluate(model, val_loader, device, args.amp)
-        cleanup_distributed()
-        return
-
-    model_ddp = wrap_model(model, args)
-    log_writer = make_log_writer(args)
+    model_ddp = wrap_model(model, dist_info, s.compile)
+    log_writer = make_log_writer(s.output_dir if s.log_dir is None else s.log_dir)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"{n_params / 1e6:.2f}M trainable parameters; start training for {args.epochs} epochs")
+    print0(f"{n_params / 1e6:.2f}M trainable parameters; start training for {s.epochs} epochs")
     best = extra.get("best_acc1", 0.0)
     start = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
+    for epoch in range(start_epoch, s.epochs):
         train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model_ddp, criterion, train_loader, optim_step, device, epoch, args,
-                                      mixup_fn, model_ema, log_writer)
-        test_stats = evaluate(model, val_loader, device, args.amp)
+        train_stats = train_one_epoch(model_ddp, criterion, train_loader, optim_step, epoch, loop, mixup_fn,
+                                      model_ema, log_writer)
+        test_stats = evaluate(model, val_loader, device, s.amp)
         record = {**{f"train_{k}": v for k, v in train_stats.items()},
                   **{f"test_{k}": v for k, v in test_stats.items()}}
         acc = test_stats["acc1"]
         if model_ema is not None:
-            ema_stats = evaluate(model_ema.module, val_loader, device, args.amp)
+            ema_stats = evaluate(model_ema.module, val_loader, device, s.amp)
             record.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
             acc = max(acc, ema_stats["acc1"])
         improved = acc > best
         best = max(best, acc)
         extra = {"best_acc1": best, **({"model_ema": model_ema.module.state_dict()} if model_ema else {})}
-        save_checkpoint(args, epoch, model, optimizer, optim_step, extra=extra)
+        state = {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), extra),
+                 **encoder_record(model, "", None), "model_name": s.model}
+        save_checkpoint(state, s.output_dir, epoch, s.epochs, s.save_freq, s.keep_last)
         if improved:
-            save_checkpoint(args, epoch, model, None, vit=model, extra=extra, name="checkpoint-best.pth")
+            save_checkpoint({**state, "optimizer": None}, s.output_dir, epoch, s.epochs, s.save_freq, s.keep_last,
+                            name="checkpoint-best.pth")
         print0(f"accuracy on {test_stats['n']} val images: {test_stats['acc1']:.2f}%  (best {best:.2f}%)")
         if log_writer is not None:
             for k in ("acc1", "acc5", "loss"):
                 log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
-        write_json_line(args.output_dir, {**record, "epoch": epoch, "n_parameters": n_params})
+        write_json_line(s.output_dir, {**record, "epoch": epoch, "n_parameters": n_params})
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best acc1 {best:.2f}%")
     cleanup_distributed()
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser())
+    run_cli(main)

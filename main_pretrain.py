@@ -1,123 +1,159 @@
-"""Autoregressive pretraining (XTRA, SAIM, D-iGPT): args -> data -> model -> AdamW -> epochs -> checkpoints.
+"""Pretraining (XTRA, SAIM, D-iGPT, MAE and any registered method): settings -> data -> model -> AdamW -> epochs.
 
     python main_pretrain.py --model xtra_vit_tiny --dataset digits --epochs 5 --output_dir out/xtra_tiny
+    python main_pretrain.py --model saim_vit_tiny --help      # that model's settings, with their real defaults
     torchrun --nproc_per_node 8 main_pretrain.py --model xtra_vit_base_patch16 --data_path /imagenet ...
 
-Recipe defaults (lr, schedule, augmentation) come from the chosen method's preset; any flag overrides them.
+``--model`` picks a registered model (a preset, or a method's key for its official defaults). The command line
+then accepts that method's settings and the shared ones only. Settings resolve once: the method's recipe, the
+preset, the checkpoint being resumed, the command line (later wins); ``--print_config`` shows them and exits.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import time
-import types
+from dataclasses import dataclass
+from typing import Sequence
 
-import torch
 from timm.optim import param_groups_weight_decay
 
 import models
 from engine_pretrain import train_one_epoch
-from models.registry import PRETRAIN_MODELS, build_pretrain_model, pretrain_entry
-from util.args import add_common_args, fill_defaults, str2bool
-from util.checkpoint import resume, save_atomic, save_checkpoint
+from models.checkpoint import encoder_record, load_checkpoint, plain_config
+from models.registry import lookup, model_names, setting_owners
+from util.checkpoint import resume, resume_path, save_atomic, save_checkpoint, training_state
+from util.config import (
+    SHARED_GROUPS,
+    Group,
+    Layers,
+    RunSettings,
+    Settings,
+    SettingsError,
+    SettingsParser,
+    peek,
+    peek_int,
+    print_resolved,
+    resolve_run,
+    setting,
+)
 from util.datasets import build_dataset, build_loader, build_transform
+from util.images import first_images, save_panels
 from util.misc import (
+    Loop,
     OptimizerStep,
     adamw,
     cleanup_distributed,
-    effective_lr,
-    init_distributed_mode,
+    init_distributed,
     is_main_process,
+    launch_world_size,
     make_log_writer,
     print0,
     run_cli,
     seed_everything,
     wrap_model,
-    write_args,
     write_json_line,
 )
 
-# Used where a method's recipe says nothing.
-PRETRAIN_DEFAULTS = dict(batch_size=64, epochs=800, blr=1.5e-4, min_lr=0.0, warmup_epochs=40, warmup_lr=0.0,
-                         weight_decay=0.05, betas=(0.9, 0.95), input_size=224, crop_scale=(0.2, 1.0),
-                         crop_ratio=(3 / 4, 4 / 3), drop_path=0.0)
-METHOD_MODULES = [m for m in vars(models).values() if isinstance(m, types.ModuleType) and hasattr(m, "add_args")]
+assert models  # importing the package registers every method
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("Autoregressive ViT pretraining", add_help=False, conflict_handler="resolve")
-    for method in METHOD_MODULES:  # method-specific flags (default None = the preset's value)
-        if hasattr(method, "add_args"):
-            method.add_args(parser)
-    parser.add_argument("--model", default="xtra_vit_tiny", help=f"one of: {', '.join(sorted(PRETRAIN_MODELS))}")
-    parser.add_argument("--drop_path", type=float, default=None, help="stochastic depth rate of the encoder")
-    parser.add_argument("--betas", type=float, nargs=2, default=None, help="AdamW betas")
-    parser.add_argument("--visualize_every", type=int, default=0,
-                        help="write a PNG of inputs/targets/predictions every N epochs (0 = off)")
-    parser.add_argument("--save_encoder", type=str2bool, default=True,
-                        help="also write encoder.pth: the encoder as a plain timm ViT state dict")
-    return add_common_args(parser)
+@dataclass(frozen=True)
+class PretrainSettings:
+    model: str = setting("xtra_vit_tiny", "registered model: " + ", ".join(model_names("pretrain")))
+    visualize_every: int = setting(0, "write a PNG of inputs / targets / predictions every N epochs (0 = off)")
+    save_encoder: bool = setting(True, "also write encoder.pth: the encoder as a plain timm ViT state dict")
 
 
-def main(args: argparse.Namespace) -> None:
-    entry = pretrain_entry(args.model)  # unknown name -> clear error before any work
-    recipe = dict(entry.recipe)
-    if args.blr is not None:  # an explicit --blr beats a recipe's absolute lr
-        recipe.pop("lr", None)
-    fill_defaults(args, {**PRETRAIN_DEFAULTS, **recipe})
-    init_distributed_mode(args)
-    device = torch.device(args.device)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    seed_everything(args.seed)
+def settings_parser(model: str) -> tuple[SettingsParser, Layers]:
+    """The command line of ``--model model`` and the layers under it (the method's recipe, the preset)."""
+    method, preset = lookup(model, "pretrain")
+    layers = [("recipe", method.recipe), ("preset", {**preset.settings, "model": model})]
+    groups = [Group("pretraining", PretrainSettings), Group(f"{method.name} (model settings)", method.config_class),
+              *SHARED_GROUPS]
+    return SettingsParser("main_pretrain.py", __doc__.split("\n")[0], groups, layers,
+                          subject=f"{model} ({method.name})", owner_of=setting_owners,
+                          help_command=f"main_pretrain.py --model {model} --help"), layers
 
-    model = build_pretrain_model(args.model, {**vars(args), "img_size": args.input_size,
-                                              "drop_path_rate": args.drop_path}).to(device)
-    if hasattr(model, "teacher") and model.teacher is None:
-        raise ValueError(f"{args.model} learns from a teacher's features: give --teacher (and --teacher_weights)")
-    dataset = build_dataset(args, "train", build_transform(args, is_train=True, kind="pretrain"))
-    loader = build_loader(dataset, args, is_train=True)
-    write_args(args)
+
+def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, str]:
+    """The run's settings, and the checkpoint it resumes (with its path) if any."""
+    path = resume_path(peek(argv, "resume", RunSettings.resume), peek(argv, "output_dir", RunSettings.output_dir),
+                       peek(argv, "auto_resume", RunSettings.auto_resume))
+    ckpt = load_checkpoint(path, peek_int(argv, "num_heads")) if path else None
+    stored = (ckpt or {}).get("args")
+    model = peek(argv, "model")
+    if stored and model and stored.get("model") and model != stored["model"]:
+        raise SettingsError(f"{path} is a checkpoint of {stored['model']}, not {model}: use another --output_dir "
+                            "or --auto_resume false")
+    model = model or (stored or {}).get("model") or PretrainSettings.model
+    missing = [n for n in (ckpt or {}).get("unrecorded", []) if peek(argv, n) is None]
+    if missing:  # an official file: settings its shapes do not show and it does not record
+        raise SettingsError(f"{path} does not record {', '.join(missing)}: give --{' --'.join(missing)}")
+    parser, layers = settings_parser(model)
+    settings = resolve_run(argv, parser, layers, stored)
+    method, _ = lookup(model, "pretrain")
+    method.model_class.check_settings(settings.of(method.config_class))
+    return settings, ckpt, path
+
+
+def main(argv: Sequence[str]) -> None:
+    s, ckpt, ckpt_path = resolve_settings(argv)
+    method, preset = lookup(s.model, "pretrain")
+    print_resolved(s, f"main_pretrain.py --model {s.model} ({method.name}: {preset.description})")
+    if s.print_config:
+        return
+    config = s.of(method.config_class)
+    dist_info = init_distributed(s.device, s.dist_url)
+    seed_everything(s.seed)
+
+    model = method.model_class(config).to(dist_info.device)
+    transform = build_transform(config.input_size, is_train=True, crop_scale=s.crop_scale, crop_ratio=s.crop_ratio)
+    dataset = build_dataset(s.dataset, "train", transform, config.input_size, s.data_path, s.synthetic_size)
+    loader = build_loader(dataset, s.batch_size, s.num_workers, is_train=True, seed=s.seed,
+                          pin_memory=s.pin_mem and dist_info.device.type == "cuda")
+    if s.output_dir and is_main_process():
+        os.makedirs(s.output_dir, exist_ok=True)
+        s.save_json(s.output_dir)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"model {args.model}: {n_params / 1e6:.2f}M trainable parameters "
-           f"(encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M); {entry.description}")
+    print0(f"model {s.model}: {n_params / 1e6:.2f}M trainable parameters "
+           f"(encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M)")
 
-    effective_lr(args)
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    optimizer = adamw(param_groups_weight_decay(model, args.weight_decay, no_weight_decay_list=skip), lr=args.lr,
-                      betas=tuple(args.betas))
-    optim_step = OptimizerStep(optimizer, args.amp, args.accum_iter, args.clip_grad, args.device)
-    resume(args, model, optimizer, optim_step)
+    print0(s.describe_lr(launch_world_size()))
+    loop = Loop(dist_info.device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()))
+    optimizer = adamw(param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay()),
+                      lr=loop.schedule.lr, betas=tuple(s.betas))
+    optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, dist_info.device)
+    start_epoch, _ = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
 
-    model_ddp = wrap_model(model, args)
-    log_writer = make_log_writer(args)
-
-    print0(f"start training for {args.epochs} epochs from epoch {args.start_epoch}")
+    model_ddp = wrap_model(model, dist_info, s.compile)
+    log_writer = make_log_writer(s.output_dir if s.log_dir is None else s.log_dir)
+    print0(f"start training for {s.epochs} epochs from epoch {start_epoch}")
     start = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
+    for epoch in range(start_epoch, s.epochs):
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model_ddp, loader, optim_step, device, epoch, args, log_writer)
-        save_checkpoint(args, epoch, model, optimizer, optim_step, vit_prefix="encoder.")
-        if args.save_encoder and args.output_dir and ((epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs):
-            export_encoder(model, os.path.join(args.output_dir, "encoder.pth"))
-        if args.visualize_every and (epoch + 1) % args.visualize_every == 0:
-            from visualize import save_panels  # lazy: matplotlib-free PNG writer, only when asked
-            save_panels(model, dataset, device, os.path.join(args.output_dir, f"vis-{epoch}.png"))
-        write_json_line(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
-                                          "n_parameters": n_params})
+        stats = train_one_epoch(model_ddp, loader, optim_step, epoch, loop, log_writer)
+        state = {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict()),
+                 **encoder_record(model.encoder, "encoder.", model.encoder_mask),
+                 "model_name": s.model, "model_config": plain_config(model.config)}
+        save_checkpoint(state, s.output_dir, epoch, s.epochs, s.save_freq, s.keep_last)
+        last = epoch + 1 == s.epochs
+        if s.save_encoder and s.output_dir and is_main_process() and ((epoch + 1) % s.save_freq == 0 or last):
+            save_atomic({"model": model.encoder.state_dict(),
+                         **encoder_record(model.encoder, "", model.encoder_mask)},
+                        os.path.join(s.output_dir, "encoder.pth"))
+        if s.visualize_every and s.output_dir and is_main_process() and (epoch + 1) % s.visualize_every == 0:
+            model.eval()
+            save_panels(model.visualize(first_images(dataset, 8, dist_info.device)),
+                        os.path.join(s.output_dir, f"vis-{epoch}.png"))
+            model.train()
+        write_json_line(s.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                                       "n_parameters": n_params})
     if log_writer is not None:
         log_writer.close()
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
     cleanup_distributed()
 
 
-def export_encoder(model: torch.nn.Module, path: str) -> None:
-    """The pretrained encoder as a plain timm ``VisionTransformer`` state dict (plus its config)."""
-    if is_main_process():
-        save_atomic({"model": model.encoder.state_dict(), "vit_config": dict(model.encoder.config),
-                     "vit_prefix": "", "encoder_mask": getattr(model, "encoder_mask", None)}, path)
-
-
 if __name__ == "__main__":
-    run_cli(main, get_args_parser())
+    run_cli(main)

@@ -9,42 +9,35 @@ target / prediction). Rows are images, columns are panels.
 """
 from __future__ import annotations
 
-import argparse
 import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torchvision.utils import make_grid, save_image
 
-import models  # noqa: F401  (registers the pretraining presets)
-from models.registry import build_pretrain_model
+import models
+from models.checkpoint import load_checkpoint, model_from_checkpoint, vit_state_dict
 from models.vit import VisionTransformer
-from util.checkpoint import load_checkpoint, vit_state_dict
+from util.config import Group, SettingsParser, resolve, setting
 from util.datasets import build_dataset, build_transform
+from util.images import first_images, save_panels
 from util.misc import run_cli
 
-
-def unnormalize(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
-    return (x * std + mean).clamp(0, 1)
+assert models  # importing the package registers the methods
 
 
-def first_images(dataset, n: int, device: torch.device) -> torch.Tensor:
-    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(device)
-
-
-@torch.no_grad()
-def save_panels(model: torch.nn.Module, dataset, device: torch.device, path: str, n: int = 8) -> None:
-    """One row per image, one column per panel of ``model.visualize``."""
-    was_training = model.training
-    model.eval()
-    panels = model.visualize(first_images(dataset, n, device))
-    model.train(was_training)
-    rows = torch.stack([unnormalize(p.float()) for p in panels.values()], dim=1).flatten(0, 1)
-    save_image(make_grid(rows, nrow=len(panels), padding=2, pad_value=1.0), path)
-    print(f"wrote {path} (columns: {', '.join(panels)})")
+@dataclass(frozen=True)
+class VisualizeSettings:
+    checkpoint: str = setting("", "checkpoint of this project (a pretraining model, or any ViT with --attn_maps)")
+    output: str = setting("vis.png", "PNG file to write")
+    attn_maps: bool = setting(False, "cls-token attention maps of the encoder instead of the model's panels")
+    num_images: int = setting(8, "images (rows)")
+    dataset: Literal["imagefolder", "digits", "synthetic"] = setting("imagefolder", "as for training")
+    data_path: str = setting("", "ImageFolder root with train/ and val/")
+    split: Literal["train", "val"] = setting("val", "which split the images come from")
+    device: str = setting("cpu", "cpu or cuda")
 
 
 @torch.no_grad()
@@ -62,41 +55,32 @@ def cls_attention_maps(vit: VisionTransformer, imgs: torch.Tensor) -> torch.Tens
     return maps.reshape(B, 1, vit.grid_size, vit.grid_size)
 
 
-def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser("visualisation", add_help=False)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--output", default="vis.png")
-    parser.add_argument("--attn_maps", action="store_true", help="cls-token attention maps of the encoder")
-    parser.add_argument("--num_images", type=int, default=8)
-    parser.add_argument("--dataset", choices=["imagefolder", "digits", "synthetic"], default="imagefolder")
-    parser.add_argument("--data_path", default="")
-    parser.add_argument("--split", choices=["train", "val"], default="val")
-    parser.add_argument("--device", default="cpu")
-    return parser
-
-
-def main(args: argparse.Namespace) -> None:
-    ckpt = load_checkpoint(args.checkpoint)
-    device = torch.device(args.device)
-    args.input_size = ckpt["vit_config"]["img_size"]
-    args.crop_pct, args.crop_scale, args.crop_ratio, args.synthetic_size, args.output_dir = None, None, None, 64, ""
-    dataset = build_dataset(args, args.split, build_transform(args, is_train=False, kind="pretrain"))
-    if args.attn_maps:
+def main(argv: Sequence[str]) -> None:
+    groups = [Group("visualisation", VisualizeSettings)]
+    s = resolve(groups, [("command line", SettingsParser("visualize.py", __doc__.split("\n")[0], groups).parse(argv))])
+    if not s.checkpoint:
+        raise ValueError("give --checkpoint")
+    ckpt = load_checkpoint(s.checkpoint)
+    device = torch.device(s.device)
+    input_size = ckpt["vit_config"]["img_size"]
+    dataset = build_dataset(s.dataset, s.split, build_transform(input_size, is_train=False), input_size, s.data_path,
+                            synthetic_size=64)
+    imgs = first_images(dataset, s.num_images, device)
+    if s.attn_maps:
         vit = VisionTransformer(**ckpt["vit_config"]).to(device).eval()
         vit.load_state_dict(vit_state_dict(ckpt))
-        imgs = first_images(dataset, args.num_images, device)
         maps = F.interpolate(cls_attention_maps(vit, imgs), size=imgs.shape[-2:], mode="nearest")
         maps = maps / maps.amax(dim=(2, 3), keepdim=True)
-        rows = torch.stack([unnormalize(imgs), maps.expand(-1, 3, -1, -1)], dim=1).flatten(0, 1)
-        save_image(make_grid(rows, nrow=2, padding=2, pad_value=1.0), args.output)
-        print(f"wrote {args.output} (columns: input, cls attention)")
+        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
+        save_panels({"input": imgs, "cls_attention": (maps - mean) / std}, s.output)
         return
     if ckpt.get("vit_prefix") != "encoder.":
-        raise ValueError(f"{args.checkpoint} is not a pretraining checkpoint; use --attn_maps for classifiers")
-    model = build_pretrain_model(ckpt["model_name"], {**ckpt.get("args", {}), "img_size": args.input_size})
+        raise ValueError(f"{s.checkpoint} is not a pretraining checkpoint; use --attn_maps for classifiers")
+    model = model_from_checkpoint(ckpt)
     model.load_state_dict(ckpt["model"])
-    save_panels(model.to(device), dataset, device, args.output, args.num_images)
+    save_panels(model.to(device).eval().visualize(imgs), s.output)
 
 
 if __name__ == "__main__":
-    run_cli(main, get_args_parser())
+    run_cli(main)

@@ -1,10 +1,10 @@
-"""Does it learn? For each autoregressive method: pretrain a tiny model on the embedded digits for a fixed budget
+"""Does it learn? For each pretraining method: pretrain a tiny model on the embedded digits for a fixed budget
 on CPU, probe it (linear and attentive), and probe a randomly initialised copy the same way. For Scala: train one
 slimmable model, then each of its widths alone with the same recipe, and compare top-1 per width.
 
-    python benchmarks/learning_evidence.py                      # every AR method and Scala, default budget
-    python benchmarks/learning_evidence.py --methods xtra_vit_tiny --pretrain_epochs 20
-    python benchmarks/learning_evidence.py --methods scala_vit_tiny --scala_epochs 50
+    python -m benchmarks.learning_evidence                      # every pretraining method and Scala, default budget
+    python -m benchmarks.learning_evidence --methods xtra_vit_tiny --pretrain_epochs 20
+    python -m benchmarks.learning_evidence --methods scala_vit_tiny --scala_epochs 50
 
 Every number in the printed table comes from the runs this script launches (entry scripts as subprocesses,
 outputs under --work_dir).
@@ -21,11 +21,14 @@ from pathlib import Path
 
 import torch
 
+import models
+from models.checkpoint import encoder_record, plain_config
+from models.registry import create_model, model_names
+from util.checkpoint import save_atomic
+
+assert models  # importing the package registers every method
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import models  # noqa: E402,F401
-from models.registry import PRETRAIN_MODELS, build_pretrain_model  # noqa: E402
-from util.checkpoint import save_atomic  # noqa: E402
+PRETRAIN_MODELS = model_names("pretrain")
 
 COMMON = ["--dataset", "digits", "--num_workers", "0", "--print_freq", "100000", "--device", "cpu"]
 
@@ -45,17 +48,17 @@ def best_acc(output_dir: Path) -> float:
 
 def random_init_checkpoint(name: str, extra: dict, path: Path) -> None:
     torch.manual_seed(0)
-    model = build_pretrain_model(name, extra)
-    save_atomic({"model": model.state_dict(), "vit_config": dict(model.encoder.config), "vit_prefix": "encoder.",
-                 "encoder_mask": getattr(model, "encoder_mask", None), "model_name": name, "epoch": -1}, path)
+    model = create_model(name, **extra)
+    save_atomic({"model": model.state_dict(), **encoder_record(model.encoder, "encoder.", model.encoder_mask),
+                 "model_name": name, "model_config": plain_config(model.config), "epoch": -1}, path)
 
 
 def probe(ckpt: Path, kind: str, out: Path, args: argparse.Namespace) -> float:
     # Both probes with AdamW at one fixed lr (XTRA's probe optimiser): LARS needs far larger batches than 64.
+    augment = ["--aa", "none", "--reprob", 0] if kind == "attentive" else []  # the linear probe has none
     run("main_linprobe.py", *COMMON, "--finetune", ckpt, "--probe", kind, "--optimizer", "adamw",
         "--epochs", args.probe_epochs, "--batch_size", 64, "--warmup_epochs", 1, "--lr", args.probe_lr,
-        "--weight_decay", 0.05, "--aa", "none", "--reprob", 0, "--crop_scale", 0.6, 1, "--output_dir", out,
-        "--auto_resume", "false")
+        "--weight_decay", 0.05, *augment, "--crop_scale", 0.6, 1, "--output_dir", out, "--auto_resume", "false")
     return best_acc(out)
 
 

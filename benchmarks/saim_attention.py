@@ -1,34 +1,29 @@
 """SAIM's two streams: one stacked attention call per layer vs two separate calls.
 
-    python benchmarks/saim_attention.py                   # CPU, tiny and small configs
-    python benchmarks/saim_attention.py --device cuda --batch_size 64 --configs base
+    python -m benchmarks.saim_attention                   # CPU, tiny and small presets
+    python -m benchmarks.saim_attention --device cuda --batch_size 64 --configs base
 
 Content block i+1 and query block i both read the output of content block i, so their attention cores can run
-as ONE scaled_dot_product_attention call with the two batches stacked (``SAIM(fuse_streams=True)``, exact).
+as ONE scaled_dot_product_attention call with the two batches stacked (``--fuse_streams true``, exact).
 "core": the attention cores alone (SDPA ×2 vs cat + SDPA on 2B). "train step": forward + loss + backward of the
 whole model. Times are medians in ms; ratio = separate ÷ stacked (> 1: stacking is faster).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models.masks import permutation_two_stream_masks  # noqa: E402
-from models.saim import SAIM  # noqa: E402
+import models
+from models.masks import permutation_two_stream_masks, random_orders
+from models.registry import model_config
+from models.saim import SAIM, SAIMConfig
 
-CONFIGS = {
-    "tiny": dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, query_depth=2,
-                 gaussian_kernel_size=3, gaussian_sigma=0.5),
-    "small": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, query_depth=12),
-    "base": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, query_depth=12),
-}
+assert models  # importing the package registers every method
+CONFIGS = {"tiny": "saim_vit_tiny", "small": "saim_vit_small_patch16", "base": "saim_vit_base_patch16"}
 
 
 def median_ms(fns: list, iters: int, warmup: int, device: torch.device) -> list[float]:
@@ -48,10 +43,10 @@ def median_ms(fns: list, iters: int, warmup: int, device: torch.device) -> list[
     return [statistics.median(t) for t in times]
 
 
-def bench_core(cfg: dict, batch: int, iters: int, warmup: int, device: torch.device) -> tuple[float, float]:
+def bench_core(cfg: SAIMConfig, batch: int, iters: int, warmup: int, device: torch.device) -> tuple[float, float]:
     """Only the attention cores of one content/query block pair (all tensors precomputed)."""
-    n = (cfg["img_size"] // cfg["patch_size"]) ** 2
-    heads, dim = cfg["num_heads"], cfg["embed_dim"] // cfg["num_heads"]
+    n = cfg.grid_size ** 2
+    heads, dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
     order = torch.rand(batch, n, device=device).argsort(dim=1)
     m_h, m_g = permutation_two_stream_masks(order)
     m_hg = torch.cat([m_h, m_g])  # built once per forward in the model
@@ -69,16 +64,17 @@ def bench_core(cfg: dict, batch: int, iters: int, warmup: int, device: torch.dev
         return tuple(median_ms([separate, stacked], iters, warmup, device))
 
 
-def bench_step(cfg: dict, batch: int, iters: int, warmup: int, device: torch.device, amp: bool) -> tuple[float, float]:
+def bench_step(cfg: SAIMConfig, batch: int, iters: int, warmup: int, device: torch.device, amp: bool
+               ) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = SAIM(**cfg).to(device)
-    imgs = torch.randn(batch, 3, cfg["img_size"], cfg["img_size"], device=device)
-    order = model.random_order(batch, device)
+    model = SAIM(cfg).to(device)
+    imgs = torch.randn(batch, 3, cfg.input_size, cfg.input_size, device=device)
+    order = random_orders(batch, cfg.grid_size ** 2, device)
 
     def step(fuse: bool):
         model.fuse_streams = fuse
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = model(imgs, order)
+            loss, _ = model.forward_with_outputs(imgs, order)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -105,8 +101,8 @@ def main() -> None:
     print("| config | batch | tokens | part | separate (ms) | stacked (ms) | ratio |")
     print("|---|---|---|---|---|---|---|")
     for cfg_name, batch in zip(args.configs, batches):
-        cfg = CONFIGS[cfg_name]
-        tokens = (cfg["img_size"] // cfg["patch_size"]) ** 2 + 1
+        cfg = model_config(CONFIGS[cfg_name])
+        tokens = cfg.grid_size ** 2 + 1
         rows = [("core", bench_core(cfg, batch, args.iters, args.warmup, device)),
                 ("train step", bench_step(cfg, batch, args.iters, args.warmup, device, args.amp))]
         for part, (sep, stk) in rows:

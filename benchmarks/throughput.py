@@ -1,9 +1,9 @@
 """Training-step throughput of every pretraining method, and of Scala at each width, against its plain-ViT limit.
 
-    python benchmarks/throughput.py                                   # CPU: every tiny preset, Scala at 4 widths
-    python benchmarks/throughput.py --models xtra_vit_small_patch16 --batch_size 16
-    python benchmarks/throughput.py --compile                         # + compiled and FlexAttention columns
-    python benchmarks/throughput.py --models xtra_vit_base_patch16 scala_deit_base_patch16 --amp bf16 --compile
+    python -m benchmarks.throughput                                   # CPU: every tiny preset, Scala at 4 widths
+    python -m benchmarks.throughput --models xtra_vit_small_patch16 --batch_size 16
+    python -m benchmarks.throughput --compile                         # + compiled and FlexAttention columns
+    python -m benchmarks.throughput --models xtra_vit_base_patch16 scala_deit_base_patch16 --amp bf16 --compile
 
 "method": one full training step (forward + loss + backward + AdamW step) of the registered preset.
 "limit": the same transformer blocks (recorded during a real forward: same widths, token counts, and
@@ -23,7 +23,6 @@ their losses, one AdamW step) against training the four standalone DeiTs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Callable
@@ -32,14 +31,17 @@ import timm.models.deit as timm_deit
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import models  # noqa: E402,F401
-from models.masks import to_block_mask  # noqa: E402
-from models.registry import PRETRAIN_MODELS, build_pretrain_model  # noqa: E402
-from models.scala import SCALA_PRESETS, SlimmableViT, create_scala, width_losses  # noqa: E402
-from models.vit import VisionTransformer  # noqa: E402
-from util.checkpoint import save_atomic  # noqa: E402
-from util.misc import adamw, autocast_context  # noqa: E402
+import models
+from models.checkpoint import encoder_record
+from models.masks import to_block_mask
+from models.registry import create_model, model_names
+from models.scala import SlimmableViT, width_losses
+from models.vit import VisionTransformer
+from util.checkpoint import save_atomic
+from util.misc import adamw, autocast_context
+
+assert models  # importing the package registers every method
+PRETRAIN_MODELS, SCALA_PRESETS = model_names("pretrain"), model_names("slimmable")
 
 PEAK_TFLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
 SCALA_RATIOS = (0.25, 0.5, 0.75, 1.0)
@@ -116,16 +118,16 @@ def random_teacher(name: str, path: str) -> dict:
     """D-iGPT's teacher for timing: a randomly initialised classifier with the student's encoder shape (its
     forward is part of the method's step)."""
     with torch.device("meta"):
-        config = dict(build_pretrain_model(name, {}).encoder.config)
+        config = dict(create_model(name).encoder.config)
     vit = VisionTransformer(**{**config, "num_classes": 10, "global_pool": "token", "class_token": True})
-    save_atomic({"model": vit.state_dict(), "vit_config": dict(vit.config), "vit_prefix": ""}, path)
+    save_atomic({"model": vit.state_dict(), **encoder_record(vit, "", None)}, path)
     return {"teacher": path}
 
 
 def bench_pretrain(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
     extra = random_teacher(name, "/tmp/throughput_teacher.pth") if name.startswith("digpt") else {}
-    model = build_pretrain_model(name, extra).to(device)
+    model = create_model(name, **extra).to(device)
     img = model.encoder.patch_embed.img_size[0]
     imgs = torch.randn(args.batch_size, 3, img, img, device=device)
 
@@ -183,7 +185,7 @@ def bench_scala(name: str, ratio: float | None, args: argparse.Namespace, device
     0.25 with their losses (no teacher: its forward is the same extra work in both), each backpropagated, then
     one AdamW step; its limit trains the four standalone DeiTs of those widths."""
     torch.manual_seed(0)
-    model = create_scala(name, num_classes=1000).to(device).train()
+    model = create_model(name, "slimmable", nb_classes=1000).to(device).train()
     ratios = [ratio] if ratio is not None else [1.0, 0.75, 0.5, 0.25]
     standalone = [standalone_deit(model, r) for r in ratios]
     imgs = torch.randn(args.batch_size, 3, model.img_size, model.img_size, device=device)

@@ -1,4 +1,5 @@
-"""D-iGPT (Ren et al., ICML 2024): segment-wise autoregressive prediction of a frozen teacher's features.
+"""D-iGPT ("Rejuvenating image-GPT as Strong Visual Representation Learners", Ren et al., ICML 2024; official code
+github.com/OliverRensu/D-iGPT): segment-wise autoregressive prediction of a frozen teacher's features.
 
 The patch grid is cut into square segments (official: 2×2 quadrants of 7×7 tokens at 224/16). Each image gets a
 random segment order; all segments but the last, followed by ONE trailing cls token, go through the encoder
@@ -10,14 +11,16 @@ cross-attention decoders with position-only queries:
 in both the cls query predicts the teacher's cls feature. Predictions are resized per segment to the teacher's
 grid (official 7×7 -> 8×8, bilinear) and the loss is 2 − 2·cos per token, mean over tokens, summed over both.
 
-Fine-tuning and probing use the encoder bidirectionally with cls first, as the official fine-tuning does
-(spec §6-7), so ``encoder_mask`` is None. The teacher is held outside the module tree: it is neither in
+Fine-tuning and probing use the encoder bidirectionally with cls first, as the official fine-tuning does, so
+``encoder_mask`` is None. The teacher is held outside the module tree: it is neither in
 ``state_dict()`` nor in ``parameters()``, but ``.to()`` / ``.cuda()`` move it along.
 """
 from __future__ import annotations
 
-import argparse
-from typing import Sequence
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -25,14 +28,24 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, trunc_normal_
 
-from models.masks import block_ids, segment_causal_mask
-from models.registry import TINY_CPU_BUDGET, matching_preset, register_converter, register_pretrain
-from models.teacher import FrozenTeacher, load_teacher, teacher_tokens
-from models.vit import Attention, VisionTransformer, sincos_pos_embed_2d
+from models.checkpoint import vit_shapes
+from models.masks import block_ids, check_orders, random_orders, segment_causal_mask
+from models.registry import (
+    TINY_CPU_BUDGET,
+    Converted,
+    Method,
+    Preset,
+    PretrainingModel,
+    recorded,
+    register_converter,
+    register_method,
+)
+from models.teacher import OPEN_CLIP_PREFIX, FrozenTeacher, load_teacher, teacher_tokens
+from models.vit import Attention, EncoderConfig, VisionTransformer, sincos_pos_embed_2d, upcast
+from util.config import setting
 
-# Official recipe (spec §5): effective batch 4096 = 32 GPUs × 128 (or 64 × accum 2), lr = 1.5e-4 × 4096/256.
-RECIPE = dict(blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), epochs=300, warmup_epochs=40, warmup_lr=0.0,
-              min_lr=0.0, input_size=224, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), batch_size=128)
+# The official teacher, OpenCLIP ViT-H/14 at 224 px, has 1024-d tokens (on a 16×16 grid).
+OFFICIAL_TEACHER_DIM = 1024
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -72,25 +85,8 @@ def resize_segments(tokens: torch.Tensor, segment_size: int, out_size: int) -> t
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of 2 − 2·cos(pred, target) = ||p/|p| − t/|t|||² (the official loss; F.normalize's
     1e-12 floor only matters for all-zero vectors, where the official code would give NaN)."""
-    p, t = F.normalize(pred.float(), dim=-1), F.normalize(target.float(), dim=-1)
+    p, t = F.normalize(upcast(pred), dim=-1), F.normalize(upcast(target), dim=-1)
     return (2 - 2 * (p * t).sum(-1)).mean()
-
-
-def random_order(batch_size: int, num_segments: int, device: torch.device | str | None = None) -> torch.Tensor:
-    return torch.rand(batch_size, num_segments, device=device).argsort(dim=1)
-
-
-def check_order(order: torch.Tensor, batch_size: int, num_segments: int) -> torch.Tensor:
-    """An explicit segment order, [S] (same for every image) or [B, S], validated and returned as [B, S]."""
-    order = torch.as_tensor(order)
-    if order.ndim == 1:
-        order = order[None].expand(batch_size, -1)
-    if order.shape != (batch_size, num_segments) or order.is_floating_point():
-        raise ValueError(f"order must be [{num_segments}] or [{batch_size}, {num_segments}] integers, got "
-                         f"{tuple(order.shape)} {order.dtype}")
-    if not torch.equal(order.sort(dim=1).values.cpu(), torch.arange(num_segments).expand(batch_size, -1)):
-        raise ValueError(f"every row of order must be a permutation of 0..{num_segments - 1}")
-    return order.long()
 
 
 def _segment_grid(img_size: int, patch_size: int, segment_size: int) -> tuple[int, int]:
@@ -125,63 +121,103 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class DiGPT(nn.Module):
-    """D-iGPT pretraining model; ``forward(imgs)`` -> (loss, out). See the module docstring.
+FEATURE_NORM_EPS = 1e-5  # the shared feature LayerNorm keeps PyTorch's default eps in the official code
+
+
+@dataclass(frozen=True)
+class DiGPTConfig(EncoderConfig):
+    """D-iGPT's settings. The defaults are the official ViT-B/16: 224 px, 2×2 segments of 7×7 patches, encoder taps
+    6/8/10/12, two decoders of 2 blocks (1024-d, 32 heads), teacher OpenCLIP ViT-H/14 (1024-d tokens, 16×16 grid)."""
+
+    segment_size: int = setting(7, "segment side in patches")
+    enc_layers: tuple[int, ...] = setting((6, 8, 10, 12), "1-based encoder blocks fused into the decoder memories "
+                                                          "(strictly increasing, ending at depth)")
+    decoder_dim: int = setting(1024, "width of the two decoders")
+    decoder_depth: int = setting(2, "blocks per decoder")
+    decoder_heads: int = setting(32, "decoder attention heads")
+    teacher: str = setting("", "frozen teacher: a checkpoint of this project, a timm model name (with "
+                               "--teacher_weights), or open_clip:<arch> (official: open_clip:ViT-H-14)")
+    teacher_weights: str = setting("", "local weights file of a timm / open_clip teacher (nothing is downloaded)")
+    teacher_dim: int | None = setting(None, "teacher token width; none: the teacher's own (official: 1024)")
+    teacher_grid: int | None = setting(None, "teacher token grid side; none: the teacher's own (official: 16; "
+                                             "without a teacher, the student's grid)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _, side = _segment_grid(self.input_size, self.patch_size, self.segment_size)
+        layers = list(self.enc_layers)
+        if not layers or any(b <= a for a, b in zip(layers, layers[1:])) or layers[0] < 1 or layers[-1] != self.depth:
+            # Blocks after the deepest tap would get no gradient (and break DDP); the official taps end at 12.
+            raise ValueError(f"enc_layers must be strictly increasing block numbers in 1..{self.depth} ending at "
+                             f"{self.depth}, got {layers}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"decoder_dim {self.decoder_dim} is not divisible by decoder_heads {self.decoder_heads}")
+        if self.teacher_grid is not None and self.teacher_grid % side:
+            raise ValueError(f"teacher grid {self.teacher_grid} cannot be cut into the student's {side}×{side} "
+                             "segments")
+        if self.teacher_weights and not self.teacher:
+            raise ValueError("teacher_weights given without teacher")
+
+
+class DiGPT(PretrainingModel):
+    """D-iGPT pretraining model; ``forward(imgs)`` -> (loss, {loss_next, loss_vis}). See the module docstring.
 
     ``enc_layers`` are 1-based block numbers (official 6, 8, 10, 12), strictly increasing and ending at the last
-    block. ``teacher_dim``/``teacher_grid``: width and grid side of the teacher's tokens (official CLIP ViT-H/14
-    at 224: 1024 and 16); the teacher grid must split into the same number of segments per side.
+    block. ``teacher_dim``/``teacher_grid``: width and grid side of the teacher's tokens, read from the teacher
+    when not set (without a teacher: the official 1024-d on the student's own grid); the teacher grid must split
+    into the same number of segments per side. ``config`` records the values in use.
     There is deliberately no ``no_weight_decay()``: the official recipe decays the cls and query tokens.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, segment_size: int = 7,
-                 enc_layers: Sequence[int] = (6, 8, 10, 12), decoder_dim: int = 1024, decoder_depth: int = 2,
-                 decoder_heads: int = 32, teacher_dim: int = 1024, teacher_grid: int = 16,
-                 drop_path_rate: float = 0.0, feature_norm_eps: float = 1e-5):
+    def __init__(self, config: DiGPTConfig):
         super().__init__()
-        grid, side = _segment_grid(img_size, patch_size, segment_size)
-        enc_layers = [int(i) for i in enc_layers]
-        if not enc_layers or any(b <= a for a, b in zip(enc_layers, enc_layers[1:])) or enc_layers[0] < 1 \
-                or enc_layers[-1] != depth:
-            # Blocks after the deepest tap would get no gradient (and break DDP); the official taps end at 12.
-            raise ValueError(f"enc_layers must be strictly increasing block numbers in 1..{depth} ending at "
-                             f"{depth}, got {enc_layers}")
-        if teacher_grid % side:
-            raise ValueError(f"teacher grid {teacher_grid} cannot be cut into the student's {side}×{side} segments")
-        self.img_size, self.grid_size, self.segment_size = img_size, grid, segment_size
+        frozen = load_teacher(config.teacher, config.teacher_weights or None) if config.teacher else None
+        teacher_dim = config.teacher_dim or (frozen.embed_dim if frozen else OFFICIAL_TEACHER_DIM)
+        teacher_grid = config.teacher_grid or (frozen.grid_size if frozen else config.grid_size)
+        self.config = c = dataclasses.replace(config, teacher_dim=teacher_dim, teacher_grid=teacher_grid)
+        grid, side = _segment_grid(c.input_size, c.patch_size, c.segment_size)
+        self.img_size, self.grid_size, self.segment_size = c.input_size, grid, c.segment_size
         self.num_segments = side * side
         self.teacher_dim, self.teacher_grid = teacher_dim, teacher_grid
         self.teacher_segment = teacher_grid // side
-        self.enc_layers = tuple(enc_layers)
-        self.decoder_depth, self.decoder_dim = decoder_depth, decoder_dim
-        self.encoder_mask = None  # downstream use is bidirectional, as the official fine-tuning
-        self._teacher: FrozenTeacher | None = None
+        self.enc_layers = tuple(c.enc_layers)
+        self.decoder_depth, self.decoder_dim = c.decoder_depth, c.decoder_dim
+        self._teacher: FrozenTeacher | None = None  # downstream use is bidirectional (encoder_mask None)
 
         # Encoder config = what downstream rebuilds: no final norm (fc_norm + global average pooling, the
         # official fine-tune) and a LEARNABLE pos_embed there; here it holds the frozen sin-cos table.
-        self.encoder = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                         num_heads=num_heads, mlp_ratio=mlp_ratio, pos_embed="learn",
-                                         global_pool="avg", fc_norm=True, drop_path_rate=drop_path_rate)
-        self.encoder.pos_embed.data.copy_(sincos_pos_embed_2d(embed_dim, grid, num_prefix_tokens=1))
+        self.encoder = VisionTransformer(**c.vit_kwargs(), pos_embed="learn", global_pool="avg", fc_norm=True)
+        self.encoder.pos_embed.data.copy_(sincos_pos_embed_2d(c.embed_dim, grid, num_prefix_tokens=1))
         self.encoder.pos_embed.requires_grad_(False)
         self.encoder.fc_norm.requires_grad_(False)  # unused in pretraining: frozen so DDP sees no idle parameter
-        self.register_buffer("mask", segment_causal_mask(self.num_segments - 1, segment_size ** 2), persistent=False)
-        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_dim, grid, 1)[None], persistent=False)
+        self.register_buffer("mask", segment_causal_mask(self.num_segments - 1, c.segment_size ** 2),
+                             persistent=False)
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(c.decoder_dim, grid, 1)[None],
+                             persistent=False)
 
         def branch(prefix: str) -> None:
             # ONE LayerNorm shared by all tapped levels (the official [LN] * 4 list), PyTorch's default eps.
-            setattr(self, f"{prefix}_feat_norm", nn.LayerNorm(embed_dim, eps=feature_norm_eps))
-            setattr(self, f"{prefix}_enc2dec", nn.Linear(len(enc_layers) * embed_dim, decoder_depth * decoder_dim))
-            setattr(self, f"{prefix}_query", nn.Parameter(torch.zeros(1, 1, decoder_dim)))
+            setattr(self, f"{prefix}_feat_norm", nn.LayerNorm(c.embed_dim, eps=FEATURE_NORM_EPS))
+            setattr(self, f"{prefix}_enc2dec", nn.Linear(len(c.enc_layers) * c.embed_dim,
+                                                         c.decoder_depth * c.decoder_dim))
+            setattr(self, f"{prefix}_query", nn.Parameter(torch.zeros(1, 1, c.decoder_dim)))
             setattr(self, f"{prefix}_blocks", nn.ModuleList(
-                [DecoderBlock(decoder_dim, decoder_heads, mlp_ratio) for _ in range(decoder_depth)]))
-            setattr(self, f"{prefix}_norm", nn.LayerNorm(decoder_dim, eps=1e-6))
-            setattr(self, f"{prefix}_pred", nn.Linear(decoder_dim, teacher_dim))
+                [DecoderBlock(c.decoder_dim, c.decoder_heads, c.mlp_ratio) for _ in range(c.decoder_depth)]))
+            setattr(self, f"{prefix}_norm", nn.LayerNorm(c.decoder_dim, eps=1e-6))
+            setattr(self, f"{prefix}_pred", nn.Linear(c.decoder_dim, teacher_dim))
 
         branch("next")  # official "ar": predicts the next segment
         branch("vis")   # official "kd": predicts the visible segments
         self.init_weights()
+        self.set_teacher(frozen)
+
+    @classmethod
+    def check_settings(cls, config: DiGPTConfig) -> None:
+        if not config.teacher:
+            raise ValueError("D-iGPT learns from a teacher's features: give --teacher (and --teacher_weights)")
+        if not config.teacher.startswith(OPEN_CLIP_PREFIX) and not config.teacher_weights \
+                and not os.path.isfile(config.teacher):
+            raise ValueError(f"teacher checkpoint not found: {config.teacher}")
 
     def init_weights(self) -> None:
         """Official init: xavier-uniform Linears (zero bias), unit LayerNorms, queries N(0, 0.02) truncated,
@@ -244,7 +280,7 @@ class DiGPT(nn.Module):
     def predict(self, imgs: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw decoder outputs (next, visible), [B, L, teacher_dim] each, on the student's segment grid: token
         k·T + t is position t of segment order[k+1] (next) or order[k] (visible); the last token is cls."""
-        return self._predict(imgs, check_order(order, imgs.shape[0], self.num_segments).to(imgs.device))
+        return self._predict(imgs, check_orders(order, imgs.shape[0], self.num_segments).to(imgs.device))
 
     def _predict(self, imgs: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         taps = self.forward_encoder(imgs, order)
@@ -274,15 +310,16 @@ class DiGPT(nn.Module):
         return (torch.cat([seg[:, 1:].flatten(1, 2), t_cls], dim=1),
                 torch.cat([seg[:, :-1].flatten(1, 2), t_cls], dim=1))
 
-    def forward(self, imgs: torch.Tensor, teacher_feats: tuple[torch.Tensor, torch.Tensor] | None = None,
-                order: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss = L_next + L_vis. ``teacher_feats`` (cls, patches) and ``order`` ([S] or [B, S]) are computed
-        here when not given (the order at random per image)."""
+    def forward_with_outputs(self, imgs: torch.Tensor, teacher_feats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                             order: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss = L_next + L_vis, and every intermediate (orders, predictions, targets). ``teacher_feats``
+        (cls, patches) and ``order`` ([S] or [B, S]) are computed here when not given (the order at random per
+        image)."""
         B = imgs.shape[0]
         if order is None:  # official: torch.randperm per sample on the CPU RNG; here one draw on the device
-            order = random_order(B, self.num_segments, imgs.device)
+            order = random_orders(B, self.num_segments, imgs.device)
         else:
-            order = check_order(order, B, self.num_segments).to(imgs.device)
+            order = check_orders(order, B, self.num_segments).to(imgs.device)
         if teacher_feats is None:
             if self._teacher is None:
                 raise ValueError("D-iGPT needs a teacher: build with teacher=... (--teacher) or call set_teacher")
@@ -294,13 +331,17 @@ class DiGPT(nn.Module):
                    pred_next=pred_next, pred_vis=pred_vis, target_next=target_next, target_vis=target_vis)
         return loss_next + loss_vis, out
 
+    def forward(self, imgs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, out = self.forward_with_outputs(imgs)
+        return loss, {"loss_next": out["loss_next"], "loss_vis": out["loss_vis"]}
+
     @torch.no_grad()
     def visualize(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
         """Feature targets have no pixels to show. Panels: the input; what the encoder sees (the never-seen
         segment set to the mean colour); and, per teacher token, the cosine similarity of the prediction to its
         target (black −1 ... white +1) for the next-segment and the visible-segment decoders (black where a
         decoder predicts nothing)."""
-        _, out = self.forward(imgs)
+        _, out = self.forward_with_outputs(imgs)
         order = out["order"]
         mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=imgs.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_DEFAULT_STD, device=imgs.device).view(1, 3, 1, 1)
@@ -338,77 +379,46 @@ def _init_xavier(m: nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Presets. Builder keyword arguments are main_pretrain.py flags (None = the preset's value).
-BASE = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, segment_size=7,
-            enc_layers=(6, 8, 10, 12), decoder_dim=1024, decoder_depth=2, decoder_heads=32, teacher_dim=1024,
-            teacher_grid=16, drop_path_rate=0.0)
-SMALL = dict(BASE, embed_dim=384, num_heads=6, decoder_dim=512, decoder_heads=16)
-# CPU tests: 32 px, patch 4 -> 8×8 grid in 2×2 segments of 4×4; the teacher a project ViT of the same grid.
-TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, segment_size=4, enc_layers=(2, 3, 4),
-            decoder_dim=64, decoder_depth=2, decoder_heads=4, teacher_dim=64, teacher_grid=8, drop_path_rate=0.0)
-
-
-def build_digpt(preset: str, img_size: int | None = None, segment_size: int | None = None, teacher: str | None = None,
-                teacher_weights: str | None = None, teacher_dim: int | None = None, teacher_grid: int | None = None,
-                enc_layers: Sequence[int] | None = None, decoder_depth: int | None = None,
-                decoder_dim: int | None = None, decoder_heads: int | None = None,
-                drop_path_rate: float | None = None) -> DiGPT:
-    """A D-iGPT preset; every keyword that is not None (a main_pretrain.py flag) overrides it. With ``teacher``,
-    load it and take teacher_dim/teacher_grid from it unless they are given explicitly."""
-    given = {k: v for k, v in locals().items() if k not in ("preset", "teacher", "teacher_weights") and v is not None}
-    cfg = {**_PRESETS[preset][0], **given}
-    _segment_grid(cfg["img_size"], cfg["patch_size"], cfg["segment_size"])  # cheap check before loading anything
-    if teacher_weights is not None and teacher is None:
-        raise ValueError("teacher_weights given without teacher")
-    frozen = load_teacher(teacher, teacher_weights) if teacher else None
-    if frozen is not None:
-        cfg["teacher_dim"] = given.get("teacher_dim", frozen.embed_dim)
-        cfg["teacher_grid"] = given.get("teacher_grid", frozen.grid_size)
-    model = DiGPT(**cfg)
-    model.set_teacher(frozen)
-    return model
-
-
-_PRESETS = {  # (architecture, recipe, description)
-    "digpt_vit_tiny": (TINY, {**RECIPE, **TINY_CPU_BUDGET},
-                       "CPU-sized D-iGPT: 32 px, patch 4, 64-d, depth 4, 2×2 segments of 4×4, taps 2/3/4"),
-    "digpt_vit_small_patch16": (SMALL, RECIPE, "not an official preset: ViT-S/16 at 224 px, taps 6/8/10/12, "
-                                               "decoders 2 × 512-d × 16 heads, the base recipe"),
-    "digpt_vit_base_patch16": (BASE, RECIPE, "official D-iGPT ViT-B/16: 224 px, 2×2 segments of 7×7, taps 6/8/10/12, "
-                                             "decoders 2 × 1024-d × 32 heads, teacher OpenCLIP ViT-H/14 (1024-d "
-                                             "tokens on a 16×16 grid)"),
-}
-for _name, (_arch, _recipe, _description) in _PRESETS.items():
-    register_pretrain(_name, build_digpt, _recipe, _description)
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("D-iGPT")
-    g.add_argument("--segment_size", type=int, default=None, help="segment side in patches (official 7)")
-    g.add_argument("--teacher", default=None,
-                   help="frozen teacher: a checkpoint of this project, a timm model name (with --teacher_weights), "
-                        "or open_clip:<arch> (with --teacher_weights; official: open_clip:ViT-H-14)")
-    g.add_argument("--teacher_weights", default=None, help="local weights file of a timm / open_clip teacher")
-    g.add_argument("--teacher_dim", type=int, default=None, help="teacher token width (default: from the teacher)")
-    g.add_argument("--teacher_grid", type=int, default=None, help="teacher token grid side (default: from the teacher)")
-    g.add_argument("--enc_layers", type=int, nargs="+", default=None,
-                   help="1-based encoder blocks fused into the decoder memories (official 6 8 10 12)")
-    g.add_argument("--decoder_depth", type=int, default=None)
-    g.add_argument("--decoder_dim", type=int, default=None)
-    g.add_argument("--decoder_heads", type=int, default=None)
+# The official recipe: AdamW (0.9, 0.95), wd 0.05, effective batch 4096 = 32 GPUs × 128 (or 64 × accum 2),
+# lr = 1.5e-4 × 4096 / 256, 300 epochs with 40 warmup epochs, cosine to 0, RandomResizedCrop(0.2-1) + flip.
+register_method(Method(
+    key="digpt", name="D-iGPT", kind="pretrain", model_class=DiGPT, config_class=DiGPTConfig,
+    recipe=dict(blr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), epochs=300, warmup_epochs=40, warmup_lr=0.0,
+                min_lr=0.0, crop_scale=(0.2, 1.0), crop_ratio=(3 / 4, 4 / 3), batch_size=128),
+    presets={
+        # CPU tests: 32 px, patch 4 -> 8×8 grid in 2×2 segments of 4×4; the teacher a project ViT of the same grid
+        "digpt_vit_tiny": Preset(
+            "CPU-sized D-iGPT: 32 px, patch 4, 64-d, depth 4, 2×2 segments of 4×4, taps 2/3/4",
+            dict(TINY_CPU_BUDGET, patch_size=4, embed_dim=64, depth=4, num_heads=4, segment_size=4,
+                 enc_layers=(2, 3, 4), decoder_dim=64, decoder_depth=2, decoder_heads=4)),
+        "digpt_vit_small_patch16": Preset(
+            "not an official preset: ViT-S/16 at 224 px, taps 6/8/10/12, decoders 2 × 512-d × 16 heads, the base "
+            "recipe", dict(embed_dim=384, num_heads=6, decoder_dim=512, decoder_heads=16)),
+        "digpt_vit_base_patch16": Preset(
+            "official D-iGPT ViT-B/16: 224 px, 2×2 segments of 7×7, taps 6/8/10/12, decoders 2 × 1024-d × 32 heads, "
+            "teacher OpenCLIP ViT-H/14 (1024-d tokens on a 16×16 grid)"),
+    }))
 
 
 # ---------------------------------------------------------------------------------------------------
 # Official checkpoints (github.com/OliverRensu/D-iGPT, DiGPT_torch)
-def _official_detect(sd: dict) -> bool:
+def _official_detect(sd: dict, records: dict) -> bool:
     return "ar_enc2dec.weight" in sd and "kd_enc2dec.weight" in sd and "ar_blocks.0.attn2.kv.weight" in sd
 
 
-def _official_convert(sd: dict) -> tuple[dict, str | None]:
-    """Official state dict -> ours. The official forward unpacks the encoder's (kd memory, ar memory) as
+# The official constructors (DiGPT_vit_base, and DiGPT_vit_large of the first commit) tap blocks 6/8/10/12 of
+# ViT-B and use 32-head decoders.
+OFFICIAL_TAPS = {12: (6, 8, 10, 12)}
+OFFICIAL_DECODER_HEADS = 32
+
+
+def _official_convert(sd: dict, records: dict) -> Converted:
+    """Official state dict -> a whole D-iGPT model. The official forward unpacks the encoder's (kd memory, ar memory) as
     (ar, kd): the next-segment decoder ("ar_blocks") reads the memory of ``kd_enc_norm``/``kd_enc2dec`` and the
-    visible-segment decoder ("kd_blocks") that of ``ar_enc_*`` (spec §2). The mapping below keeps that wiring,
-    so converted weights compute what the released model computes."""
+    visible-segment decoder ("kd_blocks") that of ``ar_enc_*``. The architecture comes from the shapes (the
+    segment size from the stored mask buffer, the teacher width from the heads); the tapped blocks and the
+    decoder head count from what the file records or the official constructors' values. The mapping below keeps
+    that wiring, so converted weights compute what the released model computes."""
     out = {}
     for k, v in sd.items():
         if k.startswith(("cls_token", "pos_embed", "patch_embed.", "blocks.")):
@@ -439,7 +449,29 @@ def _official_convert(sd: dict) -> tuple[dict, str | None]:
                 out[f"{ours}_blocks.{j}.attn2.qkv.{p}"] = torch.cat([v, sd[f"{prefix}{j}.attn2.kv.{p}"]], dim=0)
             elif not name.startswith("attn2.kv."):
                 out[f"{ours}_blocks.{j}.{name}"] = v
-    return out, matching_preset(build_digpt, out)
+    encoder = {k[len("encoder."):]: v for k, v in out.items() if k.startswith("encoder.")}
+    shapes = vit_shapes(encoder)
+    grid = shapes["img_size"] // shapes["patch_size"]
+    taps = sd["ar_enc2dec.weight"].shape[1] // shapes["embed_dim"]
+    settings = dict(input_size=shapes["img_size"], patch_size=shapes["patch_size"], embed_dim=shapes["embed_dim"],
+                    depth=shapes["depth"], mlp_ratio=shapes["mlp_ratio"], decoder_dim=sd["ar_norm.weight"].shape[0],
+                    decoder_depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("ar_blocks.")),
+                    teacher_dim=sd["ar_pred.weight"].shape[0])
+    if "mask" in sd:  # the official segment-causal buffer covers G² - s² + 1 tokens
+        settings["segment_size"] = math.isqrt(grid * grid + 1 - sd["mask"].shape[-1])
+    placeholders = {}
+    layers = recorded(records, "enc_layers") or OFFICIAL_TAPS.get(shapes["depth"])
+    if layers is not None and len(layers) == taps:
+        settings["enc_layers"] = tuple(int(i) for i in layers)
+    else:  # which blocks feed the decoders does not show in the shapes
+        placeholders["enc_layers"] = tuple(range(shapes["depth"] - taps + 1, shapes["depth"] + 1))
+    if recorded(records, "decoder_num_heads") is not None:
+        settings["decoder_heads"] = int(records["decoder_num_heads"])
+    elif recorded(records, "model") in ("DiGPT_vit_base", "DiGPT_vit_large"):
+        settings["decoder_heads"] = OFFICIAL_DECODER_HEADS
+    else:
+        placeholders["decoder_heads"] = 1
+    return Converted(out, "pretrain", settings, placeholders)
 
 
 register_converter("digpt", _official_detect, _official_convert)

@@ -1,16 +1,68 @@
-"""Attention-mask builders shared by the method files. Convention: boolean, ``True`` = may attend
-(what ``scaled_dot_product_attention`` expects), rows are queries, columns are keys."""
+"""Attention masks and generation orders shared by the method files. Mask convention: boolean, ``True`` = may
+attend (what ``scaled_dot_product_attention`` expects), rows are queries, columns are keys."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+
+def random_orders(batch_size: int, length: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """One uniformly random permutation of 0..length-1 per image, [batch, length] (argsort of iid uniforms, as
+    the official SAIM and D-iGPT samplers; ties have probability 0)."""
+    return torch.rand(batch_size, length, device=device).argsort(dim=1)
+
+
+def check_orders(order: torch.Tensor, batch_size: int, length: int) -> torch.Tensor:
+    """Explicit generation orders as [batch, length] integers: ``order`` is [length] (the same for every image) or
+    [batch, length], each row a permutation of 0..length-1; a ValueError otherwise."""
+    order = torch.as_tensor(order)
+    if order.ndim == 1:
+        order = order[None].expand(batch_size, -1)
+    if tuple(order.shape) != (batch_size, length) or order.is_floating_point():
+        raise ValueError(f"order must be [{length}] or [{batch_size}, {length}] integers, got "
+                         f"{tuple(order.shape)} {order.dtype}")
+    if not torch.equal(order.sort(dim=1).values, torch.arange(length, device=order.device).expand(batch_size, -1)):
+        raise ValueError(f"every row of order must be a permutation of 0..{length - 1}")
+    return order.long()
+
+
+@dataclass(frozen=True)
+class BlockCausal:
+    """The mask an encoder keeps downstream (probing, fine-tuning): XTRA's block-causal attention."""
+
+    block_size: int
+
+    def build(self, grid_size: int, num_prefix_tokens: int = 0, device: torch.device | str | None = None
+              ) -> torch.Tensor:
+        if num_prefix_tokens:
+            raise ValueError("the block-causal mask is defined for encoders without prefix tokens (XTRA)")
+        return block_causal_mask(grid_size, self.block_size, device)
+
+    def to_dict(self) -> dict:
+        return {"type": "block_causal", "block_size": self.block_size}
+
+
+EncoderMask = BlockCausal  # every kind of mask an encoder can keep after pretraining (None: bidirectional)
+ENCODER_MASKS = {"block_causal": BlockCausal}
+
+
+def encoder_mask_from_dict(stored: dict | None) -> EncoderMask | None:
+    """The typed mask recorded in a checkpoint (a plain dict there, so that it loads with weights_only)."""
+    if not stored:
+        return None
+    kind = ENCODER_MASKS.get(stored.get("type"))
+    if kind is None:
+        raise ValueError(f"unknown encoder mask {stored!r} (known: {', '.join(ENCODER_MASKS)})")
+    return kind(**{k: v for k, v in stored.items() if k != "type"})
 
 
 def block_ids(grid_size: int, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Block index of every patch token in raster order: blocks are ``block_size``×``block_size``
     patches, numbered in raster order over the block grid."""
     if grid_size % block_size:
-        # The official create_block_mask silently mixes blocks here (spec xtra.md §9.6); refuse instead.
+        # The official create_block_mask silently gives two blocks the same id here; refuse instead.
         raise ValueError(f"patch grid {grid_size} is not divisible by block size {block_size}")
     r = torch.arange(grid_size, device=device)
     return ((r[:, None] // block_size) * (grid_size // block_size) + r[None, :] // block_size).flatten()
@@ -28,8 +80,9 @@ def segment_causal_mask(num_segments: int, segment_len: int, device: torch.devic
     trailing cls token: patch tokens attend to their own and earlier segments, the cls query attends to
     everything, and the cls key is visible only to the last segment (and to cls itself).
 
-    This is the closed form of the official reflect-padded mask (spec digpt.md §2); it agrees with the official
-    one for ``segment_len >= 2``, where reflect padding copies a last-segment row/column as intended."""
+    This is the closed form of the official mask, which the D-iGPT code builds by reflect-padding a segment-causal
+    mask by one row and column; the two agree for ``segment_len >= 2``, where the padding copies a last-segment
+    row/column as intended."""
     if num_segments < 1 or segment_len < 1:
         raise ValueError(f"need at least one segment of one token, got {num_segments} × {segment_len}")
     n = num_segments * segment_len
@@ -46,13 +99,12 @@ def permutation_two_stream_masks(order: torch.Tensor) -> tuple[torch.Tensor, tor
     ``order`` [B, L]: ``order[b, t]`` is the patch generated t-th in image b. Returns two boolean masks
     [B, 1, L+1, L+1] (cls first, then patches in raster order). Content: a patch sees the patches generated
     before it and itself. Query: strictly earlier patches only, so a prediction never sees its own patch.
-    Both: every row sees the cls key; the cls row sees only itself (spec saim.md §2)."""
+    Both: every row sees the cls key; the cls row sees only itself (as in the official SAIM code)."""
     if order.dim() != 2:
         raise ValueError(f"order must be [batch, patches], got shape {tuple(order.shape)}")
     B, L = order.shape
+    order = check_orders(order, B, L)
     steps = torch.arange(L, device=order.device).expand(B, L)
-    if not torch.equal(order.sort(dim=1).values, steps):
-        raise ValueError("every row of order must be a permutation of 0..L-1")
     rank = torch.empty_like(order).scatter_(1, order, steps)
     rank = torch.cat([rank.new_full((B, 1), -1), rank], dim=1)  # cls ranks first: visible to all, sees only itself
     content = rank[:, None, :] <= rank[:, :, None]

@@ -1,79 +1,177 @@
-"""Registries that connect the method files to the entry scripts.
+"""How a method plugs in, and the contract its pretraining model keeps with main_pretrain.py.
 
-* Pretraining presets: ``register_pretrain(name, builder, recipe)``. Each method has one builder
-  ``builder(preset_name, **flags)``; its keyword arguments are also command-line flags of ``main_pretrain.py``
-  (added by the method's ``add_args``, default ``None`` = the preset's value), and ``build_pretrain_model``
-  passes every such flag that is set.
-* Official-checkpoint converters: ``register_converter(name, detect, convert)``; ``convert`` maps an
-  official state dict to this project's pretraining-model state dict and returns the preset it fits.
+A method file declares a settings dataclass (fields = flags, defaults = the official recipe), a model class built
+from one instance of it, its training recipe (defaults of the shared optimisation/data settings) and named
+presets, then calls :func:`register_method` once. ``models/__init__.py`` imports every method file: adding a
+method is one new file plus one import line there (docs/adding_a_method.md walks through models/mae.py).
 """
 from __future__ import annotations
 
-import argparse
-import functools
-import inspect
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn as nn
 
-
-@dataclass
-class PretrainEntry:
-    builder: Callable[..., nn.Module]  # the method's builder with the preset name bound: keyword arguments only
-    recipe: dict = field(default_factory=dict)  # defaults of main_pretrain flags for this method
-    description: str = ""
+from models.masks import EncoderMask
+from models.vit import VisionTransformer
+from util.config import AugmentSettings, MixupSettings, shared_names
 
 
-PRETRAIN_MODELS: dict[str, PretrainEntry] = {}
+class PretrainingModel(nn.Module):
+    """What main_pretrain.py and engine_pretrain.py rely on; every pretraining method subclasses it.
 
-# The tiny presets' recipe override: one CPU budget for every method on the digits (benchmarks/learning_evidence.py:
+    * ``__init__(config)``: built from the method's settings dataclass and nothing else.
+    * ``forward(imgs) -> (loss, metrics)``: the loss to minimise and named 0-d metrics (detached), which the
+      engine logs to the progress line, ``log.txt`` (``train_<name>``) and tensorboard next to the loss.
+    * ``encoder``: the :class:`VisionTransformer` that fine-tuning and probing keep.
+    * ``encoder_mask``: the attention mask the encoder keeps downstream (``models.masks.EncoderMask``), or None
+      for bidirectional use.
+    * ``no_weight_decay()``: parameter names exempt from weight decay besides 1-D parameters and biases.
+    * ``visualize(imgs)``: named image panels [B, 3, H, W] in normalised image space, for ``--visualize_every``.
+    * ``check_settings(config)``: refuse settings that cannot train (e.g. D-iGPT without a teacher) before
+      anything is built or written.
+    """
+
+    encoder: VisionTransformer
+    encoder_mask: EncoderMask | None = None
+
+    @classmethod
+    def check_settings(cls, config) -> None:
+        """Raise ValueError (one line) if a training run cannot start with ``config``."""
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+    def visualize(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} has no visualisation")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of overrides: of the method's settings and of the shared training settings."""
+
+    description: str
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str                                   # "xtra": also a model name (the official recipe, no preset)
+    name: str                                  # "XTRA", for messages and docs
+    kind: Literal["pretrain", "slimmable"]     # the entry script that trains it
+    model_class: Callable[..., nn.Module]      # model_class(config)
+    config_class: type                         # frozen dataclass: fields are flags, defaults the official recipe
+    recipe: dict = field(default_factory=dict)  # defaults of the shared training settings
+    presets: dict[str, Preset] = field(default_factory=dict)
+
+    def config_names(self) -> set[str]:
+        return {f.name for f in dataclasses.fields(self.config_class)}
+
+
+# The tiny presets' training budget: one CPU budget for every method on the digits (benchmarks/learning_evidence.py:
 # the methods' own blr rule gives 20× smaller lrs than XTRA's absolute 1e-3 at batch 64, and their 30-40 warmup
 # epochs would cover a whole CPU run).
 TINY_CPU_BUDGET = dict(input_size=32, batch_size=64, epochs=30, warmup_epochs=3, lr=1e-3)
 
-
-def register_pretrain(name: str, builder: Callable[..., nn.Module], recipe: dict, description: str = "") -> None:
-    PRETRAIN_MODELS[name] = PretrainEntry(functools.partial(builder, name), dict(recipe), description)
-
-
-def pretrain_entry(name: str) -> PretrainEntry:
-    if name not in PRETRAIN_MODELS:
-        raise ValueError(f"unknown pretraining model {name!r}; known: {', '.join(sorted(PRETRAIN_MODELS))}")
-    return PRETRAIN_MODELS[name]
+METHODS: dict[str, Method] = {}
+MODELS: dict[str, tuple[Method, Preset]] = {}  # model name -> (method, preset)
 
 
-def build_pretrain_model(name: str, args: argparse.Namespace | dict) -> nn.Module:
-    """Build a registered preset, overriding its keyword arguments with the matching flags that are set."""
-    builder = pretrain_entry(name).builder
-    values = vars(args) if isinstance(args, argparse.Namespace) else args
-    params = inspect.signature(builder).parameters
-    return builder(**{k: v for k, v in values.items() if k in params and v is not None})
+def _training_names() -> set[str]:
+    return shared_names() | {f.name for cls in (AugmentSettings, MixupSettings) for f in dataclasses.fields(cls)}
 
 
-def matching_preset(builder: Callable[..., nn.Module], state_dict: dict, prefix: str = "") -> str | None:
-    """The preset registered with ``builder`` whose tensors under ``prefix`` have exactly the names and shapes of
-    ``state_dict``'s tensors under ``prefix`` (each preset built on the meta device), else None. Attention head
-    counts do not show in shapes: the preset's are assumed."""
-    wanted = {k: tuple(v.shape) for k, v in state_dict.items() if k.startswith(prefix)}
-    for name, entry in PRETRAIN_MODELS.items():
-        if entry.builder.func is builder:
-            with torch.device("meta"):
-                model = entry.builder()
-            if {k: tuple(v.shape) for k, v in model.state_dict().items() if k.startswith(prefix)} == wanted:
-                return name
-    return None
+def register_method(method: Method) -> None:
+    """Register a method and its presets; a recipe or preset naming an unknown setting fails at import time."""
+    known = method.config_names() | _training_names()
+    for where, values in [("recipe", method.recipe)] + [(n, p.settings) for n, p in method.presets.items()]:
+        unknown = set(values) - known
+        if unknown:
+            raise TypeError(f"{method.name} {where}: unknown settings {sorted(unknown)}")
+    METHODS[method.key] = method
+    MODELS[method.key] = (method, Preset(f"{method.name} with its official defaults"))
+    for name, preset in method.presets.items():
+        if name in MODELS:
+            raise TypeError(f"model name {name!r} registered twice")
+        MODELS[name] = (method, preset)
+
+
+def model_names(kind: str) -> list[str]:
+    return sorted(n for n, (m, _) in MODELS.items() if m.kind == kind)
+
+
+def lookup(name: str, kind: str) -> tuple[Method, Preset]:
+    if name not in MODELS or MODELS[name][0].kind != kind:
+        raise ValueError(f"unknown {kind} model {name!r}; known: {', '.join(model_names(kind))}")
+    return MODELS[name]
+
+
+def split_settings(method: Method, values: dict) -> tuple[dict, dict]:
+    """(the method's own settings, the training settings) of a preset or recipe."""
+    own = method.config_names()
+    return {k: v for k, v in values.items() if k in own}, {k: v for k, v in values.items() if k not in own}
+
+
+def model_config(name: str, kind: str = "pretrain", **overrides):
+    """The settings dataclass of a model name with ``overrides``; an unknown keyword is a ValueError that names
+    it (as timm's create_model refuses unknown arguments)."""
+    method, preset = lookup(name, kind)
+    unknown = set(overrides) - method.config_names()
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} {'is not a setting' if len(unknown) == 1 else 'are not settings'} of "
+                         f"{name} ({method.name}); its settings: {', '.join(sorted(method.config_names()))}")
+    own, _ = split_settings(method, preset.settings)
+    return method.config_class(**{**own, **overrides})
+
+
+def create_model(name: str, kind: str = "pretrain", **overrides) -> nn.Module:
+    """Build a registered model: its preset's settings with ``overrides`` (see :func:`model_config`)."""
+    return lookup(name, kind)[0].model_class(model_config(name, kind, **overrides))
+
+
+def setting_owners(flag: str) -> list[str]:
+    """Names of the methods whose settings include ``flag`` (for the error on a foreign flag)."""
+    return sorted({m.name for m in METHODS.values() if flag in m.config_names()})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Official-checkpoint converters
+@dataclass
+class Converted:
+    """An official checkpoint in this project's layout.
+
+    ``kind``: 'pretrain' (the method's whole pretraining model), 'encoder' (its encoder alone, VisionTransformer
+    keys), 'classifier' (a ViT classifier, VisionTransformer keys), 'probe' (a probe of main_linprobe.py:
+    ``backbone.*`` + ``head.*``) or 'slimmable' (Scala). ``settings``: the method's settings the file fixes (tensor
+    shapes, recorded hyper-parameters); the encoder's head count is left to ``models.checkpoint``. ``placeholders``:
+    settings the whole model needs but the file does not fix (e.g. decoder head counts), with values that only
+    serve to build it on the meta device; they must be given to rebuild the whole model. ``probe``: the probe
+    settings of a probe file."""
+
+    state_dict: dict
+    kind: Literal["pretrain", "encoder", "classifier", "probe", "slimmable"]
+    settings: dict = field(default_factory=dict)
+    placeholders: dict = field(default_factory=dict)
+    probe: dict = field(default_factory=dict)
 
 
 @dataclass
 class Converter:
-    detect: Callable[[dict], bool]          # does this (prefix-stripped) state dict come from that method?
-    convert: Callable[[dict], tuple[dict, str]]  # official state dict -> (our state dict, preset name)
+    detect: Callable[[dict, dict], bool]      # (prefix-stripped state dict, the file's records) -> is it this method's?
+    convert: Callable[[dict, dict], Converted]
 
 
-CONVERTERS: dict[str, Converter] = {}
+CONVERTERS: dict[str, Converter] = {}  # by method key
 
 
-def register_converter(name: str, detect: Callable[[dict], bool], convert: Callable[[dict], tuple[dict, str]]) -> None:
-    CONVERTERS[name] = Converter(detect, convert)
+def register_converter(method_key: str, detect: Callable[[dict, dict], bool],
+                       convert: Callable[[dict, dict], Converted]) -> None:
+    CONVERTERS[method_key] = Converter(detect, convert)
+
+
+def recorded(records: dict, *names: str):
+    """The first of ``names`` the file records (hyper-parameters / args), else None."""
+    return next((records[n] for n in names if records.get(n) is not None), None)

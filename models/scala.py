@@ -1,8 +1,9 @@
 """Scala: a slimmable ViT whose every width ratio r in [s, l] is a narrower ViT sliced out of one set of weights
-("Slicing Vision Transformer for Flexible Inference", NeurIPS 2024; spec: specs/scala.md).
+("Slicing Vision Transformer for Flexible Inference", Zhang et al., NeurIPS 2024; official code
+github.com/BeSpontaneous/Scala-pytorch).
 
 The model keeps the full-size parameters of the shared backbone (timm DeiT key layout, plus ``dist_token`` and
-``head_dist`` for the distilled variant) and, for ``model(x, r)``, slices them on the fly (spec §1.3):
+``head_dist`` for the distilled variant) and, for ``model(x, r)``, slices them on the fly:
 
 * embed width d = int(r·D), MLP hidden int(r·4D); the fused qkv matrix gives ONE contiguous block of 3d rows
   (so the sub-network's q/k/v are not the first d rows of the full q, k and v: official checkpoints need this);
@@ -13,31 +14,119 @@ The model keeps the full-size parameters of the shared backbone (timm DeiT key l
 * "isolated activation": r = s and r = l take the FIRST d channels of every axis, every other r the LAST d.
 
 The direction of the tokens, position embedding, final norm and heads of the official distilled model is
-decided by the literal ratios 0.25 / 1.0 instead of s / l (a bug, spec §1.2); ``literal_end_ratios=True``
-reproduces it, which matters only when s != 0.25 or l != 1 and is needed for checkpoints trained that way.
+decided by the literal ratios 0.25 / 1.0 instead of s / l (a bug of the official ``forward_features``);
+``literal_end_ratios=True`` reproduces it, which matters only when s != 0.25 or l != 1 and is needed for
+checkpoints trained that way.
 """
 from __future__ import annotations
 
-import math
 import random
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import trunc_normal_
 
-from models.registry import register_converter
-from models.vit import VIT_PRESETS, VisionTransformer
+from models.checkpoint import vit_shapes
+from models.registry import Converted, Method, Preset, recorded, register_converter, register_method
+from models.vit import EncoderConfig, VisionTransformer, resize_pos_embed
+from util.config import setting
 
-# Presets: (shared ViT preset, image size). The tiny one is for CPU tests.
-SCALA_PRESETS: dict[str, tuple[str, int]] = {
-    "scala_vit_tiny": ("vit_tiny_patch4", 32),
-    "scala_deit_small_patch16": ("vit_small_patch16", 224),
-    "scala_deit_base_patch16": ("vit_base_patch16", 224),
-}
 
-# How each parameter is sliced (spec §1.3): {axis: active size} with sizes 'd' (embed width), '3d' (the
+@dataclass(frozen=True)
+class WidthSpace:
+    """Scala's width space: the smallest and largest ratios s and l and the granularity ε of the trained grid
+    s, s+ε, ..., l (X = (l - s)/ε + 1 widths). s and l must be multiples of ε (the official sampler draws
+    multiples of ε)."""
+
+    smallest: float = 0.25
+    largest: float = 1.0
+    granularity: float = 1 / 16
+
+    def __post_init__(self) -> None:
+        if not 0 < self.smallest <= self.largest <= 1:
+            raise ValueError(f"need 0 < smallest_ratio <= largest_ratio <= 1, got {self.smallest}, {self.largest}")
+        self.steps()
+
+    def steps(self) -> tuple[int, int]:
+        """s/ε and l/ε as integers."""
+        if self.granularity <= 0:
+            raise ValueError(f"granularity must be positive, got {self.granularity}")
+        a, b = self.smallest / self.granularity, self.largest / self.granularity
+        if abs(a - round(a)) > 1e-9 or abs(b - round(b)) > 1e-9:
+            raise ValueError(f"smallest {self.smallest} and largest {self.largest} must be multiples of granularity "
+                             f"{self.granularity}")
+        return round(a), round(b)
+
+    def grid(self) -> list[float]:
+        """The X trained widths [s, s+ε, ..., l]. Middle values are ε·k, the very floats the sampler draws (exact
+        for binary fractions), and the ends are s and l themselves."""
+        a, b = self.steps()
+        return [self.smallest] + [self.granularity * k for k in range(a + 1, b)] + ([self.largest] if b > a else [])
+
+    def sample(self, rng: random.Random) -> list[float]:
+        """Stable sampling for one iteration: [l, r3, r2, s] with r3 uniform on the upper stratum
+        [ε·floor(m/ε), l-ε] and r2 uniform on the lower one [s+ε, ε·floor(m/ε)-ε], m = (s+l)/2 (the official
+        draws, in the same order: given the same ``random.Random`` state they give the same ratios).
+
+        X = 4 widths (e.g. ε = 1/4): the official lower stratum is empty and ``randint`` crashes; here both
+        interior widths run every iteration, [l, l-ε, s+ε, s] (no randomness). Fewer than 4 widths: ValueError.
+        """
+        a, b = self.steps()
+        if b - a < 3:
+            raise ValueError(f"stable sampling needs at least 4 widths, the grid {self.smallest}..{self.largest} "
+                             f"step {self.granularity} has {b - a + 1}")
+        if b - a == 3:
+            return [self.largest, self.granularity * (b - 1), self.granularity * (a + 1), self.smallest]
+        mid = (a + b) // 2  # floor(m / ε)
+        r3 = self.granularity * rng.randint(mid, b - 1)
+        r2 = self.granularity * rng.randint(a + 1, mid - 1)
+        return [self.largest, r3, r2, self.smallest]
+
+
+@dataclass(frozen=True)
+class ScalaConfig(EncoderConfig):
+    """Scala's settings. The defaults are the official Scala-S: a distilled DeiT-S (224 px, patch 16, 384-d, 12
+    blocks, 6 heads, drop-path 0.1) trained on the 13 widths 0.25, 0.3125, ..., 1 with a DeiT-S teacher."""
+
+    embed_dim: int = 384
+    num_heads: int = 6
+    drop_path: float = 0.1
+    nb_classes: int | None = setting(None, "classes of the classifier; none: the dataset's")
+    distilled: bool = setting(True, "DeiT's distillation token and head (the official Scala model)")
+    smallest_ratio: float = setting(0.25, "s: the smallest trained width ratio")
+    largest_ratio: float = setting(1.0, "l: the largest trained width ratio")
+    granularity: float = setting(0.0625, "ε: trained widths s, s+ε, ..., l (1/16: X = 13)")
+    literal_end_ratios: bool = setting(
+        True, "official quirk: tokens / position embedding / final norm / heads take the first channels only at "
+              "r = 0.25 and 1 (matters only for s != 0.25 or l != 1; keep on for official checkpoints)")
+    full_warm_epochs: int = setting(10, "epochs that train the full width only")
+    transfer_type: Literal["progressive", "US"] = setting(
+        "progressive", "teacher of each sub-network: the next larger width, or the full width (US-Net)")
+    ce_coefficient: float = setting(1.0, "noisy calibration: weight of the label cross-entropy of sub-networks")
+    distillation_alpha: float = setting(0.5, "full width: weight of the teacher cross-entropy")
+    teacher: str = setting("", "frozen classifier: a checkpoint of this project or a timm name (+ "
+                               "--teacher_weights); none: the full width's dist head learns the labels")
+    teacher_weights: str = setting("", "local weights file for a timm --teacher (nothing is downloaded)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        space = self.width_space  # s, l, ε valid
+        for r in (space.smallest, space.largest):
+            _active_width(r, self.embed_dim, self.num_heads)  # both ends must be valid widths
+        if self.nb_classes is not None and self.nb_classes < 1:
+            raise ValueError(f"nb_classes must be positive, got {self.nb_classes}")
+        if self.teacher_weights and not self.teacher:
+            raise ValueError("--teacher_weights given without --teacher")
+
+    @property
+    def width_space(self) -> WidthSpace:
+        return WidthSpace(self.smallest_ratio, self.largest_ratio, self.granularity)
+
+
+# How each parameter is sliced: {axis: active size} with sizes 'd' (embed width), '3d' (the
 # contiguous fused-qkv block) and 'h' (MLP hidden), and which direction rule applies: 'body' (patch embed and
 # blocks, decided by s/l) or 'ends' (tokens, position embedding, final norm and heads; see literal_end_ratios).
 _TOP_SLICES: dict[str, tuple[str, dict[int, str]]] = {
@@ -56,41 +145,31 @@ _BLOCK_SLICES: dict[str, dict[int, str]] = {
 }
 
 
+NORM_EPS = 1e-5  # the official forward calls F.layer_norm without eps: released checkpoints were trained with 1e-5
+
+
 class SlimmableViT(VisionTransformer):
     """Scala's slimmable DeiT (distilled by default). ``forward(x, ratio)``: in train mode the distilled model
     returns ``(cls_logits, dist_logits)``, in eval mode their mean; the plain model returns the cls logits."""
 
-    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dim: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, drop_path_rate: float = 0.0, distilled: bool = True,
-                 smallest_ratio: float = 0.25, largest_ratio: float = 1.0, norm_eps: float = 1e-5,
-                 literal_end_ratios: bool = True):
-        if num_classes <= 0:
-            raise ValueError(f"a slimmable classifier needs num_classes > 0, got {num_classes}")
-        if not 0 < smallest_ratio <= largest_ratio <= 1:
-            raise ValueError(f"need 0 < smallest_ratio <= largest_ratio <= 1, got {smallest_ratio}, {largest_ratio}")
-        for r in (smallest_ratio, largest_ratio):
-            _active_width(r, embed_dim, num_heads)  # both ends must be valid widths (before building anything)
-        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
-                         embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                         qkv_bias=qkv_bias, class_token=True, pos_embed="learn", global_pool="token",
-                         fc_norm=False, drop_path_rate=drop_path_rate, norm_eps=norm_eps)
-        # Everything needed to rebuild this model (self.config stays the plain-ViT part, as for every encoder).
-        self.scala_config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
-                                 num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-                                 mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, distilled=distilled,
-                                 smallest_ratio=smallest_ratio, largest_ratio=largest_ratio, norm_eps=norm_eps,
-                                 literal_end_ratios=literal_end_ratios)
-        self.img_size = img_size
-        self.in_chans = in_chans
-        self.num_classes = num_classes
+    def __init__(self, config: ScalaConfig):
+        if config.nb_classes is None:
+            raise ValueError("a slimmable classifier needs its number of classes (nb_classes)")
+        super().__init__(**config.vit_kwargs(), in_chans=3, num_classes=config.nb_classes, qkv_bias=True,
+                         class_token=True, pos_embed="learn", global_pool="token", fc_norm=False, norm_eps=NORM_EPS)
+        self.scala_config = config  # everything needed to rebuild it (self.config stays the plain-ViT part)
+        self.width_space = config.width_space
+        self.img_size = config.input_size
+        self.in_chans = 3
+        self.num_classes = config.nb_classes
         self.mlp_hidden = self.blocks[0].mlp.fc1.out_features
-        self.norm_eps = norm_eps
-        self.distilled = distilled
-        self.smallest_ratio, self.largest_ratio = smallest_ratio, largest_ratio
-        self.literal_end_ratios = literal_end_ratios and distilled  # the plain official model uses s/l
-        self.attn_scale = (embed_dim // num_heads) ** -0.5  # fixed at the FULL head dim for every ratio
+        self.norm_eps = NORM_EPS
+        self.distilled = distilled = config.distilled
+        self.smallest_ratio, self.largest_ratio = config.smallest_ratio, config.largest_ratio
+        self.literal_end_ratios = config.literal_end_ratios and distilled  # the plain official model uses s/l
+        self.attn_scale = (config.embed_dim // config.num_heads) ** -0.5  # fixed at the FULL head dim for every r
         self.num_prefix_tokens = 2 if distilled else 1
+        embed_dim, num_classes = config.embed_dim, config.nb_classes
         if distilled:
             self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
             self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 2, embed_dim))
@@ -110,16 +189,6 @@ class SlimmableViT(VisionTransformer):
     def group_matcher(self, coarse: bool = False) -> dict:
         return {"stem": r"^cls_token|^pos_embed|^patch_embed|^dist_token",
                 "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))]}
-
-    def reset_classifier(self, num_classes: int, head_init_std: float = 0.02) -> None:
-        if num_classes <= 0:
-            raise ValueError(f"a slimmable classifier needs num_classes > 0, got {num_classes}")
-        super().reset_classifier(num_classes, head_init_std)
-        self.num_classes = self.scala_config["num_classes"] = num_classes
-        if self.distilled:
-            self.head_dist = nn.Linear(self.embed_dim, num_classes)
-            trunc_normal_(self.head_dist.weight, std=head_init_std)
-            nn.init.zeros_(self.head_dist.bias)
 
     # -- widths and slicing ----------------------------------------------------------------------------
     def widths(self, ratio: float) -> tuple[int, int]:
@@ -185,10 +254,7 @@ class SlimmableViT(VisionTransformer):
             raise ValueError(f"image size {tuple(x.shape[-2:])} is not a multiple of patch size {self.patch_size}")
         x = F.conv2d(x, p["patch_embed.proj.weight"], p["patch_embed.proj.bias"], stride=self.patch_size)
         x = x.flatten(2).transpose(1, 2)
-        pos = p["pos_embed"]
-        if x.shape[1] + self.num_prefix_tokens != pos.shape[1]:
-            side = math.isqrt(x.shape[1])
-            pos = resample_abs_pos_embed(pos, (side, side), num_prefix_tokens=self.num_prefix_tokens)
+        pos = resize_pos_embed(p["pos_embed"], x.shape[1], self.num_prefix_tokens)
         prefix = [p["cls_token"]] + ([p["dist_token"]] if self.distilled else [])
         return torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1) + pos
 
@@ -239,56 +305,29 @@ def _active_width(ratio: float, embed_dim: int, num_heads: int) -> int:
     return d
 
 
-def create_scala(name: str, **kwargs) -> SlimmableViT:
-    """Build a preset by name; ``kwargs`` (num_classes, smallest_ratio, drop_path_rate, ...) override it."""
-    if name not in SCALA_PRESETS:
-        raise ValueError(f"unknown Scala model {name!r}; known: {', '.join(sorted(SCALA_PRESETS))}")
-    vit_name, img_size = SCALA_PRESETS[name]
-    return SlimmableViT(**{**VIT_PRESETS[vit_name], "img_size": img_size, **kwargs})
+# ---------------------------------------------------------------------------------------------------
+# The official recipes (run.sh; trained on 4 GPUs): AdamW, wd 0.05, peak lr = lr × batch / 512 with lr 2e-3 at
+# 4 × 256 for Scala-S (blr 1e-3 here, lr = blr × batch / 256) and 1e-3 at 4 × 128 for Scala-B (blr 5e-4);
+# warmup from 1e-6, cosine to 1e-5; DeiT augmentation (RandAugment m1 / m4, mixup 0.8, cutmix 1, smoothing 0.1,
+# random erasing 0.25); 100 epochs (S) / 300 (B), the first 10 at full width only.
+register_method(Method(
+    key="scala", name="Scala", kind="slimmable", model_class=SlimmableViT, config_class=ScalaConfig,
+    recipe=dict(batch_size=256, epochs=100, blr=1e-3, min_lr=1e-5, warmup_epochs=3, warmup_lr=1e-6,
+                weight_decay=0.05, crop_pct=0.875, aa="rand-m1-mstd0.5-inc1", mixup=0.8, cutmix=1.0),
+    presets={
+        "scala_vit_tiny": Preset("CPU-sized Scala: 32 px, patch 4, 64-d, 2 blocks, 4 heads",
+                                 dict(input_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)),
+        "scala_deit_small_patch16": Preset("Scala-S: distilled DeiT-S/16 at 224 px, 13 widths 0.25..1"),
+        "scala_deit_base_patch16": Preset(
+            "Scala-B: distilled DeiT-B/16 at 224 px, 13 widths 0.25..1 (the official run.sh passes --discrete_ratio, "
+            "which its own parser rejects; --granularity 0.0625 is what it meant)",
+            dict(embed_dim=768, num_heads=12, batch_size=128, epochs=300, blr=5e-4, warmup_epochs=5,
+                 aa="rand-m4-mstd0.5-inc1")),
+    }))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Ratio grid and stable sampling (spec §2)
-def _grid_steps(smallest: float, largest: float, granularity: float) -> tuple[int, int]:
-    """s/ε and l/ε as integers; the official sampler draws multiples of ε, so s and l must be multiples too."""
-    if granularity <= 0 or not 0 < smallest <= largest:
-        raise ValueError(f"need granularity > 0 and 0 < smallest <= largest, got {granularity}, {smallest}, {largest}")
-    a, b = smallest / granularity, largest / granularity
-    if abs(a - round(a)) > 1e-9 or abs(b - round(b)) > 1e-9:
-        raise ValueError(f"smallest {smallest} and largest {largest} must be multiples of granularity {granularity}")
-    return round(a), round(b)
-
-
-def ratio_grid(smallest: float = 0.25, largest: float = 1.0, granularity: float = 1 / 16) -> list[float]:
-    """The X = (l - s)/ε + 1 trained widths [s, s+ε, ..., l]. Middle values are ε·k, the very floats the
-    sampler draws (exact for binary fractions), and the ends are s and l themselves."""
-    a, b = _grid_steps(smallest, largest, granularity)
-    return [smallest] + [granularity * k for k in range(a + 1, b)] + ([largest] if b > a else [])
-
-
-def sample_ratios(rng: random.Random, smallest: float = 0.25, largest: float = 1.0,
-                  granularity: float = 1 / 16) -> list[float]:
-    """Stable sampling for one iteration: [l, r3, r2, s] with r3 uniform on the upper stratum
-    [ε·floor(m/ε), l-ε] and r2 uniform on the lower one [s+ε, ε·floor(m/ε)-ε], m = (s+l)/2 (the official
-    draws, in the same order: given the same ``random.Random`` state they give the same ratios).
-
-    X = 4 widths (e.g. ε = 1/4): the official lower stratum is empty and ``randint`` crashes; here both
-    interior widths run every iteration, [l, l-ε, s+ε, s] (no randomness). Fewer than 4 widths: ValueError.
-    """
-    a, b = _grid_steps(smallest, largest, granularity)
-    if b - a < 3:
-        raise ValueError(f"stable sampling needs at least 4 widths, the grid {smallest}..{largest} step "
-                         f"{granularity} has {b - a + 1}")
-    if b - a == 3:
-        return [largest, granularity * (b - 1), granularity * (a + 1), smallest]
-    mid = (a + b) // 2  # floor(m / ε)
-    r3 = granularity * rng.randint(mid, b - 1)
-    r2 = granularity * rng.randint(a + 1, mid - 1)
-    return [largest, r3, r2, smallest]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Losses of one iteration (spec §4)
+# Losses of one iteration
 def width_losses(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, ratios: list[float],
                  teacher_logits: torch.Tensor | None = None, transfer: str = "progressive",
                  ce_coefficient: float = 1.0, distill_alpha: float = 0.5) -> Iterator[tuple[float, torch.Tensor]]:
@@ -326,72 +365,33 @@ def width_losses(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Official checkpoints and initialisation from this project's encoders
-def config_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> dict:
-    """SlimmableViT kwargs (architecture) of a timm-DeiT-layout state dict. Heads are not visible in the
-    shapes: default D/64 (DeiT-Ti/S/B all use head dim 64)."""
-    need = ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight", "head.weight")
-    missing = [k for k in need if k not in sd]
-    if missing:
-        raise ValueError(f"not a DeiT/Scala state dict: missing {missing}")
-    from util.checkpoint import vit_shapes  # here: util.checkpoint imports the models package
+# Official checkpoints: DeiT-style files (the weights under ``model``, the flags as an argparse.Namespace under
+# ``args``: model name, smallest_ratio, largest_ratio, granularity); the keys are this model's already.
+def detect_official(sd: dict, records: dict) -> bool:
+    """The distilled DeiT layout, or a plain DeiT-layout classifier whose recorded model name is a Scala one."""
+    deit = {"cls_token", "pos_embed", "blocks.0.attn.qkv.weight", "head.weight"} <= sd.keys()
+    return deit and ("dist_token" in sd or "scala" in str(records.get("model", "")).lower())
 
+
+def convert_official(sd: dict[str, torch.Tensor], records: dict) -> Converted:
+    """An official Scala file -> a SlimmableViT: the architecture and classes from the shapes, the width space
+    (s, l, ε) from the recorded flags (they become the defaults of evaluation and resume)."""
     shapes = vit_shapes(sd)
-    D = shapes["embed_dim"]
-    if num_heads is None:
-        if D % 64:
-            raise ValueError(f"cannot infer the number of heads for embed dim {D}; pass num_heads")
-        num_heads = D // 64
-    return dict(shapes, num_classes=sd["head.weight"].shape[0], num_heads=num_heads, distilled="dist_token" in sd)
-
-
-def _detect_official(sd: dict) -> bool:
-    return {"dist_token", "head_dist.weight", "pos_embed", "blocks.0.attn.qkv.weight"} <= sd.keys()
-
-
-def convert_official(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], None]:
-    """Official Scala checkpoints (``model`` of a DeiT-style file) already use this model's keys: check them
-    against the inferred architecture and return them. No pretraining preset fits a classifier, so the preset
-    is None; rebuild with ``SlimmableViT(**config_from_state_dict(sd))`` (+ the s/l it was trained with)."""
+    if shapes["in_chans"] != 3 or not shapes["qkv_bias"]:
+        raise ValueError("not a Scala layout: RGB input and qkv biases expected")
+    settings = dict(input_size=shapes["img_size"], patch_size=shapes["patch_size"], embed_dim=shapes["embed_dim"],
+                    depth=shapes["depth"], mlp_ratio=shapes["mlp_ratio"], nb_classes=sd["head.weight"].shape[0],
+                    distilled="dist_token" in sd)
+    for name in ("smallest_ratio", "largest_ratio", "granularity"):
+        if recorded(records, name) is not None:
+            settings[name] = float(records[name])
+    # every tensor of that model, with its shape, and nothing else (shapes do not depend on the head count)
     with torch.device("meta"):
-        ref = SlimmableViT(**config_from_state_dict(sd)).state_dict()
+        ref = SlimmableViT(ScalaConfig(**settings, num_heads=1)).state_dict()
     wrong = sorted(set(ref) ^ set(sd)) + [k for k in ref if k in sd and ref[k].shape != sd[k].shape]
     if wrong:
         raise ValueError(f"official Scala state dict does not fit the inferred architecture: {wrong[:8]}")
-    return dict(sd), None
+    return Converted(dict(sd), "slimmable", settings)
 
 
-register_converter("scala", _detect_official, convert_official)
-
-
-def load_encoder(model: SlimmableViT, ckpt: dict) -> dict[str, list[str]]:
-    """Initialise ``model`` from the encoder of a checkpoint of this project (XTRA, SAIM, D-iGPT pretraining,
-    fine-tuned classifiers, Scala): keys ``model``, ``vit_config``, ``vit_prefix``.
-
-    Same-shape weights are copied; the patch part of the position embedding is resampled to this grid; the cls
-    position row is copied when the encoder has a cls token. Tokens the encoder lacks (the dist token, and the
-    cls token of XTRA encoders, which have none) keep their fresh init with a ZERO position row, so at the
-    start they only carry their learned token. Heads are fresh unless shapes match. Note the encoder's
-    LayerNorm eps (1e-6) becomes Scala's 1e-5. Returns the missing and unexpected keys.
-    """
-    from util.checkpoint import vit_state_dict  # here: util.checkpoint imports the models package
-
-    cfg = ckpt["vit_config"]
-    clash = {k: (cfg.get(k), model.config[k]) for k in ("embed_dim", "depth", "num_heads", "patch_size",
-                                                           "mlp_ratio", "qkv_bias", "in_chans")
-             if cfg.get(k, model.config[k]) != model.config[k]}
-    if clash:
-        raise ValueError(f"encoder architecture differs from the slimmable model (checkpoint, model): {clash}")
-    sd = vit_state_dict(ckpt)
-    if "pos_embed" in sd:
-        pos = sd["pos_embed"]
-        n_src = int(cfg.get("class_token", True)) + int("dist_token" in sd)
-        patches = resample_abs_pos_embed(pos, (model.grid_size, model.grid_size), num_prefix_tokens=n_src)
-        prefix = torch.zeros(1, model.num_prefix_tokens, pos.shape[-1], dtype=pos.dtype)
-        n_copy = min(n_src, model.num_prefix_tokens)
-        prefix[:, :n_copy] = pos[:, :n_copy]
-        sd["pos_embed"] = torch.cat([prefix, patches[:, n_src:]], dim=1)
-    own = model.state_dict()
-    keep = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-    missing = model.load_state_dict(keep, strict=False).missing_keys
-    return {"missing": missing, "unexpected": sorted(set(sd) - set(keep))}
+register_converter("scala", detect_official, convert_official)

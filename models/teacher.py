@@ -21,6 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
 
+from models.checkpoint import load_vit, official_state_dict
+from models.vit import upcast
+from util.checkpoint import load_file
+
 OPEN_CLIP_PREFIX = "open_clip:"
 
 
@@ -66,7 +70,8 @@ class FrozenTeacher(nn.Module):
         """(cls [B, T], patch tokens [B, grid², T]) for already ``prepare``d images."""
         m = self.model
         if self.kind == "open_clip":
-            # D-iGPT's target: ln_post + proj applied to ALL tokens of the last block (spec digpt.md §1).
+            # D-iGPT's target: ln_post + proj applied to ALL tokens of the last block (the official
+            # DiGPT_torch teacher wrapper).
             out = m.forward_intermediates(x, indices=1, normalize_intermediates=True, intermediates_only=True,
                                           output_fmt="NLC", output_extra_tokens=True)
             patches, cls = out["image_intermediates"][0], out["image_intermediates_prefix"][0][:, 0]
@@ -87,14 +92,15 @@ class FrozenTeacher(nn.Module):
 
 def teacher_tokens(teacher: FrozenTeacher, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's (cls [B, T], patch tokens [B, Gt*Gt, T]) for ImageNet-normalised images ``x`` at any
-    resolution, in float32; computed without gradients, in bf16 autocast on CUDA."""
+    resolution, in at least float32 (the teacher's dtype if wider); computed without gradients, in bf16 autocast on
+    CUDA."""
     if not isinstance(teacher, FrozenTeacher):
         raise ValueError(f"expected a FrozenTeacher from load_teacher, got {type(teacher).__name__}")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
         cls, patches = teacher.tokens(teacher.prepare(x))
     if patches.shape[1] != teacher.grid_size ** 2:
         raise ValueError(f"teacher returned {patches.shape[1]} patch tokens, expected {teacher.grid_size}²")
-    return cls.float(), patches.float()
+    return upcast(cls), upcast(patches)
 
 
 def load_teacher(teacher: str, weights: str | None = None) -> FrozenTeacher:
@@ -105,8 +111,6 @@ def load_teacher(teacher: str, weights: str | None = None) -> FrozenTeacher:
         return _load_open_clip(teacher[len(OPEN_CLIP_PREFIX):], weights)
     if weights is not None:
         return _load_timm(teacher, weights)
-    from util.checkpoint import load_vit  # lazy: util.checkpoint imports the model registry (this package)
-
     if not os.path.isfile(teacher) and timm.is_model(teacher):
         raise ValueError(f"teacher {teacher!r} is a timm model name: give its weights file too (nothing is "
                          "downloaded)")
@@ -117,8 +121,6 @@ def load_teacher(teacher: str, weights: str | None = None) -> FrozenTeacher:
 
 def _read_state_dict(path: str) -> dict:
     """Tensors of a local weights file (torch or safetensors), wrappers and DDP-style prefixes removed."""
-    from util.checkpoint import _raw_state_dict, load_file, strip_wrapper_prefixes  # lazy, see load_teacher
-
     if path.endswith(".safetensors"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"teacher weights not found: {path}")
@@ -127,7 +129,7 @@ def _read_state_dict(path: str) -> dict:
             return load_safetensors(path)
         except Exception as e:  # truncated or not a safetensors file
             raise ValueError(f"cannot read teacher weights {path}: {type(e).__name__}: {e}") from None
-    return strip_wrapper_prefixes(dict(_raw_state_dict(load_file(path))))
+    return official_state_dict(load_file(path))
 
 
 def _load_strict(module: nn.Module, state_dict: dict, what: str) -> None:

@@ -14,6 +14,7 @@ projections), which SAIM's query stream needs.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -21,6 +22,60 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from util.config import setting
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The size of a method's ViT encoder. Every method's settings dataclass extends it and redeclares the
+    defaults of its official recipe; a preset is a named set of overrides."""
+
+    input_size: int = setting(224, "image side in pixels")
+    patch_size: int = setting(16, "patch side in pixels")
+    embed_dim: int = setting(768, "encoder width")
+    depth: int = setting(12, "encoder blocks")
+    num_heads: int = setting(12, "encoder attention heads")
+    mlp_ratio: float = setting(4.0, "encoder MLP hidden width / embed_dim")
+    drop_path: float = setting(0.0, "stochastic depth: rate of the last encoder block (linear from 0)")
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "patch_size", "embed_dim", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"input_size {self.input_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    def vit_kwargs(self) -> dict:
+        """The ``VisionTransformer`` arguments these settings fix."""
+        return dict(img_size=self.input_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
+                    depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                    drop_path_rate=self.drop_path)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32: bf16 / fp16 activations (autocast) become float32 for losses and heads, while a
+    float64 model keeps computing in float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def resize_pos_embed(pos: torch.Tensor, num_patches: int, num_prefix_tokens: int) -> torch.Tensor:
+    """A [1, prefix + N, D] position table for ``num_patches`` tokens on a square grid: unchanged when it already
+    fits, else its patch rows resampled bicubically (timm), prefix rows kept."""
+    if pos.shape[1] == num_patches + num_prefix_tokens:
+        return pos
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} patch tokens do not form a square grid")
+    return resample_abs_pos_embed(pos, (side, side), num_prefix_tokens=num_prefix_tokens)
 
 
 def sincos_pos_embed_2d(embed_dim: int, grid_size: int, num_prefix_tokens: int = 0) -> torch.Tensor:
@@ -174,10 +229,7 @@ class VisionTransformer(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch tokens (+ cls token in front), with position embeddings added; resized on the fly."""
         x = self.patch_embed(x)
-        pos = self.pos_embed
-        if x.shape[1] + self.num_prefix_tokens != pos.shape[1]:
-            side = int(math.isqrt(x.shape[1]))
-            pos = resample_abs_pos_embed(pos, (side, side), num_prefix_tokens=self.num_prefix_tokens)
+        pos = resize_pos_embed(self.pos_embed, x.shape[1], self.num_prefix_tokens)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + pos

@@ -1,4 +1,5 @@
-"""XTRA: block-causal autoregressive image model (Amrani et al., CVPR 2025; spec /work/shared/specs/xtra.md).
+"""XTRA: block-causal autoregressive image model ("Sample- and Parameter-Efficient Auto-Regressive Image Models",
+Amrani et al., CVPR 2025; official code github.com/elad-amrani/xtra).
 
 The image is cut into k×k-patch blocks. Encoder and predictor run under the block-causal mask (a token sees
 its own block and every earlier block in raster order); the predictor outputs of each block are concatenated
@@ -10,19 +11,30 @@ so converting one is the prefix rename ``enc.`` -> ``encoder.``.
 """
 from __future__ import annotations
 
-import argparse
+import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.layers import trunc_normal_
 
-from models.masks import block_causal_mask
-from models.registry import TINY_CPU_BUDGET, matching_preset, register_converter, register_pretrain
-from models.vit import Block, VisionTransformer, _init_linear_and_norm
-from util.args import str2bool
-
-NORM_EPS = 1e-6  # eps of the per-block target normalisation, added to the variance inside the sqrt
+from models.checkpoint import vit_shapes
+from models.masks import BlockCausal, block_causal_mask
+from models.pixels import mean_std, normalize
+from models.registry import (
+    TINY_CPU_BUDGET,
+    Converted,
+    Method,
+    Preset,
+    PretrainingModel,
+    recorded,
+    register_converter,
+    register_method,
+)
+from models.vit import Block, EncoderConfig, VisionTransformer, _init_linear_and_norm, resize_pos_embed, upcast
+from util.config import setting
 
 
 class MLPHead(nn.Module):
@@ -49,10 +61,7 @@ class Predictor(nn.Module):
         self.apply(_init_linear_and_norm)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, token_perm: torch.Tensor | None = None) -> torch.Tensor:
-        pos = self.pos_embed
-        if x.shape[1] != pos.shape[1]:
-            side = int(round(x.shape[1] ** 0.5))
-            pos = resample_abs_pos_embed(pos, (side, side), num_prefix_tokens=0)
+        pos = resize_pos_embed(self.pos_embed, x.shape[1], num_prefix_tokens=0)
         if token_perm is not None:  # permuted tokens keep their true positions
             pos = pos[:, token_perm]
         x = x + pos
@@ -62,22 +71,26 @@ class Predictor(nn.Module):
 
 
 def create_random_permutations(grid_size: int, block_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pseudo-random AR orders (spec §5): one block order per block, every order starting with a different
-    block (the official rejection sampling only enforces that), the rest of each order uniform.
+    """The pseudo-random AR orders of the official code: one block order per block, drawn as in its rejection
+    sampler: ``torch.randperm(nb)`` from a generator seeded ``seed``, redrawn until the order shares no prefix with
+    an order already kept, i.e. until its first block is new. The same seed gives the official tables (torch's CPU
+    randperm stream), e.g. [[0, 1, 3, 2], [3, 2, 0, 1], [2, 1, 0, 3], [1, 0, 2, 3]] for 2×2 blocks and seed 0.
 
     Returns ``token_perms [nb, G²]`` (position p of the permuted raster holds original token
     ``token_perms[i, p]``: the raster scan of the image whose blocks were moved into slot order) and
     ``block_perms [nb, nb]``. Deliberate deviation: the official code calls ``torch.manual_seed(seed)`` here and
-    so reseeds the global RNG while building the model; a local generator leaves the global RNG alone.
+    so reseeds the global RNG while building the model; a local generator with the same seed draws the same
+    orders and leaves the global RNG alone.
     """
     nbs = grid_size // block_size
     nb, k = nbs * nbs, block_size
     with torch.device("cpu"):  # data, not weights: also when the model is built under a meta/cuda device context
         g = torch.Generator().manual_seed(seed)
-        rows = []
-        for first in torch.randperm(nb, generator=g).tolist():
-            rest = torch.tensor([b for b in range(nb) if b != first], dtype=torch.long)
-            rows.append(torch.cat([torch.tensor([first]), rest[torch.randperm(nb - 1, generator=g)]]))
+        rows: list[torch.Tensor] = []
+        while len(rows) < nb:
+            order = torch.randperm(nb, generator=g)
+            if all(int(order[0]) != int(row[0]) for row in rows):
+                rows.append(order)
         block_perms = torch.stack(rows)
         tokens_of_block = torch.arange(grid_size ** 2).view(nbs, k, nbs, k).permute(0, 2, 1, 3).reshape(nb, k, k)
         slots = tokens_of_block[block_perms].view(nb, nbs, nbs, k, k)  # [perm, slot row, slot col, r, c]
@@ -85,84 +98,91 @@ def create_random_permutations(grid_size: int, block_size: int, seed: int = 0) -
     return token_perms, block_perms
 
 
-def block_mean_std(t: torch.Tensor, eps: float = NORM_EPS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and sqrt(unbiased var + eps) of each block over all of its values (channels pooled): [..., 1]."""
-    return t.mean(-1, keepdim=True), (t.var(-1, keepdim=True) + eps).sqrt()
+@dataclass(frozen=True)
+class XTRAConfig(EncoderConfig):
+    """XTRA's settings. The defaults are the released ViT-B/16 run of the official code
+    (github.com/elad-amrani/xtra: 256 px, 4×4 blocks of 4×4 patches, predictor 8 × 768 with 6 heads, head
+    12288 -> 6144 -> 12288, 800 epochs with drop-path 0.1)."""
+
+    input_size: int = 256
+    drop_path: float = 0.1
+    block_size: int = setting(4, "block side k in patches (1 = plain causal)")
+    num_pred_heads: int = setting(1, "prediction heads; head i predicts block b+1+i from block b")
+    predictor_depth: int = setting(8, "predictor blocks")
+    predictor_width: int = setting(768, "predictor width (= output width of the proj MLP)")
+    predictor_heads: int = setting(6, "predictor attention heads")
+    proj_hidden: int = setting(4096, "hidden width of the encoder-to-predictor MLP")
+    head_hidden: int = setting(6144, "hidden width of each pixel head")
+    loss_type: Literal["mse", "l1"] = setting("mse", "pixel loss (l1: the L1 ablation)")
+    norm_pix_loss: bool = setting(True, "normalise each target block by its own mean and std")
+    pseudo_random: bool = setting(False, "train on one of nb block orders per step (distinct first blocks); "
+                                         "evaluation uses order 0")
+    perm_seed: int = setting(0, "seed of the pseudo-random orders and of their choice")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("block_size", "num_pred_heads", "predictor_depth", "predictor_width", "predictor_heads",
+                     "proj_hidden", "head_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.loss_type not in ("mse", "l1"):  # the Literal is enforced by the parser only, not here
+            raise ValueError(f"loss_type must be 'mse' or 'l1', got {self.loss_type!r}")
+        if self.grid_size % self.block_size:
+            # the official mask silently gives two blocks the same id here
+            raise ValueError(f"patch grid {self.grid_size} (input {self.input_size} / patch {self.patch_size}) is not "
+                             f"divisible by block_size {self.block_size}")
+        if self.num_pred_heads > self.num_blocks - 1:
+            raise ValueError(f"num_pred_heads {self.num_pred_heads} leaves head {self.num_pred_heads - 1} without "
+                             f"targets: only {self.num_blocks} blocks")
+        if self.predictor_width % self.predictor_heads:
+            raise ValueError(f"predictor_width {self.predictor_width} is not divisible by predictor_heads "
+                             f"{self.predictor_heads}")
+
+    @property
+    def num_blocks(self) -> int:
+        return (self.grid_size // self.block_size) ** 2
 
 
-def normalize_blocks(t: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
-    """XTRA's norm_pix target: per block, not per patch (spec §4)."""
-    mean, std = block_mean_std(t, eps)
-    return (t - mean) / std
-
-
-class XTRA(nn.Module):
+class XTRA(PretrainingModel):
     """Block-causal ViT encoder + ``proj`` MLP + predictor + ``num_pred_heads`` next-block pixel heads."""
 
-    def __init__(self, img_size: int = 256, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, block_size: int = 4, num_pred_heads: int = 1, predictor_depth: int = 8,
-                 predictor_width: int = 768, predictor_heads: int = 6, proj_hidden: int = 4096,
-                 head_hidden: int = 6144, loss_type: str = "mse", norm_pix_loss: bool = True,
-                 pseudo_random: bool = False, perm_seed: int = 0, drop_path_rate: float = 0.0):
+    def __init__(self, config: XTRAConfig):
         super().__init__()
-        for name, v in dict(img_size=img_size, patch_size=patch_size, block_size=block_size,
-                            num_pred_heads=num_pred_heads, predictor_depth=predictor_depth,
-                            predictor_width=predictor_width, predictor_heads=predictor_heads,
-                            proj_hidden=proj_hidden, head_hidden=head_hidden).items():
-            if v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v}")
-        if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        grid = img_size // patch_size
-        if grid % block_size:
-            # the official mask silently merges blocks here (spec §9.6)
-            raise ValueError(f"patch grid {grid} (img {img_size} / patch {patch_size}) is not divisible by "
-                             f"block_size {block_size}")
-        num_blocks = (grid // block_size) ** 2
-        if num_pred_heads > num_blocks - 1:
-            raise ValueError(f"num_pred_heads {num_pred_heads} leaves head {num_pred_heads - 1} without targets: "
-                             f"only {num_blocks} blocks")
-        if predictor_width % predictor_heads:
-            raise ValueError(f"predictor_width {predictor_width} is not divisible by predictor_heads {predictor_heads}")
-        if loss_type not in ("mse", "l1"):
-            raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
+        self.config = config
+        grid, block_size = config.grid_size, config.block_size
+        self.grid_size, self.block_size, self.num_blocks = grid, block_size, config.num_blocks
+        self.crop_size = config.patch_size * block_size  # block side in pixels
+        self.loss_type, self.norm_pix_loss, self.pseudo_random = config.loss_type, config.norm_pix_loss, \
+            config.pseudo_random
+        self.encoder_mask = BlockCausal(block_size)
 
-        self.grid_size, self.block_size, self.num_blocks = grid, block_size, num_blocks
-        self.crop_size = patch_size * block_size  # block side in pixels
-        self.loss_type, self.norm_pix_loss, self.pseudo_random = loss_type, norm_pix_loss, pseudo_random
-        self.encoder_mask = {"type": "block_causal", "block_size": block_size}
-
-        self.encoder = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                         num_heads=num_heads, class_token=False, pos_embed="learn",
-                                         global_pool="avg", num_classes=0, drop_path_rate=drop_path_rate,
-                                         norm_eps=1e-6)
-        conv = self.encoder.patch_embed.proj  # XTRA's patch-embed init (spec §6), not MAE's xavier
+        self.encoder = VisionTransformer(**config.vit_kwargs(), class_token=False, pos_embed="learn",
+                                         global_pool="avg", num_classes=0, norm_eps=1e-6)
+        conv = self.encoder.patch_embed.proj  # XTRA's patch-embed init (kaiming, fan-in), not MAE's xavier
         nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
         nn.init.zeros_(conv.bias)
-        self.proj = MLPHead(embed_dim, proj_hidden, predictor_width, out_bias=False)
-        self.predictor = Predictor(grid * grid, predictor_width, predictor_depth, predictor_heads)
+        width = config.predictor_width
+        self.proj = MLPHead(config.embed_dim, config.proj_hidden, width, out_bias=False)
+        self.predictor = Predictor(grid * grid, width, config.predictor_depth, config.predictor_heads)
         self.aim_proj = nn.ModuleList([
-            MLPHead(predictor_width * block_size ** 2, head_hidden, 3 * self.crop_size ** 2, out_bias=True)
-            for _ in range(num_pred_heads)])
+            MLPHead(width * block_size ** 2, config.head_hidden, 3 * self.crop_size ** 2, out_bias=True)
+            for _ in range(config.num_pred_heads)])
         for m in (self.proj, self.aim_proj):
             m.apply(_init_linear_and_norm)
 
-        if pseudo_random:
-            token_perms, block_perms = create_random_permutations(grid, block_size, perm_seed)
+        if config.pseudo_random:
+            token_perms, block_perms = create_random_permutations(grid, block_size, config.perm_seed)
             # not persistent: rebuilt from perm_seed, so official checkpoints load strictly
             self.register_buffer("token_perms", token_perms, persistent=False)
             self.register_buffer("block_perms", block_perms, persistent=False)
             # Picks the order of each training step. Seeded alike on every rank, so all ranks use the same order
             # in a step (as in the official code, where Lightning seeds every rank's global RNG alike); the
-            # global RNG, which main_pretrain seeds per rank, stays untouched. Not checkpointed: after a resume
-            # the sequence restarts, which keeps it uniform.
-            self.perm_generator = torch.Generator(device="cpu").manual_seed(perm_seed)
+            # global RNG, which main_pretrain seeds per rank, stays untouched. Its state is checkpointed with
+            # the model's other generators, so a resumed run continues the same sequence of orders.
+            self.perm_generator = torch.Generator(device="cpu").manual_seed(config.perm_seed)
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        # The official optimiser decays pos_embed and the patch conv too (spec §9.9); only 1-D params and biases
-        # are exempt, which param_groups_weight_decay does by itself.
-        return set()
+    # no_weight_decay() stays empty: the official optimiser decays pos_embed and the patch conv too; only 1-D
+    # parameters and biases are exempt, which param_groups_weight_decay does by itself.
 
     # ---- layout helpers ------------------------------------------------------------------------------
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
@@ -181,7 +201,7 @@ class XTRA(nn.Module):
 
     def concat_blocks(self, z: torch.Tensor) -> torch.Tensor:
         """[B, G², D] -> [B, nb, D·k²], channel-major: ``vec_b[d·k² + r·k + c]`` = channel d of the token at
-        (r, c) inside block b (the official layout, which the released head weights need; spec §3)."""
+        (r, c) inside block b (the official layout, which the released head weights need)."""
         B, N, D = z.shape
         k = self.block_size
         nbs = int(round(N ** 0.5)) // k
@@ -237,17 +257,20 @@ class XTRA(nn.Module):
         """Mean over heads of MSE/L1(head i at positions [:-1-i], target at [1+i:]); ``target`` is [B, nb, n]."""
         fn = F.mse_loss if self.loss_type == "mse" else F.l1_loss
         nb = target.shape[1]
-        losses = [fn(preds[:, i, : nb - 1 - i].float(), target[:, 1 + i:]) for i in range(preds.shape[1])]
+        losses = [fn(upcast(preds[:, i, : nb - 1 - i]), target[:, 1 + i:]) for i in range(preds.shape[1])]
         return torch.stack(losses).mean()
 
-    def forward(self, imgs: torch.Tensor, perm_index: int | None = None) -> tuple[torch.Tensor, dict]:
+    def forward_with_outputs(self, imgs: torch.Tensor, perm_index: int | None = None) -> tuple[torch.Tensor, dict]:
         """``(loss, {'pred': [B, heads, nb, 3c²], 'target': [B, nb, 3c²] normalised, 'block_order': [nb]})``.
         ``perm_index`` picks a pseudo-random order explicitly (tests)."""
         preds, target, order = self.predict(imgs, perm_index)
-        t = target.flatten(2).float()
+        t = upcast(target.flatten(2))
         if self.norm_pix_loss:
-            t = normalize_blocks(t)
+            t = normalize(t)  # per block (channels pooled), not per patch
         return self.prediction_loss(preds, t), {"pred": preds, "target": t, "block_order": order}
+
+    def forward(self, imgs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.forward_with_outputs(imgs)[0], {}
 
     @torch.no_grad()
     def visualize(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -258,7 +281,7 @@ class XTRA(nn.Module):
         t = target.flatten(2).float()
         pred = preds[:, 0].float()
         if self.norm_pix_loss:
-            mean, std = block_mean_std(t)
+            mean, std = mean_std(t)
             pred = pred * std.roll(-1, 1) + mean.roll(-1, 1)  # position s predicts the block at s+1
         seq = torch.cat([t[:, :1], pred[:, :-1]], dim=1)
         raster = torch.empty_like(seq)
@@ -267,89 +290,106 @@ class XTRA(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Presets. Recipe: spec §6 (AdamW, absolute lr 1e-3 without batch scaling, warmup from 1e-4, cosine to 1e-6).
-_RECIPE = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_lr=1e-4, min_lr=1e-6, clip_grad=1.0,
-               crop_scale=(0.3, 1.0), crop_ratio=(0.75, 1.5))
-_ARCH = {
-    "xtra_vit_tiny": dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, block_size=2,
-                          predictor_depth=1, predictor_width=64, predictor_heads=4, proj_hidden=128, head_hidden=256),
-    "xtra_vit_small_patch16": dict(img_size=256, patch_size=16, embed_dim=384, depth=12, num_heads=6, block_size=4,
-                                   predictor_depth=8, predictor_width=384, predictor_heads=6, proj_hidden=1536,
-                                   head_hidden=3072, drop_path_rate=0.1),
-    "xtra_vit_base_patch16": dict(img_size=256, patch_size=16, embed_dim=768, depth=12, num_heads=12, block_size=4,
-                                  predictor_depth=8, predictor_width=768, predictor_heads=6, proj_hidden=4096,
-                                  head_hidden=6144, drop_path_rate=0.1),
-    "xtra_vit_huge_patch14": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16, block_size=4,
-                                  predictor_depth=8, predictor_width=640, predictor_heads=8, proj_hidden=5120,
-                                  head_hidden=9408, drop_path_rate=0.2),
-}
-
-
-def build_xtra(preset: str, img_size: int | None = None, block_size: int | None = None,
-               num_pred_heads: int | None = None, predictor_depth: int | None = None,
-               predictor_width: int | None = None, predictor_heads: int | None = None, proj_hidden: int | None = None,
-               head_hidden: int | None = None, loss_type: str | None = None, norm_pix_loss: bool | None = None,
-               pseudo_random: bool | None = None, perm_seed: int | None = None,
-               drop_path_rate: float | None = None) -> XTRA:
-    """An XTRA preset; every keyword that is not None (a main_pretrain.py flag) overrides it."""
-    overrides = {k: v for k, v in locals().items() if k != "preset" and v is not None}
-    return XTRA(**{**_ARCH[preset], **overrides})
-
-
-# (recipe, description). The released B/16 run (spec §9.1): 800 epochs, warmup 15, drop-path 0.1, 29 images ×
-# 72 GPUs = 2088 (the shipped yaml says 1600 / 40 / 0.2 on 96 GPUs). The lr is absolute: set --lr for another
-# global batch. IN-21k H/14 run: 100 epochs, warmup 3, drop-path 0.2, 29 × 72 GPUs.
-_PRESETS = {
-    "xtra_vit_tiny": (dict(TINY_CPU_BUDGET, drop_path=0.0),
-                      "CPU-sized XTRA (32 px, patch 4, 4×4 blocks of 2×2 patches): pretrains on the digits in seconds"),
-    "xtra_vit_small_patch16": (dict(input_size=256, epochs=800, warmup_epochs=15, batch_size=29, drop_path=0.1),
-                               "not an official preset: ViT-S/16 at 256 px with the B/16 recipe, predictor 8×384"),
-    "xtra_vit_base_patch16": (dict(input_size=256, epochs=800, warmup_epochs=15, batch_size=29, drop_path=0.1),
-                              "ViT-B/16 at 256 px, 4×4 blocks of 64 px; predictor 8×768 (6 heads); "
-                              "head 12288 -> 6144 -> 12288"),
-    "xtra_vit_huge_patch14": (dict(input_size=224, epochs=100, warmup_epochs=3, batch_size=29, drop_path=0.2),
-                              "ViT-H/14 at 224 px, 4×4 blocks of 56 px; proj 1280 -> 5120 -> 640; predictor 8×640 "
-                              "(8 heads); head 10240 -> 9408 -> 9408"),
-}
-for _name, (_recipe, _description) in _PRESETS.items():
-    register_pretrain(_name, build_xtra, dict(_RECIPE, **_recipe), _description)
-
-
-def add_args(parser: argparse.ArgumentParser) -> None:
-    """XTRA flags of main_pretrain.py (default None = the preset's value). Image size and drop-path come from
-    the shared --input_size and --drop_path."""
-    g = parser.add_argument_group("XTRA")
-    g.add_argument("--block_size", type=int, default=None, help="block side k in patches (1 = plain causal)")
-    g.add_argument("--num_pred_heads", type=int, default=None, help="heads; head i predicts block b+1+i from b")
-    g.add_argument("--predictor_depth", type=int, default=None, help="predictor blocks")
-    g.add_argument("--predictor_width", type=int, default=None, help="predictor width (= proj output)")
-    g.add_argument("--predictor_heads", type=int, default=None, help="predictor attention heads")
-    g.add_argument("--proj_hidden", type=int, default=None, help="hidden width of the encoder->predictor MLP")
-    g.add_argument("--head_hidden", type=int, default=None, help="hidden width of each pixel head")
-    g.add_argument("--loss_type", choices=["mse", "l1"], default=None, help="pixel loss (l1 = the L1 ablation)")
-    g.add_argument("--norm_pix_loss", type=str2bool, default=None, help="per-block normalised targets")
-    g.add_argument("--pseudo_random", type=str2bool, default=None,
-                   help="train on one of nb block orders per step (distinct first blocks); eval uses order 0")
-    g.add_argument("--perm_seed", type=int, default=None, help="seed of the pseudo-random orders and their choice")
+# The official recipe: AdamW (0.9, 0.95), wd 0.05 (pos_embed and the patch conv included), an absolute lr of 1e-3
+# (no batch scaling: set --lr for another global batch), linear warmup from 1e-4, cosine to 1e-6, gradient norm
+# clipped at 1, RandomResizedCrop(scale 0.3-1, ratio 0.75-1.5) + flip. The released B/16 checkpoint was trained
+# 800 epochs with 15 warmup epochs on 72 GPUs × 29 images (the shipped yaml says 1600 / 40 / dpr 0.2 on 96);
+# the IN-21k H/14 run 100 epochs, warmup 3, dpr 0.2, 72 × 29.
+register_method(Method(
+    key="xtra", name="XTRA", kind="pretrain", model_class=XTRA, config_class=XTRAConfig,
+    recipe=dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, warmup_lr=1e-4, min_lr=1e-6, clip_grad=1.0,
+                crop_scale=(0.3, 1.0), crop_ratio=(0.75, 1.5), epochs=800, warmup_epochs=15, batch_size=29),
+    presets={
+        "xtra_vit_tiny": Preset(
+            "CPU-sized XTRA (32 px, patch 4, 4×4 blocks of 2×2 patches): pretrains on the digits in seconds",
+            dict(TINY_CPU_BUDGET, patch_size=4, embed_dim=64, depth=2, num_heads=4, block_size=2,
+                 predictor_depth=1, predictor_width=64, predictor_heads=4, proj_hidden=128, head_hidden=256,
+                 drop_path=0.0)),
+        "xtra_vit_small_patch16": Preset(
+            "not an official preset: ViT-S/16 at 256 px with the B/16 recipe, predictor 8×384",
+            dict(embed_dim=384, num_heads=6, predictor_width=384, proj_hidden=1536, head_hidden=3072)),
+        "xtra_vit_base_patch16": Preset(
+            "ViT-B/16 at 256 px, 4×4 blocks of 64 px; predictor 8×768 (6 heads); head 12288 -> 6144 -> 12288"),
+        "xtra_vit_huge_patch14": Preset(
+            "ViT-H/14 at 224 px, 4×4 blocks of 56 px; proj 1280 -> 5120 -> 640; predictor 8×640 (8 heads); "
+            "head 10240 -> 9408 -> 9408",
+            dict(input_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16, predictor_width=640,
+                 predictor_heads=8, proj_hidden=5120, head_hidden=9408, drop_path=0.2, epochs=100,
+                 warmup_epochs=3)),
+    }))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Official checkpoints: Lightning (B/16, under 'state_dict') or DeepSpeed (H/14, under 'module'); the caller
-# strips wrapper prefixes. Keys are ours already except the encoder prefix (official_keys/xtra.md).
-_OFFICIAL_PARTS = ("proj.", "predictor.", "aim_proj.")
+# Official checkpoints: Lightning (B/16, under 'state_dict', with the flattened yaml settings as hyper-parameters:
+# enc_arch, enc_block_size, predictor_num_heads, aim_*, cls_*, attentive_pooling_*) or DeepSpeed (H/14, under
+# 'module'); the caller strips wrapper prefixes. Keys are ours except the encoder prefix ``enc.``. Probe files
+# hold the encoder and the probe head ``classifier.*`` (attentive: k, v, cls_token (the queries), bn, linear;
+# linear: BatchNorm + Linear as ``classifier.0`` / ``classifier.1``).
+_PRETRAIN_PARTS = ("proj.", "predictor.", "aim_proj.")
 
 
-def detect_official(sd: dict) -> bool:
+def detect_official(sd: dict, records: dict) -> bool:
     return "enc.pos_embed" in sd and "enc.patch_embed.proj.weight" in sd
 
 
-def convert_official(sd: dict) -> tuple[dict, str | None]:
-    """Official state dict -> (our XTRA state dict, matching preset or None). Probe checkpoints (no proj /
-    predictor / aim_proj) give the encoder alone; keys of the official probe heads are dropped."""
-    out = {"encoder." + k[4:]: v for k, v in sd.items() if k.startswith("enc.")}
-    out.update({k: v for k, v in sd.items() if k.startswith(_OFFICIAL_PARTS)})
-    encoder_only = not any(k.startswith(_OFFICIAL_PARTS) for k in out)
-    return out, matching_preset(build_xtra, out, "encoder." if encoder_only else "")
+def _probe(sd: dict, records: dict) -> tuple[dict, dict]:
+    """The official probe head -> (our ``head.*`` keys, main_linprobe settings)."""
+    head = {k[len("classifier."):]: v for k, v in sd.items() if k.startswith("classifier.")}
+    common = dict(n_last_blocks=int(recorded(records, "cls_n_last_blocks") or 1),
+                  final_norm=bool(recorded(records, "cls_norm_enc_output")))
+    if "k.weight" in head:  # attentive pooling
+        if "linear.weight" not in head:
+            raise ValueError("official XTRA attentive probe with an output BatchNorm: not supported")
+        heads = recorded(records, "attentive_pooling_num_heads")
+        if heads is None:
+            raise ValueError("the official XTRA probe file does not record attentive_pooling_num_heads")
+        ours = {"head.query": head["cls_token"], "head.k.weight": head["k.weight"], "head.v.weight": head["v.weight"],
+                "head.linear.weight": head["linear.weight"], "head.linear.bias": head["linear.bias"],
+                **{f"head.bn.{k[3:]}": v for k, v in head.items() if k.startswith("bn.")}}
+        return ours, dict(common, probe="attentive", probe_heads=int(heads), num_queries=head["cls_token"].shape[1])
+    if "1.weight" not in head:  # the linear probe without the output BatchNorm is not this project's head
+        raise ValueError("official XTRA linear probe without its BatchNorm (cls_out_bn false): not supported")
+    ours = {"head.linear.weight": head["1.weight"], "head.linear.bias": head["1.bias"],
+            **{f"head.bn.{k[2:]}": v for k, v in head.items() if k.startswith("0.")}}
+    return ours, dict(common, probe="linear", pool="avg")
+
+
+def convert_official(sd: dict, records: dict) -> Converted:
+    """An official file -> a whole XTRA model, its encoder alone, or (probe files) a probe of main_linprobe.py.
+    Architecture from the shapes (the block size from the pixel heads when present); the predictor's head count,
+    the block size of an encoder-only file and the loss settings from the recorded hyper-parameters."""
+    encoder = {k[4:]: v for k, v in sd.items() if k.startswith("enc.")}
+    shapes = vit_shapes(encoder)
+    settings = dict(input_size=shapes["img_size"], patch_size=shapes["patch_size"], embed_dim=shapes["embed_dim"],
+                    depth=shapes["depth"], mlp_ratio=shapes["mlp_ratio"], norm_pix_loss=True)
+    for ours, name in (("block_size", "enc_block_size"), ("pseudo_random", "aim_pseudo_random"),
+                       ("norm_pix_loss", "aim_norm_pix_loss"), ("predictor_heads", "predictor_num_heads")):
+        if recorded(records, name) is not None:
+            settings[ours] = recorded(records, name)
+    if recorded(records, "aim_l1_loss"):
+        settings["loss_type"] = "l1"
+    if recorded(records, "enc_is_block_causal") is False:  # the plain causal ablation
+        settings["block_size"] = 1
+    if not any(k.startswith(_PRETRAIN_PARTS) for k in sd):
+        if "block_size" not in settings:
+            raise ValueError("an official XTRA encoder file that does not record its block size (enc_block_size) "
+                             "cannot be probed with its block-causal mask")
+        grid = settings["input_size"] // settings["patch_size"]
+        placeholders = {"predictor_heads": 1, "num_pred_heads": 1} if grid // settings["block_size"] > 1 else {}
+        if any(k.startswith("classifier.") for k in sd):
+            head, probe = _probe(sd, records)
+            return Converted({**{"backbone." + k: v for k, v in encoder.items()}, **head}, "probe", settings,
+                             {"predictor_heads": 1, **placeholders}, probe)
+        return Converted(encoder, "encoder", settings, {"predictor_heads": 1, **placeholders})
+    width = sd["predictor.pos_embed"].shape[-1]
+    first = sd["aim_proj.0.mlp.0.weight"]
+    settings.update(predictor_width=width, proj_hidden=sd["proj.mlp.0.weight"].shape[0],
+                    predictor_depth=1 + max(int(k.split(".")[2]) for k in sd if k.startswith("predictor.blocks.")),
+                    num_pred_heads=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("aim_proj.")),
+                    head_hidden=first.shape[0], block_size=math.isqrt(first.shape[1] // width))
+    out = {"encoder." + k: v for k, v in encoder.items()}
+    out.update({k: v for k, v in sd.items() if k.startswith(_PRETRAIN_PARTS)})
+    return Converted(out, "pretrain", settings, {} if "predictor_heads" in settings else {"predictor_heads": 1})
 
 
 register_converter("xtra", detect_official, convert_official)

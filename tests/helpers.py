@@ -14,11 +14,14 @@ FAST = ["--dataset", "digits", "--num_workers", "0", "--print_freq", "1000", "--
 
 def run_script(script: str, *args: str, nproc: int = 0, timeout: int = 300, check: bool = True,
                ) -> subprocess.CompletedProcess:
+    """Run ``script`` (an entry script ``x.py`` or a module ``benchmarks.x``) as a user would, from the repository
+    root. Threads: one per process under torchrun, else the caller's OMP_NUM_THREADS (2 if unset)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1" if nproc else os.environ.get("OMP_NUM_THREADS", "2")}
+    target = [script] if script.endswith(".py") else ["-m", script]  # an entry script, or a module (benchmarks.x)
     if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
     else:
-        cmd = [sys.executable, script]
+        cmd = [sys.executable, *target]
     proc = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
     if check and proc.returncode != 0:

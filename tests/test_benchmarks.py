@@ -1,4 +1,4 @@
-"""benchmarks/throughput.py runs from a clean checkout and prints its table (one quick round: no timing asserts)."""
+"""python -m benchmarks.throughput runs from a clean checkout and prints its table (one quick round: no timing asserts)."""
 from tests.helpers import run_script
 
 
@@ -10,7 +10,7 @@ def table_rows(stdout: str) -> dict[str, dict[str, str]]:
 
 
 def test_throughput_table_counts_the_methods_extra_arithmetic():
-    proc = run_script("benchmarks/throughput.py", "--models", "xtra_vit_tiny", "saim_vit_tiny", "scala_vit_tiny",
+    proc = run_script("benchmarks.throughput", "--models", "xtra_vit_tiny", "saim_vit_tiny", "scala_vit_tiny",
                       "--scala_ratios", "0.5", "1", "--batch_size", "4", "--iters", "1", "--rounds", "1",
                       "--warmup", "0", "--device", "cpu")
     rows = table_rows(proc.stdout)
@@ -26,5 +26,5 @@ def test_throughput_table_counts_the_methods_extra_arithmetic():
 
 
 def test_throughput_rejects_an_unknown_preset():
-    proc = run_script("benchmarks/throughput.py", "--models", "xtra_vit_nope", check=False)
+    proc = run_script("benchmarks.throughput", "--models", "xtra_vit_nope", check=False)
     assert proc.returncode == 2 and "unknown preset 'xtra_vit_nope'" in proc.stderr

@@ -1,30 +1,29 @@
-"""D-iGPT: the spec's deterministic cases (digpt.md §10), the official-checkpoint converter against an independent
+"""D-iGPT: deterministic cases worked out from the official code (github.com/OliverRensu/D-iGPT), the official-checkpoint converter against an independent
 reference forward in the official layout, the builder/flags, and one end-to-end run on the digits data."""
-import argparse
-
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 
+import main_pretrain
 import models  # noqa: F401  (registers presets and converters)
-from models.digpt import (
-    DiGPT,
-    add_args,
-    check_order,
-    cosine_loss,
-    resize_segments,
-)
-from models.masks import segment_causal_mask
-from models.registry import CONVERTERS, build_pretrain_model, pretrain_entry
+from models.checkpoint import load_checkpoint, load_vit
+from models.digpt import DiGPT, DiGPTConfig, cosine_loss, resize_segments
+from models.masks import check_orders, segment_causal_mask
+from models.registry import CONVERTERS, create_model, lookup, model_config
 from models.teacher import teacher_tokens
 from models.vit import VisionTransformer
-from util.checkpoint import load_checkpoint, load_vit
+from util.config import SettingsError
 
 # The official geometry (224/16, 2×2 segments of 7×7, teacher 16×16) on narrow widths, cheap on CPU.
-MINI = dict(img_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2, segment_size=7, enc_layers=(1, 2),
+MINI = dict(input_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2, segment_size=7, enc_layers=(1, 2),
             decoder_dim=32, decoder_depth=1, decoder_heads=2, teacher_dim=16, teacher_grid=16)
 PERM = torch.tensor([3, 2, 0, 1])
+# Without a teacher, teacher_dim/teacher_grid fall back to the official 1024 / 16: the tiny model's are given.
+TINY_TEACHER = dict(teacher_dim=64, teacher_grid=8)
+# The digpt_vit_tiny preset in the official state-dict layout's terms (teacher: 64-d tokens on an 8×8 grid).
+TINY = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, segment_size=4, enc_layers=(2, 3, 4),
+            decoder_dim=64, decoder_depth=2, decoder_heads=4, **TINY_TEACHER)
 
 
 def official_mask(num_seg: int, seg_len: int) -> torch.Tensor:
@@ -43,17 +42,17 @@ def quadrant_slices(q: int, side: int, size: int) -> tuple[slice, slice]:
 @pytest.fixture(scope="module")
 def tiny() -> DiGPT:
     torch.manual_seed(0)
-    return build_pretrain_model("digpt_vit_tiny", {}).eval()
+    return create_model("digpt_vit_tiny", **TINY_TEACHER).eval()
 
 
 @pytest.fixture(scope="module")
 def mini() -> DiGPT:
     torch.manual_seed(0)
-    return DiGPT(**MINI).eval()
+    return DiGPT(DiGPTConfig(**MINI)).eval()
 
 
 # -- 1. masks -----------------------------------------------------------------------------------------
-def test_mask_matches_spec_counts_and_closed_form():
+def test_mask_matches_the_official_counts_and_closed_form():
     m = segment_causal_mask(3, 49)
     assert m.shape == (148, 148) and m.dtype == torch.bool
     assert m.sum() == 14603 and (~m).sum() == 7301
@@ -92,7 +91,7 @@ def test_encoder_sequence_order_and_cls_last(mini):
 def test_targets_are_permuted_teacher_quadrants(mini):
     B, C = 2, 16
     t_cls, t_patch = torch.randn(B, C), torch.randn(B, 256, C)
-    _, out = mini(torch.randn(B, 3, 224, 224), teacher_feats=(t_cls, t_patch), order=PERM)
+    _, out = mini.forward_with_outputs(torch.randn(B, 3, 224, 224), teacher_feats=(t_cls, t_patch), order=PERM)
     assert out["target_next"].shape == out["target_vis"].shape == (B, 193, C)
     grid = t_patch.view(B, 16, 16, C)
 
@@ -115,9 +114,9 @@ def test_per_image_orders_and_bad_orders(tiny):
     for bad in (torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1, 2]), torch.zeros(3, 4, dtype=torch.long),
                 torch.tensor([0.0, 1, 2, 3])):
         with pytest.raises(ValueError):
-            check_order(bad, 2, 4)
+            check_orders(bad, 2, 4)
     # a random order is a permutation per image
-    _, out = tiny(x, teacher_feats=(torch.randn(2, 64), torch.randn(2, 64, 64)))
+    _, out = tiny.forward_with_outputs(x, teacher_feats=(torch.randn(2, 64), torch.randn(2, 64, 64)))
     assert torch.equal(out["order"].sort(1).values, torch.arange(4).expand(2, -1))
 
 
@@ -182,7 +181,8 @@ def test_loss_on_constructed_tensors(mini):
     cls_flipped[:, -1] *= -1
     assert cosine_loss(pred, cls_flipped).item() == pytest.approx(4 / 193, abs=1e-6)
     x = torch.randn(2, 3, 224, 224)
-    loss, out = mini(x, teacher_feats=(torch.randn(2, 16), torch.randn(2, 256, 16)), order=PERM)
+    loss, out = mini.forward_with_outputs(x, teacher_feats=(torch.randn(2, 16), torch.randn(2, 256, 16)),
+                                          order=PERM)
     assert 1.8 < out["loss_next"] < 2.2 and 1.8 < out["loss_vis"] < 2.2  # random targets: ≈ 2 each
     torch.testing.assert_close(loss, out["loss_next"] + out["loss_vis"])
 
@@ -190,11 +190,11 @@ def test_loss_on_constructed_tensors(mini):
 # -- 8. shapes, parameter counts, position table --------------------------------------------------------
 def test_base_preset_shapes_and_parameter_counts():
     with torch.device("meta"):
-        model = build_pretrain_model("digpt_vit_base_patch16", {})
+        model = create_model("digpt_vit_base_patch16")
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         encoder = sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
     pred_next, pred_vis = model.predict(torch.empty(2, 3, 224, 224, device="meta"), PERM)
-    # spec: 167,889,152 in total including the two frozen sin-cos tables (151,296 + 201,728), which are
+    # the official model: 167,889,152 in total including the two frozen sin-cos tables (151,296 + 201,728), which are
     # not trained here either (ours: the decoder table is a buffer; the encoder's unused fc_norm is frozen)
     assert trainable == 167_889_152 - 151_296 - 201_728
     assert encoder == 85_645_824
@@ -203,9 +203,10 @@ def test_base_preset_shapes_and_parameter_counts():
     assert model.mask.shape == (148, 148) and model.encoder_mask is None
     assert pred_next.shape == pred_vis.shape == (2, 148, 1024)
     assert model.encoder.config["global_pool"] == "avg" and model.encoder.config["fc_norm"]
-    entry = pretrain_entry("digpt_vit_base_patch16")
-    assert entry.recipe["blr"] * 4096 / 256 == pytest.approx(2.4e-3)
-    assert entry.recipe["betas"] == (0.9, 0.95) and entry.recipe["warmup_epochs"] == 40
+    method, preset = lookup("digpt_vit_base_patch16", "pretrain")
+    recipe = {**method.recipe, **preset.settings}
+    assert recipe["blr"] * 4096 / 256 == pytest.approx(2.4e-3)
+    assert recipe["betas"] == (0.9, 0.95) and recipe["warmup_epochs"] == 40
 
 
 def test_sincos_tables_follow_the_official_formula(mini):
@@ -348,14 +349,16 @@ def reference_forward(sd: dict, cfg: dict, imgs: torch.Tensor, perm: torch.Tenso
 
 
 def test_converter_matches_reference_forward(tmp_path):
-    from models.digpt import TINY
     sd = official_state_dict(TINY)
     conv = CONVERTERS["digpt"]
-    assert conv.detect(sd)
-    ours, preset = conv.convert(sd)
-    assert preset == "digpt_vit_tiny"
-    model = build_pretrain_model(preset, {}).eval()
-    assert not conv.detect(model.state_dict())
+    assert conv.detect(sd, {})
+    converted = conv.convert(sd, {"enc_layers": [2, 3, 4], "decoder_num_heads": 4})
+    # the architecture from the shapes (segments from the mask buffer, teacher width from the heads)
+    assert DiGPTConfig(**converted.settings, num_heads=4) == model_config("digpt_vit_tiny", teacher_dim=64)
+    assert conv.convert(sd, {}).placeholders == {"enc_layers": (2, 3, 4), "decoder_heads": 1}  # not recorded
+    ours = converted.state_dict
+    model = create_model("digpt_vit_tiny", **TINY_TEACHER).eval()
+    assert not conv.detect(model.state_dict(), {})
     model.load_state_dict(ours, strict=True)
     x = torch.randn(2, 3, 32, 32)
     order = torch.tensor([[2, 0, 3, 1], [1, 3, 0, 2]])
@@ -374,14 +377,15 @@ def test_converter_matches_reference_forward(tmp_path):
     # through the checkpoint loader, as `--finetune` / `--teacher` see an official file
     path = tmp_path / "digpt_official.pth"
     torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 299}, path)
-    ckpt = load_checkpoint(str(path))
-    assert ckpt["converted_from"] == "digpt" and ckpt["model_name"] == "digpt_vit_tiny"
-    vit, _ = load_vit(str(path), num_classes=10)
+    ckpt = load_checkpoint(str(path), num_heads=4)
+    assert ckpt["converted_from"] == "digpt" and ckpt["model_name"] == "digpt"
+    assert ckpt["unrecorded"] == ["decoder_heads", "enc_layers"]
+    vit, _ = load_vit(str(path), num_heads=4, num_classes=10)
     torch.testing.assert_close(vit.blocks[1].attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
     bad = dict(sd)
     bad["ar_enc_norm.2.weight"] = bad["ar_enc_norm.2.weight"] + 1
     with pytest.raises(ValueError, match="differs"):
-        conv.convert(bad)
+        conv.convert(bad, {})
 
 
 # -- builder, flags, teacher wiring, visualisation ------------------------------------------------------
@@ -394,14 +398,24 @@ def write_vit_checkpoint(path, **kw) -> VisionTransformer:
 
 
 def test_builder_flags_and_teacher_outside_the_state_dict(tmp_path):
-    parser = argparse.ArgumentParser()
-    add_args(parser)
     path = tmp_path / "teacher.pth"
     write_vit_checkpoint(path, num_classes=10, global_pool="avg", fc_norm=True)
-    args = parser.parse_args(["--teacher", str(path), "--enc_layers", "3", "4", "--decoder_dim", "32",
-                              "--decoder_heads", "2"])
-    assert args.segment_size is None and args.teacher_dim is None
-    model = build_pretrain_model("digpt_vit_tiny", args)
+    out = tmp_path / "out"
+    argv = ["--model", "digpt_vit_tiny", "--print_config", "--output_dir", str(out)]
+    with pytest.raises(ValueError, match="give --teacher"):  # refused before anything is built
+        main_pretrain.resolve_settings(argv)
+    settings, ckpt, _ = main_pretrain.resolve_settings(
+        argv + ["--teacher", str(path), "--enc_layers", "3", "4", "--decoder_dim", "32", "--decoder_heads", "2"])
+    config = settings.of(DiGPTConfig)
+    assert ckpt is None and not out.exists()
+    # flags not given keep the preset's values; teacher_dim / teacher_grid stay None = "from the teacher"
+    assert config == model_config("digpt_vit_tiny", teacher=str(path), enc_layers=(3, 4), decoder_dim=32,
+                                  decoder_heads=2)
+    assert config.segment_size == 4 and config.teacher_dim is None and config.teacher_grid is None
+    assert settings.source("segment_size") == "preset" and settings.source("enc_layers") == "command line"
+    with pytest.raises(SettingsError, match="--loss_type"):  # another method's flag
+        main_pretrain.resolve_settings(argv + ["--teacher", str(path), "--loss_type", "l2"])
+    model = DiGPT(config)
     assert model.teacher is not None and model.teacher_dim == 64 and model.teacher_grid == 8
     assert model.enc_layers == (3, 4) and model.next_enc2dec.weight.shape == (2 * 32, 2 * 64)
     assert not any(k.startswith(("teacher", "_teacher")) for k in model.state_dict())
@@ -410,12 +424,13 @@ def test_builder_flags_and_teacher_outside_the_state_dict(tmp_path):
     # forward computes the teacher features itself, identical to precomputed ones
     x = torch.randn(2, 3, 32, 32)
     model.eval()
-    loss, _ = model(x, order=PERM)
-    loss_pre, _ = model(x, teacher_feats=teacher_tokens(model.teacher, x), order=PERM)
+    loss, _ = model.forward_with_outputs(x, order=PERM)
+    loss_pre, _ = model.forward_with_outputs(x, teacher_feats=teacher_tokens(model.teacher, x), order=PERM)
     assert loss.item() == loss_pre.item()
     # the official recipe decays the 3-D cls and query tokens (no no_weight_decay exemptions), not 1-D params
-    assert not hasattr(model, "no_weight_decay")
-    groups = {g["weight_decay"]: g["params"] for g in param_groups_weight_decay(model, 0.05)}
+    assert model.no_weight_decay() == set()
+    groups = {g["weight_decay"]: g["params"]
+              for g in param_groups_weight_decay(model, 0.05, no_weight_decay_list=model.no_weight_decay())}
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in groups[0.05]}
     assert {"encoder.cls_token", "next_query", "vis_query", "next_enc2dec.weight"} <= decayed
@@ -431,25 +446,25 @@ def test_builder_flags_and_teacher_outside_the_state_dict(tmp_path):
         blank = [not panels["encoder_input"][b, :, r, c].any() for r, c in (quadrant_slices(q, 2, 16) for q in range(4))]
         assert sum(blank) == 1
     with pytest.raises(ValueError, match="teacher features are 64-d"):
-        build_pretrain_model("digpt_vit_tiny", {"teacher": str(path), "teacher_dim": 32})
+        create_model("digpt_vit_tiny", teacher=str(path), teacher_dim=32)
     with pytest.raises(ValueError, match="needs a teacher"):
-        build_pretrain_model("digpt_vit_tiny", {})(x)
+        create_model("digpt_vit_tiny", **TINY_TEACHER)(x)
 
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(segment_size=3), "cannot be cut"), (dict(segment_size=8), "cannot be cut"),
     (dict(enc_layers=[2, 3]), "ending at 4"), (dict(enc_layers=[3, 2, 4]), "strictly increasing"),
-    (dict(teacher_grid=9), "teacher grid 9"), (dict(img_size=30), "not a multiple")])
+    (dict(teacher_grid=9), "teacher grid 9"), (dict(input_size=30), "not a multiple")])
 def test_impossible_configs_fail_early(kw, msg):
     with pytest.raises(ValueError, match=msg):
-        build_pretrain_model("digpt_vit_tiny", kw)
+        create_model("digpt_vit_tiny", **kw)
 
 
 def test_bad_inputs(tiny):
     with pytest.raises(ValueError, match="fixed for 32px"):
         tiny.predict(torch.randn(1, 3, 48, 48), PERM)
     with pytest.raises(ValueError, match="teacher features must be"):
-        tiny(torch.randn(1, 3, 32, 32), teacher_feats=(torch.randn(1, 64), torch.randn(1, 100, 64)), order=PERM)
+        tiny.forward_with_outputs(torch.randn(1, 3, 32, 32), teacher_feats=(torch.randn(1, 64), torch.randn(1, 100, 64)), order=PERM)
 
 
 # -- end to end on the digits data: teacher -> D-iGPT pretraining -> linear probe ----------------------------------
@@ -471,11 +486,11 @@ def test_end_to_end_teacher_pretrain_probe(tmp_path):
     assert {k.split(".")[0] for k in ckpt["model"]} == {
         "encoder", "next_feat_norm", "next_enc2dec", "next_query", "next_blocks", "next_norm", "next_pred",
         "vis_feat_norm", "vis_enc2dec", "vis_query", "vis_blocks", "vis_norm", "vis_pred"}  # no teacher weights
-    # visualize.py rebuilds the model (and its teacher) from the checkpoint's args; in-process to save a start-up
+    # visualize.py rebuilds the model (and its teacher) from the checkpoint's settings; in-process to save a
+    # start-up
     import visualize
-    visualize.main(visualize.get_args_parser().parse_args(
-        ["--checkpoint", str(pre / "checkpoint-last.pth"), "--dataset", "digits", "--num_images", "2",
-         "--output", str(tmp_path / "vis.png")]))
+    visualize.main(["--checkpoint", str(pre / "checkpoint-last.pth"), "--dataset", "digits", "--num_images", "2",
+                    "--output", str(tmp_path / "vis.png")])
     assert (tmp_path / "vis.png").stat().st_size > 0
     run_script("main_linprobe.py", *FAST, "--finetune", pre / "checkpoint-last.pth", "--probe", "linear",
                "--batch_size", "128", "--epochs", "1", "--warmup_epochs", "0", "--blr", "0.5", "--output_dir", probe)

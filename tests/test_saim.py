@@ -1,4 +1,5 @@
-"""SAIM: the spec's deterministic tests (saim.md §10), two-stream equivalences, converter, flags, end to end."""
+"""SAIM: deterministic cases worked out from the official code (github.com/qiy20/SAIM), two-stream equivalences,
+converter, flags, end to end."""
 import argparse
 import math
 
@@ -6,23 +7,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.masks import permutation_two_stream_masks
-from models.registry import CONVERTERS, build_pretrain_model
-from models.saim import SAIM, GaussianBlur, add_args, gaussian_kernel2d, patchify, unpatchify
+import main_pretrain
+from models.checkpoint import encoder_record, load_encoder_weights
+from models.masks import permutation_two_stream_masks, random_orders
+from models.pixels import patchify, unpatchify
+from models.registry import CONVERTERS, create_model, lookup, model_config
+from models.saim import SAIM, GaussianBlur, SAIMConfig, gaussian_kernel2d
 from models.vit import VisionTransformer
 from tests.helpers import FAST, read_log, run_script
+from util.config import SettingsError
 
-# 16 patches (4×4 grid of 8-px patches), as the spec's toy model
-TOY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, query_depth=2, gaussian_kernel_size=3,
+# 16 patches (4×4 grid of 8-px patches): a toy model small enough to check masks by hand
+TOY = dict(input_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, query_depth=2, gaussian_kernel_size=3,
            gaussian_sigma=1.0)
 
 
 def toy(**kw) -> SAIM:
     torch.manual_seed(0)
-    return SAIM(**{**TOY, **kw}).eval()
+    return SAIM(SAIMConfig(**{**TOY, **kw})).eval()
 
 
-# ---- §10.1-2: masks ------------------------------------------------------------------------------------------
+# ---- masks ------------------------------------------------------------------------------------------
 def test_exact_masks_of_the_worked_example():
     noise = torch.tensor([[0.3, 0.9, 0.1, 0.5]])
     order = noise.argsort(dim=1)
@@ -66,14 +71,16 @@ def test_bad_orders_raise():
 
 def test_random_orders_are_permutations_per_image_and_per_call():
     model = toy()
-    a, b = model.random_order(8, torch.device("cpu")), model.random_order(8, torch.device("cpu"))
+    a, b = random_orders(8, 16, torch.device("cpu")), random_orders(8, 16, torch.device("cpu"))
     assert (a.sort(dim=1).values == torch.arange(16)).all()
     assert len({tuple(r) for r in a.tolist()}) == 8 and not torch.equal(a, b)
-    _, out = model(torch.randn(2, 3, 32, 32))  # sampled when not given
+    _, out = model.forward_with_outputs(torch.randn(2, 3, 32, 32))  # sampled when not given
     assert out["order"].shape == (2, 16) and not torch.equal(out["order"][0], out["order"][1])
+    loss, metrics = model(torch.randn(2, 3, 32, 32))  # the training forward: the loss and no tensor outputs
+    assert loss.ndim == 0 and metrics == {}
 
 
-# ---- §10.3-4: causality --------------------------------------------------------------------------------------
+# ---- causality --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw", [{}, {"fuse_streams": True}, {"share_weight": True},
                                 {"depth": 4, "query_depth": 2, "fuse_streams": True}])
 @pytest.mark.parametrize("t", [0, 5, 15])
@@ -86,8 +93,8 @@ def test_perturbing_the_patch_at_rank_t_changes_only_later_predictions(kw, t):
     moved = imgs.clone()
     moved[..., r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] += torch.randn(3, 8, 8)
     with torch.no_grad():
-        before = model(imgs, order)[1]["pred"][0, order[0]]  # rows in generation order
-        after = model(moved, order)[1]["pred"][0, order[0]]
+        before = model.forward_with_outputs(imgs, order)[1]["pred"][0, order[0]]  # rows in generation order
+        after = model.forward_with_outputs(moved, order)[1]["pred"][0, order[0]]
     assert torch.equal(before[: t + 1], after[: t + 1])  # bit-identical, incl. the patch itself
     assert ((before[t + 1:] - after[t + 1:]).abs().amax(dim=1) > 0).all()
 
@@ -97,7 +104,7 @@ def test_first_generated_patch_is_content_free():
     order = torch.randperm(16, generator=torch.Generator().manual_seed(1))[None].expand(2, -1)
     imgs = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        pred = model(imgs, order)[1]["pred"]
+        pred = model.forward_with_outputs(imgs, order)[1]["pred"]
     first, second = order[0, 0], order[0, 1]
     torch.testing.assert_close(pred[0, first], pred[1, first], rtol=0, atol=0)
     assert not torch.allclose(pred[0, second], pred[1, second])
@@ -109,12 +116,12 @@ def test_first_generated_patch_is_content_free():
 def test_stacked_attention_call_equals_separate_calls(kw):
     model = toy(**kw).train()
     imgs = torch.randn(2, 3, 32, 32)
-    order = model.random_order(2, imgs.device)
+    order = random_orders(2, 16, imgs.device)
     results = []
     for fuse in (False, True):
         model.fuse_streams = fuse
         model.zero_grad()
-        loss, out = model(imgs, order)
+        loss, out = model.forward_with_outputs(imgs, order)
         loss.backward()
         results.append((loss, out["pred"], [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     (l0, p0, g0), (l1, p1, g1) = results
@@ -124,7 +131,7 @@ def test_stacked_attention_call_equals_separate_calls(kw):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
-# ---- §10.5-7: Gaussian target, patchify ----------------------------------------------------------------------
+# ---- Gaussian target, patchify ----------------------------------------------------------------------
 def test_gaussian_kernel_values():
     w = GaussianBlur(9, 1.0).weight
     assert w.shape == (3, 1, 9, 9)
@@ -138,7 +145,8 @@ def test_gaussian_kernel_values():
 
 
 def test_blurred_target_of_a_constant_image_with_zero_padding():
-    model = SAIM(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, query_depth=1)  # 9×9, σ 1
+    model = SAIM(SAIMConfig(input_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                            query_depth=1))  # 9×9, σ 1
     imgs = torch.full((1, 3, 224, 224), 2.0)
     blurred = model.gaussian_blur(imgs)
     assert blurred.shape == imgs.shape
@@ -180,22 +188,22 @@ def test_patchify_layout_and_round_trip():
     assert torch.equal(unpatchify(p, 16), img)
 
 
-# ---- §10.8: loss ---------------------------------------------------------------------------------------------
+# ---- loss ---------------------------------------------------------------------------------------------
 def test_loss_values_on_constructed_inputs():
     torch.manual_seed(0)
     imgs = torch.randn(2, 3, 32, 32)
-    model = SAIM(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, query_depth=1,
-                 gaussian_kernel_size=0)  # no blur, norm_pix, L2
+    model = SAIM(SAIMConfig(input_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, query_depth=1,
+                            gaussian_kernel_size=0))  # no blur, norm_pix, L2
     target = model.targets(imgs)
     assert model.loss(target, target).item() == 0
     assert abs(model.loss(torch.zeros_like(target), target).item() - 767 / 768) < 1e-5  # unbiased variance
-    model_l1 = SAIM(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, query_depth=1,
-                    gaussian_kernel_size=0, norm_pix_loss=False, loss_type="l1")
+    model_l1 = SAIM(SAIMConfig(input_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, query_depth=1,
+                               gaussian_kernel_size=0, norm_pix_loss=False, loss_type="l1"))
     t1 = model_l1.targets(imgs)
     torch.testing.assert_close(model_l1.loss(torch.zeros_like(t1), t1), imgs.abs().mean())
     # forward: mean squared error over every element of every patch, with the blurred normalised target
     blurred = toy()
-    loss, out = blurred(imgs)
+    loss, out = blurred.forward_with_outputs(imgs)
     torch.testing.assert_close(loss, ((out["pred"] - out["target"]) ** 2).mean())
     t = patchify(F.conv2d(imgs, gaussian_kernel2d(3, 1.0).expand(3, 1, 3, 3), padding=1, groups=3), 8)
     t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
@@ -205,7 +213,7 @@ def test_loss_values_on_constructed_inputs():
 def test_cls_row_of_the_head_does_not_affect_the_loss():
     model = toy()
     imgs, order = torch.randn(2, 3, 32, 32), torch.arange(16).expand(2, -1)
-    loss = model(imgs, order)[0]
+    loss = model.forward_with_outputs(imgs, order)[0]
 
     def spoil_cls_row(module, inputs, output):
         output = output.clone()
@@ -213,15 +221,15 @@ def test_cls_row_of_the_head_does_not_affect_the_loss():
         return output
 
     handle = model.prediction_head.register_forward_hook(spoil_cls_row)
-    assert torch.equal(model(imgs, order)[0], loss)
+    assert torch.equal(model.forward_with_outputs(imgs, order)[0], loss)
     handle.remove()
 
 
-# ---- §10.9-10: transfer, sizes --------------------------------------------------------------------------------
+# ---- transfer, sizes --------------------------------------------------------------------------------
 def test_base_preset_parameter_counts():
     with torch.device("meta"):
-        model = build_pretrain_model("saim_vit_base_patch16", {})
-        shared = build_pretrain_model("saim_vit_base_patch16", {"share_weight": True, "prediction_head": "linear"})
+        model = create_model("saim_vit_base_patch16")
+        shared = create_model("saim_vit_base_patch16", share_weight=True, prediction_head="linear")
 
     def count(m):
         return sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -245,13 +253,11 @@ def test_pos_embed_is_the_mae_sincos_table():
 
 @pytest.mark.parametrize("global_pool", ["token", "avg"])
 def test_encoder_transfers_to_a_classifier(global_pool):
-    from util.checkpoint import load_vit_weights
-
     model = toy()
-    ckpt = {"model": model.state_dict(), "vit_prefix": "encoder."}
+    ckpt = {"model": model.state_dict(), **encoder_record(model.encoder, "encoder.", model.encoder_mask)}
     vit = VisionTransformer(**{**model.encoder.config, "num_classes": 5, "global_pool": global_pool,
                                "fc_norm": global_pool == "avg"})
-    load_vit_weights(vit, ckpt)
+    load_encoder_weights(vit, ckpt)
     torch.testing.assert_close(vit.pos_embed, model.encoder.pos_embed, rtol=0, atol=0)
     torch.testing.assert_close(vit.blocks[1].attn.qkv.weight, model.encoder.blocks[1].attn.qkv.weight)
     if global_pool == "token":  # the final norm is the query stream's trained norm, as official
@@ -310,7 +316,7 @@ def _official_block(sd, b, q_in, kv_in, heads, mask=None):
 
 
 def _official_reference(sd, imgs, noise, cfg):
-    """Predictions [B, L, 3p²] and loss of the official forward_saim/forward_loss (spec §1.4, §2-4)."""
+    """Predictions [B, L, 3p²] and loss of the official forward_saim/forward_loss."""
     P, heads = cfg["patch_size"], cfg["num_heads"]
     x = F.conv2d(imgs, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=P).flatten(2).transpose(1, 2)
     B, L, _ = x.shape
@@ -348,37 +354,39 @@ TINY_CFG = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, q
 def test_converted_pretraining_checkpoint_matches_official_forward(fuse):
     official = _official_pretrain_sd(TINY_CFG)
     conv = CONVERTERS["saim"]
-    assert conv.detect(official)
-    ours, preset = conv.convert(official)
-    assert preset == "saim_vit_tiny"
-    model = build_pretrain_model(preset, {"fuse_streams": fuse}).eval()
-    model.load_state_dict(ours, strict=True)
+    assert conv.detect(official, {})
+    converted = conv.convert(official, {"norm_pix_loss": True})
+    # the architecture, the blur kernel's size and sigma come from the file itself
+    assert SAIMConfig(**converted.settings, num_heads=4, fuse_streams=fuse) == \
+        model_config("saim_vit_tiny", fuse_streams=fuse)
+    model = create_model("saim_vit_tiny", fuse_streams=fuse).eval()
+    model.load_state_dict(converted.state_dict, strict=True)
     torch.manual_seed(0)
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
     ref_pred, ref_loss = _official_reference(official, imgs, noise, TINY_CFG)
     with torch.no_grad():
-        loss, out = model(imgs, order=noise.argsort(dim=1))
+        loss, out = model.forward_with_outputs(imgs, order=noise.argsort(dim=1))
     torch.testing.assert_close(out["pred"], ref_pred, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
 
 
 def test_converter_linear_head_and_share_weight_variants():
     cfg = {**TINY_CFG, "query_depth": 1}
-    ours, preset = CONVERTERS["saim"].convert(_official_pretrain_sd(cfg, head="LINEAR"))
-    assert preset == "saim_vit_tiny" and "gaussian_blur.weight" not in ours  # the encoder decides the preset
-    model = build_pretrain_model(preset, {"prediction_head": "linear", "query_depth": 1})
-    model.load_state_dict(ours, strict=True)
+    converted = CONVERTERS["saim"].convert(_official_pretrain_sd(cfg, head="LINEAR"), {})
+    assert converted.settings["prediction_head"] == "linear" and converted.settings["query_depth"] == 1
+    assert "gaussian_blur.weight" not in converted.state_dict
+    model = create_model("saim_vit_tiny", prediction_head="linear", query_depth=1)
+    model.load_state_dict(converted.state_dict, strict=True)
     # share_weight: the official state dict repeats blocks.* under query_blocks.*, as ours does
-    shared = build_pretrain_model("saim_vit_tiny", {"share_weight": True})
+    shared = create_model("saim_vit_tiny", share_weight=True)
     assert {k for k in shared.state_dict() if k.startswith("query_blocks.")} == \
         {k.replace("encoder.blocks.", "query_blocks.") for k in shared.state_dict() if k.startswith("encoder.blocks.")}
 
 
 @pytest.mark.parametrize("pool", ["avg", "token"])
 def test_converted_finetuned_checkpoint_matches_official_classifier(tmp_path, pool):
-    from util.checkpoint import load_vit
+    from models.checkpoint import load_vit
 
-    # width 192: a width whose head count the shape-based loader knows (3, as ViT-Ti)
     cfg = dict(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, query_depth=2, gaussian_kernel_size=3,
                gaussian_sigma=0.5)
     official = {k: v for k, v in _official_pretrain_sd(cfg, seed=1).items()
@@ -389,11 +397,14 @@ def test_converted_finetuned_checkpoint_matches_official_classifier(tmp_path, po
     g = torch.Generator().manual_seed(2)
     official.update({"head.weight": torch.randn(7, 192, generator=g), "head.bias": torch.randn(7, generator=g)})
     conv = CONVERTERS["saim"]
-    assert conv.detect(official)
-    ours, preset = conv.convert(official)
-    assert preset is None
+    assert conv.detect(official, {})
+    converted = conv.convert(official, {})
+    assert converted.kind == "classifier"
+    ours = converted.state_dict
     torch.save({"model": official, "epoch": 99}, tmp_path / "saim_ft.pth")
-    vit, info = load_vit(str(tmp_path / "saim_ft.pth"))  # architecture read from the converted shapes
+    with pytest.raises(ValueError, match="give --num_heads"):  # a file that records no model name
+        load_vit(str(tmp_path / "saim_ft.pth"))
+    vit, info = load_vit(str(tmp_path / "saim_ft.pth"), num_heads=3)  # architecture read from the shapes
     assert info["vit_config"]["global_pool"] == pool and info["vit_config"]["num_classes"] == 7
     assert vit.state_dict().keys() == ours.keys()
     imgs = torch.randn(2, 3, 32, 32)
@@ -405,47 +416,56 @@ def test_converted_finetuned_checkpoint_matches_official_classifier(tmp_path, po
     ref = F.linear(feat, official["head.weight"], official["head.bias"])
     with torch.no_grad():
         torch.testing.assert_close(vit.eval()(imgs), ref, rtol=1e-4, atol=1e-4)
-    assert not conv.detect(vit.state_dict())  # fused-qkv checkpoints belong to other converters
+    assert not conv.detect(vit.state_dict(), {})  # fused-qkv checkpoints belong to other converters
 
 
 def test_official_file_loads_through_load_vit(tmp_path):
-    from util.checkpoint import load_vit
+    from models.checkpoint import load_vit
 
     official = _official_pretrain_sd(TINY_CFG)
-    torch.save({"model": official, "epoch": 799}, tmp_path / "saim_official.pth")
-    vit, info = load_vit(str(tmp_path / "saim_official.pth"))
-    assert info["model_name"] == "saim_vit_tiny" and info["encoder_mask"] is None
+    # an official file with its flags (argparse.Namespace) and a model name that does not fix the head count
+    args = argparse.Namespace(model="saim_tiny_custom", query_depth=2, norm_pix_loss=True, gaussian_sigma=0.5)
+    torch.save({"model": official, "epoch": 799, "args": args}, tmp_path / "saim_official.pth")
+    vit, info = load_vit(str(tmp_path / "saim_official.pth"), num_heads=4)
+    assert info["model_name"] == "saim" and info["encoder_mask"] is None and not info["unrecorded"]
+    assert SAIMConfig(**info["model_config"]) == model_config("saim_vit_tiny")
     torch.testing.assert_close(vit.blocks[0].attn.qkv.weight, torch.cat(
         [official[f"blocks.0.attn.{p}.weight"] for p in "qkv"]))
     torch.testing.assert_close(vit.norm.weight, official["norm.weight"])
 
 
 # ---- presets, flags, bad input, visualisation ----------------------------------------------------------------
-def test_flags_default_to_none_and_override_the_preset():
-    parser = argparse.ArgumentParser()
-    add_args(parser)
-    defaults = parser.parse_args([])
-    assert all(v is None for v in vars(defaults).values())
-    args = parser.parse_args(["--share_weight", "false", "--prediction_head", "linear", "--query_depth", "1",
-                              "--loss_type", "l1", "--gaussian_kernel_size", "0", "--norm_pix_loss", "no"])
-    model = build_pretrain_model("saim_vit_tiny", args)
+def test_flags_default_to_the_preset_and_override_it(tmp_path):
+    base = ["--model", "saim_vit_tiny", "--query_depth", "1", "--loss_type", "l2", "--print_config",
+            "--output_dir", str(tmp_path)]
+    settings, ckpt, path = main_pretrain.resolve_settings(base)
+    assert ckpt is None and not path
+    # flags not given keep the preset's values; the given ones override it
+    assert settings.of(SAIMConfig) == model_config("saim_vit_tiny", query_depth=1, loss_type="l2")
+    assert settings.source("gaussian_kernel_size") == "preset" and settings.source("query_depth") == "command line"
+    settings, _, _ = main_pretrain.resolve_settings(base + [
+        "--share_weight", "false", "--prediction_head", "linear", "--loss_type", "l1", "--gaussian_kernel_size", "0",
+        "--norm_pix_loss", "no"])
+    model = SAIM(settings.of(SAIMConfig))
     assert isinstance(model.prediction_head, torch.nn.Linear) and len(model.query_blocks) == 1
     assert isinstance(model.gaussian_blur, torch.nn.Identity) and not model.norm_pix_loss and model.loss_type == "l1"
     assert model.encoder_mask is None and model.encoder.global_pool == "token"
+    assert not list(tmp_path.iterdir())  # --print_config writes nothing
+    with pytest.raises(SettingsError, match="loss_type"):  # no 'mse' alias any more
+        main_pretrain.resolve_settings(base + ["--loss_type", "mse"])
 
 
 def test_recipe_weight_decay_groups_and_init_follow_the_official_code():
     from timm.optim import param_groups_weight_decay
 
-    from models.registry import pretrain_entry
-
-    recipe = pretrain_entry("saim_vit_base_patch16").recipe
+    method, preset = lookup("saim_vit_base_patch16", "pretrain")
+    recipe = {**method.recipe, **preset.settings}
     assert {k: recipe[k] for k in ("blr", "weight_decay", "betas", "warmup_epochs", "crop_scale")} == \
         dict(blr=2e-4, weight_decay=0.5, betas=(0.9, 0.95), warmup_epochs=30, crop_scale=(0.2, 1.0))
-    assert pretrain_entry("saim_vit_base_patch16").builder.args == ("saim_vit_base_patch16",)
+    assert method.model_class is SAIM and model_config("saim_vit_base_patch16") == SAIMConfig()  # official defaults
     model = toy()
-    assert not hasattr(model, "no_weight_decay")  # main_pretrain then decays the cls token too, as official
-    groups = param_groups_weight_decay(model, 0.5)
+    assert model.no_weight_decay() == set()  # main_pretrain then decays the cls token too, as official
+    groups = param_groups_weight_decay(model, 0.5, no_weight_decay_list=model.no_weight_decay())
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     grouped = {id(p) for g in groups for p in g["params"]}
     assert id(model.encoder.cls_token) in decayed and id(model.encoder.patch_embed.proj.weight) in decayed
@@ -463,7 +483,7 @@ def test_recipe_weight_decay_groups_and_init_follow_the_official_code():
     ({"gaussian_kernel_size": 4}, "odd"), ({"gaussian_sigma": 0.0}, "sigma")])
 def test_bad_configs_raise(kw, match):
     with pytest.raises(ValueError, match=match):
-        SAIM(**{**TOY, **kw})
+        SAIM(SAIMConfig(**{**TOY, **kw}))
 
 
 def test_bad_inputs_raise():
@@ -471,7 +491,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="expects images"):
         model(torch.randn(1, 3, 64, 64))
     with pytest.raises(ValueError, match="order must be"):
-        model(torch.randn(1, 3, 32, 32), order=torch.arange(8)[None])
+        model.forward_with_outputs(torch.randn(1, 3, 32, 32), order=torch.arange(8)[None])
 
 
 def test_visualize_panels_and_prediction_denormalisation(monkeypatch):

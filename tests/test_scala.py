@@ -4,6 +4,7 @@ Tiny configs (D 64, 4 heads, depth 2, patch 4, 32 px) in float64 where exactness
 the meta device. Reference computations slice the weights independently of models/scala.py (spec §1.3 table)
 and run them through timm's own DeiT, with the attention scale forced where the spec says so.
 """
+import argparse
 import math
 import random
 from functools import partial
@@ -16,17 +17,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.registry import CONVERTERS
-from models.scala import (
-    config_from_state_dict,
-    create_scala,
-    load_encoder,
-    ratio_grid,
-    sample_ratios,
-    width_losses,
-)
+from models.checkpoint import load_encoder_weights, normalize_checkpoint
+from models.registry import CONVERTERS, create_model
+from models.scala import WidthSpace, width_losses
 from models.vit import VisionTransformer
-from util.checkpoint import normalize_checkpoint
 
 D, H, C = 64, 4, 10  # tiny: scala_vit_tiny with 10 classes
 GRID13 = [0.25 + k / 16 for k in range(13)]
@@ -42,10 +36,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def scala(name, **kw):
+    """A registered Scala preset; without drop-path unless asked (train-mode outputs are compared exactly)."""
+    return create_model(name, "slimmable", **{"nb_classes": 1000, "drop_path": 0.0, **kw})
+
+
 def tiny(dtype=torch.float64, seed=0, std=0.3, **kw):
     """The tiny model with weights large enough that every parameter visibly matters (init std is 0.02)."""
     torch.manual_seed(seed)
-    m = create_scala("scala_vit_tiny", num_classes=C, **kw).to(dtype)
+    m = scala("scala_vit_tiny", nb_classes=C, **kw).to(dtype)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, std)
@@ -104,24 +103,24 @@ def timm_deit_distilled(sd, r, first, scale=0.25, eps=1e-5):
 @pytest.fixture(scope="module")
 def deit_s_b():
     with torch.device("meta"):
-        return (create_scala("scala_deit_small_patch16"), create_scala("scala_deit_base_patch16"),
-                create_scala("scala_deit_small_patch16", distilled=False))
+        return (scala("scala_deit_small_patch16"), scala("scala_deit_base_patch16"),
+                scala("scala_deit_small_patch16", distilled=False))
 
 
 # 1 ------------------------------------------------------------------------------------------------------
 def test_ratio_grid():
-    assert [len(ratio_grid(0.25, 1.0, e)) for e in (1 / 32, 1 / 16, 1 / 8, 1 / 4)] == [25, 13, 7, 4]
-    assert ratio_grid(0.25, 1.0, 1 / 16) == GRID13  # exact binary floats
-    assert ratio_grid(0.25, 1.0, 1 / 8) == [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
+    assert [len(WidthSpace(0.25, 1.0, e).grid()) for e in (1 / 32, 1 / 16, 1 / 8, 1 / 4)] == [25, 13, 7, 4]
+    assert WidthSpace(0.25, 1.0, 1 / 16).grid() == GRID13  # exact binary floats
+    assert WidthSpace(0.25, 1.0, 1 / 8).grid() == [0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0]
     for bad in [(0.25, 1.0, 0.1), (0.3, 1.0, 1 / 16), (0.25, 1.0, 0.0), (0.5, 0.25, 1 / 16)]:
         with pytest.raises(ValueError):
-            ratio_grid(*bad)
+            WidthSpace(*bad).grid()
 
 
 # 2 ------------------------------------------------------------------------------------------------------
 def test_stable_sampling_supports_and_official_draws():
     rng = random.Random(0)
-    draws = [sample_ratios(rng, 0.25, 1.0, 1 / 16) for _ in range(10_000)]
+    draws = [WidthSpace(0.25, 1.0, 1 / 16).sample(rng) for _ in range(10_000)]
     assert {d[1] for d in draws} == {0.625, 0.6875, 0.75, 0.8125, 0.875, 0.9375}
     assert {d[2] for d in draws} == {0.3125, 0.375, 0.4375, 0.5, 0.5625}
     assert all(d[0] == 1.0 and d[3] == 0.25 and d[0] > d[1] > d[2] > d[3] for d in draws)
@@ -134,19 +133,19 @@ def test_stable_sampling_supports_and_official_draws():
         m = (l_ + s) / 2
         r3 = float(official.randint(int(m // e), int(l_ // e) - 1) * e)
         r2 = float(official.randint(int(s // e) + 1, int(m // e) - 1) * e)
-        assert sample_ratios(ours, s, l_, e) == [l_, r3, r2, s]
+        assert WidthSpace(s, l_, e).sample(ours) == [l_, r3, r2, s]
 
     rng = random.Random(1)
-    d32 = [sample_ratios(rng, 0.25, 1.0, 1 / 32) for _ in range(5000)]
+    d32 = [WidthSpace(0.25, 1.0, 1 / 32).sample(rng) for _ in range(5000)]
     assert len({d[1] for d in d32}) == 12 and len({d[2] for d in d32}) == 11
-    d8 = [sample_ratios(rng, 0.25, 1.0, 1 / 8) for _ in range(500)]
+    d8 = [WidthSpace(0.25, 1.0, 1 / 8).sample(rng) for _ in range(500)]
     assert {d[1] for d in d8} == {0.625, 0.75, 0.875} and {d[2] for d in d8} == {0.375, 0.5}
     # X = 4: the official sampler crashes; here both interior widths run every iteration, no randomness
     state = rng.getstate()
-    assert sample_ratios(rng, 0.25, 1.0, 1 / 4) == [1.0, 0.75, 0.5, 0.25]
+    assert WidthSpace(0.25, 1.0, 1 / 4).sample(rng) == [1.0, 0.75, 0.5, 0.25]
     assert rng.getstate() == state
     with pytest.raises(ValueError, match="at least 4 widths"):
-        sample_ratios(rng, 0.5, 1.0, 1 / 4)
+        WidthSpace(0.5, 1.0, 1 / 4).sample(rng)
 
 
 # 3 ------------------------------------------------------------------------------------------------------
@@ -289,10 +288,10 @@ def test_output_contract_and_invalid_ratios(deit_s_b):
             model(x, bad)
     with pytest.raises(ValueError, match="width 115"):
         deit_s_b[0](torch.zeros(1, 3, 224, 224, device="meta"), 0.3)
-    with pytest.raises(ValueError, match="unknown Scala model"):
-        create_scala("scala_nope")
+    with pytest.raises(ValueError, match="unknown slimmable model 'scala_nope'"):
+        scala("scala_nope")
     with pytest.raises(ValueError, match="width 19"):
-        create_scala("scala_vit_tiny", smallest_ratio=0.3)
+        scala("scala_vit_tiny", smallest_ratio=0.3, granularity=0.1)  # a valid width space: only the width fails
     with pytest.raises(ValueError, match="distilled model in train mode"):
         next(width_losses(model.eval(), x, torch.zeros(3, dtype=torch.long), [1.0]))
 
@@ -391,37 +390,43 @@ def official_state_dict(seed=3):
 def test_converter_official_checkpoint():
     official = official_state_dict()
     conv = CONVERTERS["scala"]
-    assert conv.detect(official)
+    assert conv.detect(official, {})
     plain_vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=D, depth=2, num_heads=H).state_dict()
-    assert not conv.detect(plain_vit)
-    converted, preset = conv.convert(official)
-    assert preset is None and converted.keys() == official.keys()
-    cfg = config_from_state_dict(converted, num_heads=H)
-    assert cfg == dict(img_size=32, patch_size=4, in_chans=3, num_classes=C, embed_dim=D, depth=2, num_heads=H,
-                       mlp_ratio=4.0, qkv_bias=True, distilled=True)
-    assert config_from_state_dict(converted)["num_heads"] == 1  # DeiT rule D/64 when not given
-    model = create_scala("scala_vit_tiny", num_classes=C).double().eval()
-    model.load_state_dict(converted, strict=True)
+    assert not conv.detect(plain_vit, {})
+    converted = conv.convert(official, {})
+    assert converted.kind == "slimmable" and converted.state_dict.keys() == official.keys()
+    assert converted.settings == dict(input_size=32, patch_size=4, nb_classes=C, embed_dim=D, depth=2, mlp_ratio=4.0,
+                                      distilled=True)
+    # the head count does not show in the shapes: --num_heads (or the file's records) gives it, else an error
+    assert normalize_checkpoint({"model": official}, num_heads=H)["model_config"]["num_heads"] == H
+    with pytest.raises(ValueError, match="give --num_heads"):
+        normalize_checkpoint({"model": official})
+    model = scala("scala_vit_tiny", nb_classes=C).double().eval()
+    model.load_state_dict(converted.state_dict, strict=True)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     for r in (0.25, 0.5, 0.8125, 1.0):
         ref = timm_deit_distilled(official, r, r in (0.25, 1.0))(x)
         assert (model(x, r) - ref).abs().max() < 1e-10
     broken = {k: v for k, v in official.items() if k != "blocks.1.norm2.bias"}
     with pytest.raises(ValueError, match="does not fit"):
-        conv.convert(broken)
+        conv.convert(broken, {})
 
 
 def test_official_deit_s_file_goes_through_the_checkpoint_loader():
-    """A released Scala-S file (DeiT layout: weights under 'model', DDP prefix, + model_ema, epoch, ...), with
-    meta tensors: only keys and shapes matter on this path."""
+    """A released Scala-S file (DeiT layout: weights under 'model', DDP prefix, + model_ema, epoch, the flags as
+    an argparse.Namespace), with meta tensors: only keys and shapes matter on this path."""
     with torch.device("meta"):
         net = timm_deit.VisionTransformerDistilled(embed_dim=384, depth=12, num_heads=6, num_classes=1000)
     official = {f"module.{k}": v for k, v in net.state_dict().items()}
-    ckpt = normalize_checkpoint({"model": official, "model_ema": {}, "epoch": 99})
-    assert ckpt["converted_from"] == "scala" and ckpt["model_name"] is None
-    assert config_from_state_dict(ckpt["model"]) == dict(
-        img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=384, depth=12, num_heads=6,
-        mlp_ratio=4.0, qkv_bias=True, distilled=True)
+    args = argparse.Namespace(model="deit_small_distilled_patch16_224_scala", smallest_ratio=0.25, largest_ratio=1.0,
+                              granularity=0.0625)  # the official run.sh flags
+    ckpt = normalize_checkpoint({"model": official, "model_ema": {}, "epoch": 99, "args": args})
+    assert ckpt["converted_from"] == "scala" and ckpt["model_name"] == "scala"
+    config = ckpt["model_config"]
+    assert {k: config[k] for k in ("input_size", "patch_size", "nb_classes", "embed_dim", "depth", "num_heads",
+                                   "mlp_ratio", "distilled")} == dict(
+        input_size=224, patch_size=16, nb_classes=1000, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0,
+        distilled=True)
 
 
 def test_export_loads_into_a_standalone_timm_deit():
@@ -446,9 +451,9 @@ def test_init_from_pretraining_encoder(class_token, pos):
                             pos_embed=pos, global_pool="token" if class_token else "avg")
     ckpt = {"model": {f"encoder.{k}": v for k, v in enc.state_dict().items()}, "vit_config": dict(enc.config),
             "vit_prefix": "encoder."}
-    model = create_scala("scala_vit_tiny", num_classes=C)
+    model = scala("scala_vit_tiny", nb_classes=C)
     fresh_dist = model.dist_token.detach().clone()
-    report = load_encoder(model, ckpt)
+    report = load_encoder_weights(model, ckpt)
     expected_missing = {"dist_token", "head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
     assert set(report["missing"]) == expected_missing | ({"cls_token"} if not class_token else set())
     assert report["unexpected"] == []
@@ -459,9 +464,9 @@ def test_init_from_pretraining_encoder(class_token, pos):
     assert torch.equal(model.dist_token, fresh_dist)
     model.train()(torch.randn(2, 3, 32, 32), 0.5)[0].sum().backward()  # trainable at once
 
-    bigger = create_scala("scala_vit_tiny", num_classes=C, img_size=48)  # other grid: resampled
-    load_encoder(bigger, ckpt)
+    bigger = scala("scala_vit_tiny", nb_classes=C, input_size=48)  # other grid: resampled
+    load_encoder_weights(bigger, ckpt)
     assert bigger.pos_embed.shape == (1, 2 + 144, D)
-    with pytest.raises(ValueError, match="architecture differs"):
-        load_encoder(create_scala("scala_vit_tiny", num_classes=C, depth=3), ckpt)
+    with pytest.raises(ValueError, match=r"encoder differs from the model .*'depth': \(2, 3\)"):
+        load_encoder_weights(scala("scala_vit_tiny", nb_classes=C, depth=3), ckpt)
     assert math.isfinite(bigger.eval()(torch.randn(1, 3, 48, 48), 1.0).sum().item())

@@ -1,6 +1,5 @@
 """main_slimmable.py end to end on the embedded digits (16 px): a tiny teacher from main_finetune.py, a Scala run
 with the end-of-training all-ratios table, eval-only reproducing it, export, torchrun ×2 with --init_from, bad input."""
-import argparse
 import json
 import re
 from functools import partial
@@ -11,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import main_slimmable
-from models.scala import create_scala
+from models.registry import create_model
 from models.vit import VisionTransformer
 from tests.helpers import FAST, read_log, run_script
 
@@ -55,13 +54,13 @@ def test_training_learns_and_prints_the_all_ratio_table(slim_run):
     assert epochs[-1]["train_loss_full"] < epochs[0]["train_loss_full"]
     rows = table(proc.stdout)
     assert [r[0] for r in rows] == [0.25, 0.5, 0.75, 1.0]
-    model = create_scala("scala_vit_tiny", num_classes=10, img_size=16)
+    model = create_model("scala_vit_tiny", "slimmable", nb_classes=10, input_size=16)
     for ratio, width, params, gflops, _ in rows:
         assert (width, params) == (int(64 * ratio), model.num_params(ratio))
         assert gflops == pytest.approx(model.flops(ratio) / 1e9, abs=1e-4)
     assert [round(r["acc1"], 2) for r in log[-1]["eval_table"]] == [r[4] for r in rows]
     ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
-    assert ckpt["extra"]["scala_config"]["smallest_ratio"] == 0.25
+    assert ckpt["model_config"]["smallest_ratio"] == 0.25
     assert ckpt["args"]["granularity"] == 0.25 and "dist_token" in ckpt["model"]
 
 
@@ -80,7 +79,7 @@ def test_eval_only_reproduces_the_table_and_exports(slim_run, tmp_path):
     net.load_state_dict(torch.load(exported, weights_only=True), strict=True)
     for blk in net.blocks:
         blk.attn.fused_attn, blk.attn.scale = False, meta["attn_scale"]
-    model = create_scala("scala_vit_tiny", num_classes=10, img_size=16).eval()
+    model = create_model("scala_vit_tiny", "slimmable", nb_classes=10, input_size=16).eval()
     model.load_state_dict(torch.load(out / "checkpoint-last.pth", weights_only=True)["model"])
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(net(x), model(x, 0.5), rtol=0, atol=1e-5)
@@ -103,13 +102,13 @@ def test_torchrun_two_processes_from_a_pretraining_encoder(tmp_path, teacher):
 def test_bad_input_fails_cleanly(tmp_path):
     out = tmp_path / "out"
     proc = run_script("main_slimmable.py", *SLIM, "--model", "scala_nope", "--output_dir", out, check=False)
-    assert proc.returncode == 2 and "unknown Scala model" in proc.stderr and "Traceback" not in proc.stderr
-    parser = argparse.ArgumentParser(parents=[main_slimmable.get_args_parser()])
+    assert proc.returncode == 2 and "unknown slimmable model 'scala_nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr
     for extra, message in [(["--eval_ratios", "0.3"], "not a positive multiple of the 4 heads"),
                            (["--granularity", "0.1"], "multiples of granularity"),
                            (["--teacher", str(tmp_path / "missing.pth")], "not found"),
                            (["--eval"], "--eval needs --resume"),
                            (["--largest_ratio", "1.5"], "largest_ratio <= 1")]:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
-            main_slimmable.main(parser.parse_args([*map(str, SLIM), *extra, "--output_dir", str(out)]))
+            main_slimmable.main([*map(str, SLIM), *extra, "--output_dir", str(out)])
     assert not (out / "args.json").exists()

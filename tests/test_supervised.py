@@ -42,9 +42,11 @@ def test_eval_only_reproduces_logged_accuracy(finetuned):
 
 @pytest.mark.parametrize("probe", ["linear", "attentive"])
 def test_probes_train_on_a_frozen_backbone(finetuned, tmp_path, probe):
+    # the augmentation flags belong to the attentive probe only (a linear probe refuses them)
+    augment = ["--aa", "none", "--reprob", "0"] if probe == "attentive" else []
     run_script("main_linprobe.py", *FAST, "--finetune", finetuned / "checkpoint-last.pth", "--probe", probe,
-               "--batch_size", "64", "--epochs", "3", "--warmup_epochs", "0", "--blr", "0.5", "--aa", "none",
-               "--reprob", "0", "--output_dir", tmp_path)
+               "--batch_size", "64", "--epochs", "3", "--warmup_epochs", "0", "--blr", "0.5", *augment,
+               "--output_dir", tmp_path)
     log = read_log(tmp_path)
     assert log[-1]["test_acc1"] > 20.0
     probe_ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
@@ -67,7 +69,8 @@ def test_killed_run_resumes_with_identical_losses(tmp_path):
     reference = {r["epoch"]: r["train_loss"] for r in read_log(tmp_path / "straight")}
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"}
+    # the same thread count as run_script's runs: float reductions depend on it
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     proc = subprocess.Popen([sys.executable, "main_finetune.py", *map(str, args), "--output_dir", str(killed)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

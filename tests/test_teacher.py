@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 import models  # noqa: F401
-from models.registry import build_pretrain_model
+from models.registry import create_model
 from models.teacher import FrozenTeacher, load_teacher, teacher_tokens
 from models.vit import VisionTransformer
 
@@ -54,7 +54,7 @@ def test_project_classifier_checkpoint(tmp_path):
 
 def test_project_pretraining_checkpoint_uses_the_encoder(tmp_path):
     torch.manual_seed(0)
-    model = build_pretrain_model("digpt_vit_tiny", {})
+    model = create_model("digpt_vit_tiny", teacher_dim=64, teacher_grid=8)  # no teacher: its token shape given
     path = tmp_path / "pre.pth"
     save_ours(path, model, model.encoder, "encoder.")
     teacher = load_teacher(str(path))

@@ -7,38 +7,34 @@ import pytest
 import torch
 
 from util import misc
-from util.checkpoint import load_file, save_checkpoint
+from util.checkpoint import load_file, save_checkpoint, training_state
 from util.datasets import DigitsDataset, ShardSampler
-from util.lr_sched import adjust_learning_rate, lr_at
+from util.lr_sched import Schedule, adjust_learning_rate
 from util.misc import OptimizerStep, check_finite, rng_state, set_rng_state
 
 
-def sched_args(**kw):
-    return argparse.Namespace(**{**dict(lr=1e-3, min_lr=1e-6, warmup_epochs=10, warmup_lr=1e-4, epochs=100), **kw})
+def schedule(**kw):
+    return Schedule(**{**dict(lr=1e-3, min_lr=1e-6, warmup_epochs=10, warmup_lr=1e-4, epochs=100), **kw})
 
 
 def test_warmup_then_half_cycle_cosine():
-    a = sched_args()
-    assert lr_at(0, a) == pytest.approx(1e-4)
-    assert lr_at(5, a) == pytest.approx(1e-4 + 0.5 * 9e-4)
-    assert lr_at(10, a) == pytest.approx(1e-3)
-    assert lr_at(55, a) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)  # half way through the cosine
-    assert lr_at(100, a) == pytest.approx(1e-6)
+    a = schedule()
+    assert a.at(0) == pytest.approx(1e-4)
+    assert a.at(5) == pytest.approx(1e-4 + 0.5 * 9e-4)
+    assert a.at(10) == pytest.approx(1e-3)
+    assert a.at(55) == pytest.approx(1e-6 + (1e-3 - 1e-6) * 0.5)  # half way through the cosine
+    assert a.at(100) == pytest.approx(1e-6)
     opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 0.5},
                            {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=1.0)
     adjust_learning_rate(opt, 10, a)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 1e-3])
 
 
-def _ckpt_args(tmp_path, **kw):
-    return argparse.Namespace(output_dir=str(tmp_path), save_freq=2, keep_last=2, epochs=9, model="m", **kw)
-
-
 def test_checkpoint_retention_and_weights_only(tmp_path):
     model = torch.nn.Linear(2, 2)
-    model.config = {"embed_dim": 2}
     for epoch in range(9):
-        save_checkpoint(_ckpt_args(tmp_path), epoch, model, torch.optim.SGD(model.parameters(), lr=0.1))
+        state = training_state(model, epoch, {"model": "m"}, torch.optim.SGD(model.parameters(), lr=0.1))
+        save_checkpoint(state, str(tmp_path), epoch, epochs=9, save_freq=2, keep_last=2)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["checkpoint-7.pth", "checkpoint-8.pth", "checkpoint-last.pth"]
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)  # plain dict, no pickled objects
@@ -103,10 +99,12 @@ def test_accumulation_steps_only_every_k_micro_batches():
 def test_plain_timm_vit_checkpoint_loads_with_inferred_architecture(tmp_path, global_pool):
     import timm
 
-    from util.checkpoint import load_vit
+    from models.checkpoint import load_vit
     theirs = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=7,
                                global_pool=global_pool).eval()
-    torch.save({"model": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, tmp_path / "mae_style.pth")
+    # an MAE-style file: DDP-prefixed weights and the flags (whose model name tells the head count)
+    torch.save({"model": {f"module.{k}": v for k, v in theirs.state_dict().items()},
+                "args": argparse.Namespace(model="vit_small_patch16")}, tmp_path / "mae_style.pth")
     ours, ckpt = load_vit(str(tmp_path / "mae_style.pth"))
     assert ckpt["vit_config"]["num_heads"] == 6 and ckpt["vit_config"]["fc_norm"] == (global_pool == "avg")
     x = torch.randn(2, 3, 32, 32)

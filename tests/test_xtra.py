@@ -1,22 +1,24 @@
-"""XTRA (spec xtra.md §10): block-causal mask, layouts, causality, per-block normalisation, multi-head loss,
+"""XTRA (cases worked out from the official code, github.com/elad-amrani/xtra): block-causal mask, layouts, causality, per-block normalisation, multi-head loss,
 pseudo-random orders, parameter counts of the released sizes, and the official-checkpoint converter checked
 against an independent forward written with the official layout (separate q/k/v, masked_fill softmax, unfold)."""
-import argparse
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import main_pretrain
 import models  # noqa: F401  (registers presets)
-from models.masks import block_causal_mask
-from models.registry import CONVERTERS, build_pretrain_model, pretrain_entry
+from models.masks import BlockCausal, block_causal_mask
+from models.pixels import normalize
+from models.registry import CONVERTERS, create_model, lookup, model_config
 from models.vit import Attention
-from models.xtra import XTRA, add_args, create_random_permutations, normalize_blocks
+from models.xtra import XTRA, XTRAConfig, create_random_permutations
 
-# grid 4 (img 32 / patch 8) with k=2: 4 blocks, like the spec's tiny causality example
-SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, block_size=2, predictor_depth=2,
-             predictor_width=32, predictor_heads=2, proj_hidden=48, head_hidden=40)
+# grid 4 (img 32 / patch 8) with k=2: 4 blocks, small enough to check causality block by block. drop_path 0: the
+# XTRAConfig default is the official 0.1; these unit tests check exact values in train mode.
+SMALL = dict(input_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, block_size=2, predictor_depth=2,
+             predictor_width=32, predictor_heads=2, proj_hidden=48, head_hidden=40, drop_path=0.0)
 
 SPEC_MASK = """
 1100110000000000
@@ -39,7 +41,7 @@ SPEC_MASK = """
 
 def small(**kw) -> XTRA:
     torch.manual_seed(0)
-    return XTRA(**{**SMALL, **kw})
+    return XTRA(XTRAConfig(**{**SMALL, **kw}))
 
 
 # ---- 1, 2: mask ---------------------------------------------------------------------------------------
@@ -69,7 +71,7 @@ def test_mask_semantics(grid, k):
 # ---- 3, 11: shapes and parameter counts of the released sizes (meta device: no memory, no compute) --------
 def _shapes_on_meta(name: str, side: int) -> dict:
     with torch.device("meta"):
-        model = build_pretrain_model(name, {})
+        model = create_model(name)
         seen = {}
         model.encoder.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("encoder", o.shape))
         model.proj.register_forward_hook(lambda m, i, o: seen.__setitem__("proj", o.shape))
@@ -94,20 +96,20 @@ def test_huge_patch14_shapes_and_parameters():
     shapes, params = _shapes_on_meta("xtra_vit_huge_patch14", 224)
     assert shapes == dict(encoder=(2, 256, 1280), proj=(2, 256, 640), predictor=(2, 256, 640), concat=(2, 16, 10240),
                           pred=(2, 16, 9408), target=(2, 16, 3, 56, 56))
-    # spec: 630.76M, 9.84M, 39.55M, 184.87M
+    # the official H/14 model: 630.76M, 9.84M, 39.55M, 184.87M
     assert params == dict(encoder=630_762_240, proj=9_835_520, predictor=39_553_280, aim_proj=184_867_200)
 
 
 def test_tiny_shapes_and_preset():
-    model = small(img_size=64, patch_size=16, num_pred_heads=2)
-    loss, out = model(torch.randn(2, 3, 64, 64))
+    model = small(input_size=64, patch_size=16, num_pred_heads=2)
+    loss, out = model.forward_with_outputs(torch.randn(2, 3, 64, 64))
     assert out["pred"].shape == (2, 2, 4, 3072) and out["target"].shape == (2, 4, 3072) and loss.ndim == 0
     assert model.patchify(torch.randn(2, 3, 64, 64)).shape == (2, 4, 3, 32, 32)
-    tiny = build_pretrain_model("xtra_vit_tiny", {})
-    assert tiny.encoder_mask == {"type": "block_causal", "block_size": 2}
+    tiny = create_model("xtra_vit_tiny")
+    assert tiny.encoder_mask.to_dict() == {"type": "block_causal", "block_size": 2}
     assert tiny.encoder.config["class_token"] is False and tiny.encoder.num_features == 64
     assert sorted(tiny.visualize(torch.randn(3, 3, 32, 32))) == ["input", "prediction", "target"]
-    assert pretrain_entry("xtra_vit_base_patch16").recipe["lr"] == 1e-3
+    assert lookup("xtra_vit_base_patch16", "pretrain")[0].recipe["lr"] == 1e-3
 
 
 # ---- 4, 5: layouts -------------------------------------------------------------------------------------
@@ -119,7 +121,7 @@ def test_concat_order_is_channel_major():
 
 
 def test_target_patchify_order():
-    model = small(img_size=64, patch_size=16)  # block side 32 px
+    model = small(input_size=64, patch_size=16)  # block side 32 px
     img = torch.arange(3 * 64 * 64, dtype=torch.float).reshape(1, 3, 64, 64)
     t = model.patchify(img)
     assert t[0, 1, 0, 0, 0] == img[0, 0, 0, 32] == 32 and t[0, 2, 0, 0, 0] == img[0, 0, 32, 0] == 2048
@@ -128,7 +130,7 @@ def test_target_patchify_order():
 
 
 # ---- 6: causality --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kw", [{}, dict(block_size=1, img_size=16)])  # k=2 (4 blocks); plain causal (4 patches)
+@pytest.mark.parametrize("kw", [{}, dict(block_size=1, input_size=16)])  # k=2 (4 blocks); plain causal (4 patches)
 def test_prediction_at_block_b_depends_only_on_blocks_up_to_b(kw):
     model = small(**kw).eval()
     imgs = torch.randn(1, 3, model.crop_size * 2, model.crop_size * 2)
@@ -145,12 +147,12 @@ def test_prediction_at_block_b_depends_only_on_blocks_up_to_b(kw):
 def test_per_block_normalisation_values():
     alt = (torch.arange(3 * 64 * 64) % 2 * 2.0)[None, None]  # 0, 2, 0, 2, ...
     assert alt.mean() == 1 and math.isclose(alt.var().item(), 12288 / 12287, rel_tol=1e-6)
-    t = normalize_blocks(alt)
+    t = normalize(alt)
     torch.testing.assert_close(t.abs(), torch.full_like(t, 0.99995888), rtol=0, atol=1e-7)
-    const = normalize_blocks(torch.full((1, 1, 192), 3.0))
+    const = normalize(torch.full((1, 1, 192), 3.0))
     assert torch.equal(const, torch.zeros_like(const))
     # N(0,1) pixels, n = 12288 per block: mean square of the normalised block = (n-1)/n · v/(v+1e-6) ≈ 0.999918
-    gauss = normalize_blocks(torch.randn(1, 64, 12288, generator=torch.Generator().manual_seed(0)))
+    gauss = normalize(torch.randn(1, 64, 12288, generator=torch.Generator().manual_seed(0)))
     assert abs(gauss.double().pow(2).mean().item() - 0.999918) < 1e-6
 
 
@@ -167,7 +169,7 @@ def test_zero_and_perfect_predictions():
     t = _reference_target(model, imgs)
     for head in model.aim_proj:  # zero output layer: every prediction is 0
         torch.nn.init.zeros_(head.mlp[2].weight), torch.nn.init.zeros_(head.mlp[2].bias)
-    loss, out = model(imgs)
+    loss, out = model.forward_with_outputs(imgs)
     torch.testing.assert_close(out["target"], t)
     raw = model.patchify(imgs).flatten(2)[:, 1:]
     n, v = raw.shape[-1], raw.var(-1)
@@ -180,7 +182,7 @@ def test_zero_and_perfect_predictions():
 def test_multi_head_loss(loss_type, fn):
     model = small(num_pred_heads=2, loss_type=loss_type)
     imgs = torch.randn(2, 3, 32, 32)
-    loss, out = model(imgs)
+    loss, out = model.forward_with_outputs(imgs)
     h0, h1, t = out["pred"][:, 0], out["pred"][:, 1], _reference_target(model, imgs)
     assert not torch.allclose(h0, h1)
     expected = 0.5 * (fn(h0[:, :-1], t[:, 1:]) + fn(h1[:, :-2], t[:, 2:]))
@@ -190,7 +192,7 @@ def test_multi_head_loss(loss_type, fn):
 def test_raw_pixel_targets_without_norm_pix():
     model = small(norm_pix_loss=False)
     imgs = torch.randn(2, 3, 32, 32)
-    loss, out = model(imgs)
+    loss, out = model.forward_with_outputs(imgs)
     torch.testing.assert_close(out["target"], model.patchify(imgs).flatten(2))
     torch.testing.assert_close(loss, F.mse_loss(out["pred"][:, 0, :-1], out["target"][:, 1:]))
 
@@ -223,6 +225,30 @@ def test_random_permutations_structure():
     assert torch.equal(again[1], block_perm) and not torch.equal(other[1], block_perm)
 
 
+def _official_block_orders(num_blocks: int, seed: int) -> list[list[int]]:
+    """The official sampler, as its code does it: reseed the GLOBAL RNG, then draw torch.randperm until no kept
+    order shares a prefix (of any length 1..nb-1) with the new one."""
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    perms: list[list[int]] = []
+    while len(perms) < num_blocks:
+        p = torch.randperm(num_blocks).tolist()
+        if all(p[:i] != q[:i] for q in perms for i in range(1, num_blocks)):
+            perms.append(p)
+    torch.set_rng_state(state)
+    return perms
+
+
+def test_pseudo_random_orders_equal_the_official_tables():
+    # the official create_random_permutations(4, 16, 0): 4 blocks of 2×2 patches on a 4×4 grid
+    assert create_random_permutations(4, 2, 0)[1].tolist() == [[0, 1, 3, 2], [3, 2, 0, 1], [2, 1, 0, 3], [1, 0, 2, 3]]
+    for seed in (0, 1, 7):  # the baseline ablation's 16 blocks: every table equals the official sampler's
+        assert create_random_permutations(16, 4, seed)[1].tolist() == _official_block_orders(16, seed)
+    before = torch.get_rng_state()
+    create_random_permutations(16, 4, 0)
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG is left alone
+
+
 def _order_mask(block_order: torch.Tensor, grid: int, k: int) -> torch.Tensor:
     """Reference in ORIGINAL token indices: t may attend to u iff u's block comes no later than t's in the order."""
     blk = torch.tensor([(i // k) * (grid // k) + j // k for i in range(grid) for j in range(grid)])
@@ -244,9 +270,9 @@ def test_pseudo_random_forward_equals_order_mask_on_unpermuted_tokens():
     imgs = torch.randn(2, 3, 32, 32)
     i = 2
     token_perm, order = model.token_perms[i], model.block_perms[i]
-    _, out = model(imgs, perm_index=i)
+    _, out = model.forward_with_outputs(imgs, perm_index=i)
     assert torch.equal(out["block_order"], order)
-    torch.testing.assert_close(out["target"], normalize_blocks(model.patchify(imgs).flatten(2))[:, order])
+    torch.testing.assert_close(out["target"], normalize(model.patchify(imgs).flatten(2))[:, order])
     # reference: tokens in raster order under the order's mask, then grouped per block in that order
     mask = _order_mask(order, 4, 2)
     h, _ = model.encoder.forward_blocks(model.encoder.embed(imgs), mask=mask)
@@ -265,37 +291,37 @@ def test_pseudo_random_choice_uses_its_own_generator():
     imgs = torch.randn(1, 3, 32, 32)
     state = torch.get_rng_state()
     with torch.no_grad():
-        orders_a = [a(imgs)[1]["block_order"][0].item() for _ in range(8)]
+        orders_a = [a.forward_with_outputs(imgs)[1]["block_order"][0].item() for _ in range(8)]
         assert torch.equal(torch.get_rng_state(), state)  # the per-step choice leaves the global RNG alone
         torch.manual_seed(123)  # another rank: different global RNG, same sequence of orders
-        assert [b(imgs)[1]["block_order"][0].item() for _ in range(8)] == orders_a
+        assert [b.forward_with_outputs(imgs)[1]["block_order"][0].item() for _ in range(8)] == orders_a
     assert len(set(orders_a)) > 1
     a.eval()
-    assert a(imgs)[1]["block_order"][0] == a.block_perms[0, 0]  # eval: order 0
+    assert a.forward_with_outputs(imgs)[1]["block_order"][0] == a.block_perms[0, 0]  # eval: order 0
     assert "token_perms" not in a.state_dict()  # rebuilt from perm_seed; official checkpoints load strictly
 
 
 def test_resume_continues_the_order_sequence(tmp_path):
     """The order choice's generator is saved with the checkpoint, so a resumed run draws the orders that an
     uninterrupted run would have drawn next."""
-    from util.checkpoint import resume, save_checkpoint
+    from util.checkpoint import load_file, resume, resume_path, save_checkpoint, training_state
 
-    args = argparse.Namespace(output_dir=str(tmp_path), model="xtra", save_freq=100, epochs=10, keep_last=0,
-                              resume="", auto_resume=True, start_epoch=0)
     model = small(pseudo_random=True, perm_seed=3).train()
     imgs = torch.randn(1, 3, 32, 32)
 
     def orders(net, n=8):
         with torch.no_grad():
-            return [net(imgs)[1]["block_order"][0].item() for _ in range(n)]
+            return [net.forward_with_outputs(imgs)[1]["block_order"][0].item() for _ in range(n)]
 
     orders(model)  # part of an epoch
-    save_checkpoint(args, 0, model, None)
+    save_checkpoint(training_state(model, 0, {"model": "xtra"}), str(tmp_path), epoch=0, epochs=10, save_freq=100,
+                    keep_last=0)
     expected = orders(model)
     fresh = small(pseudo_random=True, perm_seed=3).train()
     assert orders(small(pseudo_random=True, perm_seed=3).train()) != expected  # a restart would repeat the start
-    resume(args, fresh)
-    assert orders(fresh) == expected and args.start_epoch == 1
+    path = resume_path("", str(tmp_path), auto_resume=True)
+    start_epoch, _ = resume(load_file(path), path, fresh)
+    assert orders(fresh) == expected and start_epoch == 1
 
 
 def test_visualize_places_predictions_in_their_blocks():
@@ -316,35 +342,62 @@ def test_visualize_places_predictions_in_their_blocks():
 # ---- bad input, flags ----------------------------------------------------------------------------------
 def test_bad_configs_and_inputs_raise():
     with pytest.raises(ValueError, match="not divisible by block_size"):
-        XTRA(**{**SMALL, "img_size": 48, "patch_size": 8, "block_size": 4})
+        XTRAConfig(**{**SMALL, "input_size": 48, "patch_size": 8, "block_size": 4})
     with pytest.raises(ValueError, match="multiple of patch_size"):
-        XTRA(**{**SMALL, "img_size": 30})
+        XTRAConfig(**{**SMALL, "input_size": 30})
     with pytest.raises(ValueError, match="without targets"):
-        XTRA(**{**SMALL, "num_pred_heads": 4})
+        XTRAConfig(**{**SMALL, "num_pred_heads": 4})
     with pytest.raises(ValueError, match="loss_type"):
-        XTRA(**{**SMALL, "loss_type": "huber"})
+        XTRAConfig(**{**SMALL, "loss_type": "huber"})
     with pytest.raises(ValueError, match="predictor_heads"):
-        XTRA(**{**SMALL, "predictor_heads": 5})
+        XTRAConfig(**{**SMALL, "predictor_heads": 5})
     model = small()
     with pytest.raises(ValueError, match="multiple of the block side"):
         model(torch.randn(1, 3, 40, 40))
     with pytest.raises(ValueError, match="square RGB"):
         model(torch.randn(1, 3, 32, 16))
     with pytest.raises(ValueError, match="pseudo_random"):
-        model(torch.randn(1, 3, 32, 32), perm_index=0)
+        model.forward_with_outputs(torch.randn(1, 3, 32, 32), perm_index=0)
     with pytest.raises(ValueError, match="out of range"):
-        small(pseudo_random=True)(torch.randn(1, 3, 32, 32), perm_index=4)
+        small(pseudo_random=True).forward_with_outputs(torch.randn(1, 3, 32, 32), perm_index=4)
 
 
-def test_flags_default_to_none_and_override_the_preset():
-    parser = argparse.ArgumentParser()
-    add_args(parser)
-    assert all(v is None for v in vars(parser.parse_args([])).values())
-    args = parser.parse_args(["--block_size", "4", "--num_pred_heads", "2", "--loss_type", "l1",
-                              "--pseudo_random", "true", "--norm_pix_loss", "false"])
-    model = build_pretrain_model("xtra_vit_tiny", args)
+def _resolve(tmp_path, *flags: str):
+    """main_pretrain.py's real parser; --print_config: nothing is written, no checkpoint in tmp_path to resume."""
+    settings, ckpt, path = main_pretrain.resolve_settings(["--model", "xtra_vit_tiny", *flags, "--print_config",
+                                                           "--output_dir", str(tmp_path)])
+    assert ckpt is None and path == ""
+    return settings
+
+
+def test_without_flags_the_settings_are_the_preset(tmp_path):
+    settings = _resolve(tmp_path)
+    preset = model_config("xtra_vit_tiny")
+    assert settings.of(XTRAConfig) == preset
+    assert preset.block_size == 2 and preset.embed_dim == 64 and preset.input_size == 32 and preset.drop_path == 0.0
+    assert all(settings.source(name) != "command line" for name in ("block_size", "loss_type", "pseudo_random"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_block_size_flag_reaches_the_settings_and_the_model(tmp_path):
+    settings = _resolve(tmp_path, "--block_size", "1")
+    config = settings.of(XTRAConfig)
+    assert config.block_size == 1 and settings.source("block_size") == "command line"
+    assert config == model_config("xtra_vit_tiny", block_size=1)  # the preset's other values are kept
+    model = XTRA(config)
+    assert model.block_size == 1 and model.num_blocks == 64 and model.encoder_mask == BlockCausal(1)
+    assert model.encoder.num_features == 64 and len(model.predictor.blocks) == 1
+
+
+def test_flags_override_the_preset(tmp_path):
+    settings = _resolve(tmp_path, "--block_size", "4", "--num_pred_heads", "2", "--loss_type", "l1",
+                        "--pseudo_random", "true", "--norm_pix_loss", "false")
+    config = settings.of(XTRAConfig)
+    assert config == model_config("xtra_vit_tiny", block_size=4, num_pred_heads=2, loss_type="l1",
+                                  pseudo_random=True, norm_pix_loss=False)
+    model = XTRA(config)
     assert model.block_size == 4 and len(model.aim_proj) == 2 and model.loss_type == "l1"
-    assert model.pseudo_random and not model.norm_pix_loss and model.encoder_mask["block_size"] == 4
+    assert model.pseudo_random and not model.norm_pix_loss and model.encoder_mask.block_size == 4
 
 
 def test_no_weight_decay_exemptions_beyond_1d_params():
@@ -401,48 +454,52 @@ def _reference_forward(sd, imgs, patch, k, heads, pred_heads):
     return F.linear(h, sd["aim_proj.0.mlp.2.weight"], sd["aim_proj.0.mlp.2.bias"])
 
 
+TINY_RECORDS = {"enc_num_heads": 4, "predictor_num_heads": 4, "enc_block_size": 2}  # Lightning hyper-parameters
+
+
 def test_converter_round_trip_matches_official_layout_forward():
     torch.manual_seed(0)
-    model = build_pretrain_model("xtra_vit_tiny", {})
+    model = create_model("xtra_vit_tiny")
     official = _official_state_dict(model)
     conv = CONVERTERS["xtra"]
-    assert conv.detect(official) and not conv.detect(model.state_dict())
-    ours, preset = conv.convert(official)
-    assert preset == "xtra_vit_tiny"
-    model.load_state_dict(ours, strict=True)
+    assert conv.detect(official, {}) and not conv.detect(model.state_dict(), {})
+    converted = conv.convert(official, TINY_RECORDS)
+    assert converted.kind == "pretrain" and converted.placeholders == {}
+    assert XTRAConfig(**{**converted.settings, "num_heads": 4}) == model_config("xtra_vit_tiny", drop_path=0.1)
+    model.load_state_dict(converted.state_dict, strict=True)
     model.eval()
     imgs = torch.randn(2, 3, 32, 32)
-    loss, out = model(imgs)
+    loss, out = model.forward_with_outputs(imgs)
     ref = _reference_forward(official, imgs, patch=4, k=2, heads=4, pred_heads=4)
     torch.testing.assert_close(out["pred"][:, 0], ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss, F.mse_loss(ref[:, :-1], _reference_target(model, imgs)[:, 1:]),
                                rtol=1e-5, atol=1e-5)
 
 
-def test_converter_handles_probe_checkpoints_and_unknown_sizes():
-    model = build_pretrain_model("xtra_vit_tiny", {})
-    official = _official_state_dict(model)
-    probe = {k: v for k, v in official.items() if k.startswith("enc.")}
-    probe["classifier.linear.weight"] = torch.zeros(10, 64)  # the probe's own head: not part of the model
-    ours, preset = CONVERTERS["xtra"].convert(probe)
-    assert preset == "xtra_vit_tiny" and all(k.startswith("encoder.") for k in ours)
-    model.encoder.load_state_dict({k[len("encoder."):]: v for k, v in ours.items()}, strict=True)
-    two_heads = _official_state_dict(build_pretrain_model("xtra_vit_tiny", {"num_pred_heads": 2}))
-    ours, preset = CONVERTERS["xtra"].convert(two_heads)
-    assert preset is None and "aim_proj.1.mlp.2.bias" in ours
+def test_converter_reads_any_shape_and_asks_for_what_the_file_does_not_record():
+    two_heads = _official_state_dict(create_model("xtra_vit_tiny", num_pred_heads=2, block_size=1))
+    converted = CONVERTERS["xtra"].convert(two_heads, {})
+    assert converted.settings["num_pred_heads"] == 2 and converted.settings["block_size"] == 1
+    assert converted.placeholders == {"predictor_heads": 1}  # not visible in the shapes, not recorded
+    encoder_only = {k: v for k, v in two_heads.items() if k.startswith("enc.")}
+    assert CONVERTERS["xtra"].convert(encoder_only, {"enc_block_size": 4}).kind == "encoder"
+    with pytest.raises(ValueError, match="enc_block_size"):
+        CONVERTERS["xtra"].convert(encoder_only, {})
 
 
 @pytest.mark.parametrize("wrap", ["lightning", "deepspeed"])
 def test_official_file_loads_through_load_vit(tmp_path, wrap):
-    from util.checkpoint import load_vit
+    from models.checkpoint import load_vit
 
-    model = build_pretrain_model("xtra_vit_tiny", {})
+    model = create_model("xtra_vit_tiny")
     official = _official_state_dict(model)
-    raw = {"state_dict": official, "epoch": 799} if wrap == "lightning" else \
+    raw = {"state_dict": official, "epoch": 799, "hyper_parameters": TINY_RECORDS} if wrap == "lightning" else \
         {"module": {"module." + k: v for k, v in official.items()}}
     torch.save(raw, tmp_path / "official.pt")
-    vit, info = load_vit(str(tmp_path / "official.pt"))
-    assert info["model_name"] == "xtra_vit_tiny" and info["encoder_mask"] == {"type": "block_causal", "block_size": 2}
-    model.load_state_dict(CONVERTERS["xtra"].convert(official)[0])
+    vit, info = load_vit(str(tmp_path / "official.pt"), num_heads=None if wrap == "lightning" else 4)
+    assert info["encoder_mask"] == {"type": "block_causal", "block_size": 2}
+    assert info["model_name"] == "xtra"
+    assert info.get("unrecorded", []) == ([] if wrap == "lightning" else ["predictor_heads"])
+    model.load_state_dict(CONVERTERS["xtra"].convert(official, TINY_RECORDS).state_dict)
     x, mask = torch.randn(2, 3, 32, 32), block_causal_mask(8, 2)
     torch.testing.assert_close(vit.eval().forward_features(x, mask=mask), model.encoder.eval().forward_features(x, mask=mask))

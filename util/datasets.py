@@ -1,7 +1,6 @@
 """Datasets (ImageFolder, the embedded digits, synthetic), transforms and loaders."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -12,6 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment,
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 
+from util.config import AugmentSettings
 from util.misc import get_rank, get_world_size, print0
 
 DIGITS_VAL_FRACTION = 0.2  # fixed split of scikit-learn's 1797 digits: 1438 train / 359 val
@@ -90,47 +90,51 @@ def with_safe_posterize(transform):
     return transform
 
 
-def build_transform(args: argparse.Namespace, is_train: bool, kind: str):
-    """Transforms through timm's create_transform.
+def build_transform(input_size: int, is_train: bool, crop_scale: tuple[float, float] = (0.08, 1.0),
+                    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), crop_pct: float | None = None,
+                    augment: AugmentSettings | None = None):
+    """Transforms through timm's create_transform, ImageNet mean/std, bicubic.
 
-    kind='pretrain': RandomResizedCrop(--crop_scale, --crop_ratio, bicubic) + flip, no colour jitter.
-    kind='finetune': timm's training recipe (RandAugment --aa, --color_jitter, random erasing --reprob).
-    kind='linprobe': RandomResizedCrop + flip only (MAE linear probe).
-    Evaluation: resize to input/crop_pct, centre crop, bicubic.
-    """
+    Training: RandomResizedCrop(``crop_scale``, ``crop_ratio``) + flip, plus, with ``augment``, timm's supervised
+    recipe (RandAugment, colour jitter when RandAugment is off, random erasing); without it, nothing else (the
+    pretraining and MAE linear-probe pipelines). Evaluation: resize to input/crop_pct, centre crop."""
     mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    scale = tuple(args.crop_scale or (0.08, 1.0))
-    ratio = tuple(args.crop_ratio or (3 / 4, 4 / 3))
     if not is_train:
-        return create_transform(args.input_size, is_training=False, interpolation="bicubic",
-                                crop_pct=args.crop_pct, mean=mean, std=std)
-    if kind == "finetune":
-        return with_safe_posterize(create_transform(
-            args.input_size, is_training=True, scale=scale, ratio=ratio, color_jitter=args.color_jitter,
-            auto_augment=args.aa if args.aa not in (None, "", "none") else None, interpolation="bicubic",
-            re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, mean=mean, std=std))
-    return create_transform(args.input_size, is_training=True, scale=scale, ratio=ratio, color_jitter=None,
-                            interpolation="bicubic", mean=mean, std=std)
+        return create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
+                                mean=mean, std=std)
+    if augment is None:
+        return create_transform(input_size, is_training=True, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
+                                color_jitter=None, interpolation="bicubic", mean=mean, std=std)
+    aa = augment.aa if augment.aa not in ("", "none") else None
+    return with_safe_posterize(create_transform(
+        input_size, is_training=True, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
+        color_jitter=augment.color_jitter, auto_augment=aa, interpolation="bicubic", re_prob=augment.reprob,
+        re_mode=augment.remode, re_count=augment.recount, mean=mean, std=std))
 
 
-def build_dataset(args: argparse.Namespace, split: str, transform) -> Dataset:
+def build_dataset(dataset: str, split: str, transform, input_size: int, data_path: str = "",
+                  synthetic_size: int = 1024) -> Dataset:
     """``split`` is 'train' or 'val'. Errors (missing folders, empty dataset) come before any training."""
-    if args.dataset == "synthetic":
-        return SyntheticDataset(args.synthetic_size, args.input_size)
-    if args.dataset == "digits":
-        return TransformedDataset(DigitsDataset(split, args.input_size), transform)
-    root = os.path.join(args.data_path, split)
-    if not args.data_path or not os.path.isdir(root):
+    if dataset == "synthetic":
+        return SyntheticDataset(synthetic_size, input_size)
+    if dataset == "digits":
+        return TransformedDataset(DigitsDataset(split, input_size), transform)
+    root = os.path.join(data_path, split)
+    if not data_path or not os.path.isdir(root):
         raise FileNotFoundError(f"--data_path must contain a '{split}' folder (ImageFolder layout); "
                                 f"not found: {root or '(no --data_path given)'}")
-    dataset = ImageFolder(root, transform=transform)
-    if len(dataset) == 0:
+    images = ImageFolder(root, transform=transform)
+    if len(images) == 0:
         raise ValueError(f"no images found under {root}")
-    if split == "train" and args.output_dir and get_rank() == 0:
-        with open(os.path.join(args.output_dir, "classes.json"), "w") as f:
-            json.dump(dataset.classes, f)
-    print0(f"{split}: {len(dataset)} images, {len(dataset.classes)} classes from {root}")
-    return dataset
+    print0(f"{split}: {len(images)} images, {len(images.classes)} classes from {root}")
+    return images
+
+
+def save_class_names(dataset: Dataset, output_dir: str) -> None:
+    """output_dir/classes.json: the class names in label order (ImageFolder's sorted folder names)."""
+    if output_dir and get_rank() == 0:
+        with open(os.path.join(output_dir, "classes.json"), "w") as f:
+            json.dump(list(dataset.classes), f)
 
 
 class ShardSampler(Sampler):
@@ -146,17 +150,17 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def build_loader(dataset: Dataset, args: argparse.Namespace, is_train: bool, shard_eval: bool = True) -> DataLoader:
-    """Training: a DistributedSampler even in a single process (its shuffle is seeded by --seed and the epoch,
+def build_loader(dataset: Dataset, batch_size: int, num_workers: int, is_train: bool, seed: int = 0,
+                 pin_memory: bool = False, shard_eval: bool = True) -> DataLoader:
+    """Training: a DistributedSampler even in a single process (its shuffle is seeded by ``seed`` and the epoch,
     which makes resumed runs see the same order). Evaluation: exact shards, or the full set on each rank."""
     if is_train:
         sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
-                                     seed=args.seed, drop_last=True)
-        if len(sampler) < args.batch_size:
-            raise ValueError(f"{len(dataset)} training images are fewer than one batch of {args.batch_size} "
+                                     seed=seed, drop_last=True)
+        if len(sampler) < batch_size:
+            raise ValueError(f"{len(dataset)} training images are fewer than one batch of {batch_size} "
                              f"per process × {get_world_size()} processes")
     else:
         sampler = ShardSampler(len(dataset)) if shard_eval else range(len(dataset))
-    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                      pin_memory=args.pin_mem and str(args.device).startswith("cuda"), drop_last=is_train,
-                      persistent_workers=False)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=is_train, persistent_workers=False)

@@ -1,7 +1,6 @@
 """Distributed set-up, seeding, metric logging and the optimisation step shared by every entry script."""
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
@@ -11,13 +10,14 @@ import sys
 import time
 from collections import defaultdict, deque
 from contextlib import nullcontext
-from typing import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from util.lr_sched import adjust_learning_rate
+from util.lr_sched import Schedule, adjust_learning_rate
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -45,24 +45,42 @@ def print0(*args, **kwargs) -> None:
         print(f"[{now}]", *args, **kwargs, flush=True)
 
 
-def init_distributed_mode(args: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class Dist:
+    """This process in the job: whether a process group exists, rank, world size and its device."""
+
+    distributed: bool
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed(device: str, dist_url: str = "env://") -> Dist:
     """torchrun (env://) when RANK/WORLD_SIZE are set, else a single process without a process group.
-    NCCL when the device is CUDA, gloo on CPU. Sets args.distributed, rank, world_size, device."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda requested but CUDA is not available (use --device cpu)")
+    NCCL when the device is CUDA, gloo on CPU. ``device`` 'auto' is CUDA when available, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available (use --device cpu)")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        args.rank, args.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if args.device == "cuda":
+        if device == "cuda":
             torch.cuda.set_device(local_rank)
-            args.device = f"cuda:{local_rank}"
-        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo",
-                                init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
-        args.distributed = True
+            device = f"cuda:{local_rank}"
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", init_method=dist_url,
+                                world_size=world_size, rank=rank)
         dist.barrier()
+        info = Dist(True, rank, world_size, torch.device(device))
     else:
-        args.rank, args.world_size, args.distributed = 0, 1, False
-    print0(f"distributed: {args.distributed} (world size {args.world_size}, device {args.device})")
+        info = Dist(False, 0, 1, torch.device(device))
+    print0(f"distributed: {info.distributed} (world size {info.world_size}, device {info.device})")
+    return info
+
+
+def launch_world_size() -> int:
+    """The world size torchrun announces (1 for a plain process); known before the process group exists."""
+    return int(os.environ.get("WORLD_SIZE", 1))
 
 
 def cleanup_distributed() -> None:
@@ -111,23 +129,25 @@ def _to_tuple(x):
 # ---------------------------------------------------------------------------------------------------
 # Precision and the optimisation step
 def autocast_context(device: torch.device | str, amp: str):
-    """Autocast for --amp bf16/fp16 on the given device; a no-op for --amp off."""
-    if amp == "off":
-        return nullcontext()
+    """Autocast for --amp bf16/fp16 on the given device; a no-op for --amp off, and for auto (bf16 on CUDA) on other
+    devices."""
     device_type = torch.device(device).type
-    return torch.autocast(device_type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    if amp == "off" or (amp == "auto" and device_type != "cuda"):
+        return nullcontext()
+    return torch.autocast(device_type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
 
 
 class OptimizerStep:
-    """Backward + (every ``accum_iter`` micro-steps) unscale, clip, step, zero_grad.
+    """Backward of each micro-step, and every ``accum_iter`` micro-steps the update: unscale, clip, step, zero_grad.
 
-    A GradScaler exists only for fp16. On accumulation micro-steps DDP gradient sync is skipped with
-    ``no_sync`` (the caller wraps the forward in ``self.sync_context(model, step)``). Returns the total
-    gradient norm (before clipping) on update steps and None on micro-steps.
+    A GradScaler exists only for fp16. ``backward`` divides the loss by ``accum_iter``, so an update applies the
+    mean gradient of its micro-steps; a step that backpropagates several losses (Scala's widths) calls
+    ``backward`` once per loss and ``update`` once. DDP gradient sync is skipped on micro-steps with ``no_sync``
+    (the caller wraps the forward and backward in ``self.sync_context(model, sync)``).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, amp: str, accum_iter: int = 1,
-                 clip_grad: float | None = None, device: str = "cpu"):
+                 clip_grad: float | None = None, device: torch.device | str = "cpu"):
         self.optimizer = optimizer
         self.accum_iter = accum_iter
         self.clip_grad = clip_grad
@@ -136,16 +156,21 @@ class OptimizerStep:
     def is_update_step(self, step: int) -> bool:
         return (step + 1) % self.accum_iter == 0
 
-    def sync_context(self, model: torch.nn.Module, step: int):
-        if hasattr(model, "no_sync") and not self.is_update_step(step):
+    @staticmethod
+    def sync_context(model: torch.nn.Module, sync: bool):
+        """DDP's ``no_sync`` unless ``sync``: gradients are all-reduced only by the backward that precedes an
+        update."""
+        if hasattr(model, "no_sync") and not sync:
             return model.no_sync()
         return nullcontext()
 
-    def __call__(self, loss: torch.Tensor, params: Iterable[torch.nn.Parameter], step: int) -> torch.Tensor | None:
+    def backward(self, loss: torch.Tensor) -> None:
         loss = loss / self.accum_iter
         (self.scaler.scale(loss) if self.scaler else loss).backward()
-        if not self.is_update_step(step):
-            return None
+
+    def update(self, params: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+        """Unscale, clip to ``clip_grad`` (when set), step and zero the gradients; returns the total gradient norm
+        before clipping."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in params if p.grad is not None]
@@ -158,6 +183,12 @@ class OptimizerStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def __call__(self, loss: torch.Tensor, params: Iterable[torch.nn.Parameter], step: int) -> torch.Tensor | None:
+        """``backward``, then ``update`` on the last micro-step of an accumulation group (its gradient norm),
+        else None."""
+        self.backward(loss)
+        return self.update(params) if self.is_update_step(step) else None
 
     def state_dict(self) -> dict:
         return self.scaler.state_dict() if self.scaler else {}
@@ -264,24 +295,35 @@ def log_step(log_writer, epoch: float, **scalars: float | torch.Tensor) -> None:
             log_writer.add_scalar(name, value.item() if isinstance(value, torch.Tensor) else value, int(epoch * 1000))
 
 
-def epoch_batches(loader, optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
-                  args: argparse.Namespace) -> tuple[MetricLogger, Iterator]:
+@dataclass(frozen=True)
+class Loop:
+    """What every training epoch needs besides the model, the data and the optimiser step."""
+
+    device: torch.device
+    amp: str
+    accum_iter: int
+    print_freq: int
+    batch_size: int  # per process, for the img/s of the progress line
+    schedule: Schedule
+
+
+def epoch_batches(loader, optimizer: torch.optim.Optimizer, epoch: int, loop: Loop) -> tuple[MetricLogger, Iterator]:
     """The loop head shared by every training epoch: a MetricLogger (progress lines) and an iterator of
-    (step, fractional epoch, images, targets) on ``device``. The lr is set at the start of each accumulation group,
-    and a trailing incomplete group is dropped (its gradients would leak into the next epoch)."""
+    (step, fractional epoch, images, targets) on the loop's device. The lr is set at the start of each accumulation
+    group, and a trailing incomplete group is dropped (its gradients would leak into the next epoch)."""
     logger = MetricLogger()
     logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
-    steps = len(loader) // args.accum_iter * args.accum_iter
+    steps = len(loader) // loop.accum_iter * loop.accum_iter
 
     def batches() -> Iterator:
-        for step, (images, targets) in enumerate(logger.log_every(loader, args.print_freq, f"Epoch [{epoch}]",
-                                                                  args.batch_size)):
+        for step, (images, targets) in enumerate(logger.log_every(loader, loop.print_freq, f"Epoch [{epoch}]",
+                                                                  loop.batch_size)):
             if step >= steps:
                 break
-            if step % args.accum_iter == 0:
-                adjust_learning_rate(optimizer, epoch + step / steps, args)
-            yield (step, epoch + step / steps, images.to(device, non_blocking=True),
-                   targets.to(device, non_blocking=True))
+            if step % loop.accum_iter == 0:
+                adjust_learning_rate(optimizer, epoch + step / steps, loop.schedule)
+            yield (step, epoch + step / steps, images.to(loop.device, non_blocking=True),
+                   targets.to(loop.device, non_blocking=True))
 
     return logger, batches()
 
@@ -292,38 +334,20 @@ def write_json_line(output_dir: str, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def write_args(args: argparse.Namespace) -> None:
-    if args.output_dir and is_main_process():
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2, default=str)
-
-
-def make_log_writer(args: argparse.Namespace):
-    """TensorBoard writer on rank 0 (None elsewhere or with --log_dir '')."""
-    if not is_main_process() or not args.log_dir:
+def make_log_writer(log_dir: str):
+    """TensorBoard writer on rank 0 (None elsewhere or for an empty ``log_dir``)."""
+    if not is_main_process() or not log_dir:
         return None
     from torch.utils.tensorboard import SummaryWriter  # imported lazily: tensorboard is slow to import
-    os.makedirs(args.log_dir, exist_ok=True)
-    return SummaryWriter(log_dir=args.log_dir)
+    os.makedirs(log_dir, exist_ok=True)
+    return SummaryWriter(log_dir=log_dir)
 
 
-def effective_lr(args: argparse.Namespace) -> None:
-    """MAE rule: lr = blr × batch × accum_iter × world_size / 256 unless --lr is given. Prints the values."""
-    eff_batch = args.batch_size * args.accum_iter * get_world_size()
-    if args.lr is None:
-        args.lr = args.blr * eff_batch / 256
-        print0(f"base lr: {args.blr:.3e}  actual lr: {args.lr:.3e}  (effective batch {eff_batch} = "
-               f"{args.batch_size} × accum {args.accum_iter} × world {get_world_size()})")
-    else:
-        print0(f"lr: {args.lr:.3e} (absolute)  effective batch {eff_batch}")
-
-
-def run_cli(main, parser: argparse.ArgumentParser) -> None:
-    """Parse flags and run ``main``; bad input (missing files, corrupt checkpoints, impossible sizes, unknown
-    names) ends with one 'error: ...' line and exit code 2 instead of a traceback."""
-    args = argparse.ArgumentParser(parents=[parser]).parse_args()
+def run_cli(main: Callable[[Sequence[str]], None]) -> None:
+    """Run ``main(sys.argv[1:])``; bad input (unknown or foreign flags, impossible settings, missing files, corrupt
+    checkpoints, unknown names) ends with one 'error: ...' line and exit code 2 instead of a traceback."""
     try:
-        main(args)
+        main(sys.argv[1:])
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         cleanup_distributed()
@@ -336,10 +360,10 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=True, **kwargs)
 
 
-def wrap_model(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
-    """DDP when distributed (gradients of trainable parameters only), then torch.compile with --compile."""
-    if args.distributed:
-        device = torch.device(args.device)
+def wrap_model(model: torch.nn.Module, dist_info: Dist, compile: bool = False) -> torch.nn.Module:
+    """DDP when distributed (gradients of trainable parameters only), then torch.compile with ``compile``."""
+    if dist_info.distributed:
+        device = dist_info.device
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.index is not None else None)
-    return torch.compile(model) if getattr(args, "compile", False) else model
+    return torch.compile(model) if compile else model

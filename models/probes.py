@@ -1,0 +1,84 @@
+"""Frozen-backbone probes: MAE's linear probe and XTRA/AIM's attentive probe, on any encoder of this project."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from models.vit import VisionTransformer, upcast
+
+
+class AttentivePoolingHead(nn.Module):
+    """Non-affine BatchNorm over tokens, ``num_queries`` learned queries (no q projection), bias-free k/v
+    projections, multi-head SDPA, heads concatenated (no output projection), the mean over queries, Linear
+    classifier (XTRA's probe, adapted from apple/ml-aim; XTRA uses 1 query and 16 heads)."""
+
+    def __init__(self, dim: int, num_classes: int, num_heads: int, num_queries: int = 1):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"probe heads {num_heads} do not divide the feature width {dim}")
+        if num_queries < 1:
+            raise ValueError(f"num_queries must be at least 1, got {num_queries}")
+        self.num_heads = num_heads
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.query = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        B, N, C = tokens.shape
+        x = self.bn(tokens.transpose(1, 2)).transpose(1, 2)
+        h, d, Q = self.num_heads, C // self.num_heads, self.query.shape[1]
+        q = self.query.expand(B, -1, -1).reshape(B, Q, h, d).transpose(1, 2)
+        k = self.k(x).reshape(B, N, h, d).transpose(1, 2)
+        v = self.v(x).reshape(B, N, h, d).transpose(1, 2)
+        pooled = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, Q, C).mean(1)
+        return self.linear(pooled)
+
+
+class LinearHead(nn.Module):
+    """MAE linear probe: non-affine BatchNorm on the pooled features, Linear (init std 0.01)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, num_classes)
+        trunc_normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.bn(feats))
+
+
+class Probe(nn.Module):
+    """Frozen backbone (always in eval mode, run without gradients) + a trainable head.
+
+    Features: the average of the last ``n_last_blocks`` block outputs before the final norm (XTRA/AIM), or after
+    it with ``final_norm``; ``pool`` 'token' / 'avg' pools them for the linear probe, None keeps every token
+    (attentive probe). ``mask``: the attention mask the backbone keeps (XTRA's block-causal mask), or None."""
+
+    def __init__(self, backbone: VisionTransformer, head: nn.Module, n_last_blocks: int, pool: str | None,
+                 final_norm: bool, mask: torch.Tensor | None):
+        super().__init__()
+        self.backbone, self.head = backbone.requires_grad_(False), head
+        self.n_last_blocks, self.pool, self.final_norm = n_last_blocks, pool, final_norm
+        self.register_buffer("mask", mask, persistent=False)
+
+    def train(self, mode: bool = True) -> Probe:
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            layers = self.backbone.get_intermediate_layers(x, self.n_last_blocks, mask=self.mask)
+            feats = torch.stack(layers).mean(0)
+            if self.final_norm:
+                feats = self.backbone.norm(feats)
+            if self.pool == "token":
+                feats = feats[:, 0]
+            elif self.pool == "avg":
+                feats = feats[:, self.backbone.num_prefix_tokens:].mean(1)
+        return self.head(upcast(feats))

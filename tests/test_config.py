@@ -1,0 +1,193 @@
+"""Settings, through the real parsers of the entry scripts: each model exposes its own flags with their real
+defaults, foreign flags are refused with one line, settings resolve once (recipe < preset < checkpoint < command
+line), are read-only, and round-trip through args.json and checkpoints."""
+import dataclasses
+import json
+import re
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_finetune
+import main_linprobe
+import main_pretrain
+import main_slimmable
+from models.registry import METHODS, MODELS, model_names
+from models.saim import SAIMConfig
+from models.xtra import XTRAConfig
+from tests.helpers import ROOT, run_script
+from util.config import RUN_LOCAL, SettingsError
+
+
+def _teacher(tmp_path: Path) -> str:
+    path = tmp_path / "teacher.pth"
+    path.write_bytes(b"")  # resolution only checks that the file exists
+    return str(path)
+
+
+def test_saim_loss_type_l2_is_saims_own_flag(tmp_path):
+    s, _, _ = main_pretrain.resolve_settings(["--model", "saim_vit_tiny", "--loss_type", "l2", "--output_dir",
+                                              str(tmp_path)])
+    assert s.of(SAIMConfig).loss_type == "l2" and s.source("loss_type") == "command line"
+    with pytest.raises(SettingsError, match="invalid choice: 'l2'"):  # XTRA's loss is mse | l1
+        main_pretrain.resolve_settings(["--model", "xtra_vit_tiny", "--loss_type", "l2"])
+
+
+def test_flags_of_other_methods_are_refused_naming_them(tmp_path):
+    proc = run_script("main_pretrain.py", "--model", "xtra_vit_tiny", "--segment_size", "3", "--query_depth", "5",
+                      "--teacher", "foo", "--dataset", "digits", "--output_dir", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    for flag, owner in (("--segment_size", "D-iGPT"), ("--query_depth", "SAIM"), ("--teacher", "D-iGPT")):
+        assert re.search(rf"{flag} \(a setting of [^)]*{owner}", lines[0]), lines[0]
+    assert "xtra_vit_tiny" in lines[0] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script,argv,flag", [
+    (main_pretrain, ["--model", "mae_vit_tiny"], "--not_a_flag"),
+    (main_finetune, ["--model", "vit_tiny_patch4"], "--block_size"),
+    (main_slimmable, ["--model", "scala_vit_tiny"], "--mask_ratio"),
+    (main_linprobe, ["--probe", "linear"], "--probe_heads"),
+    (main_linprobe, ["--probe", "linear"], "--aa"),
+])
+def test_every_entry_script_refuses_foreign_flags(script, argv, flag, tmp_path):
+    with pytest.raises(SettingsError, match=re.escape(flag)):
+        script.resolve_settings([*argv, flag, "1", "--output_dir", str(tmp_path)])
+
+
+def test_probe_flags_name_the_probe_that_reads_them(tmp_path):
+    with pytest.raises(SettingsError, match=r"--probe_heads \(a setting of --probe attentive\)"):
+        main_linprobe.resolve_settings(["--probe", "linear", "--probe_heads", "4", "--output_dir", str(tmp_path)])
+
+
+def _example(tp, default):
+    """Values to try for a field of type ``tp``: every choice of a Literal, both booleans, else the default."""
+    tp = typing.get_args(tp)[0] if typing.get_origin(tp) in (typing.Union, __import__("types").UnionType) else tp
+    if typing.get_origin(tp) is typing.Literal:
+        return list(typing.get_args(tp))
+    if tp is bool:
+        return [True, False]
+    return [] if default is None else [default]
+
+
+def _word(value) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, tuple) else [str(value).lower() if isinstance(value, bool)
+                                                                     else str(value)]
+
+
+@pytest.mark.parametrize("key", sorted(k for k, m in METHODS.items()))
+def test_each_methods_flags_accept_their_documented_values(key, tmp_path):
+    method = METHODS[key]
+    script = main_pretrain if method.kind == "pretrain" else main_slimmable
+    base = ["--model", key, "--output_dir", str(tmp_path)]
+    if key == "digpt":
+        base += ["--teacher", _teacher(tmp_path)]
+    hints = typing.get_type_hints(method.config_class)
+    for f in dataclasses.fields(method.config_class):
+        if f.name in ("teacher",):
+            continue
+        for value in _example(hints[f.name], f.default):
+            s, _, _ = script.resolve_settings([*base, f"--{f.name}", *_word(value)])
+            assert getattr(s.of(method.config_class), f.name) == value, (key, f.name, value)
+
+
+@pytest.mark.parametrize("script,argv,expected", [
+    ("main_pretrain.py", ["--model", "xtra_vit_tiny"], ["--block_size BLOCK_SIZE", "(default: 2)",
+                                                        "(default: 0.001)", "(default: 30)"]),
+    ("main_pretrain.py", ["--model", "saim_vit_base_patch16"], ["--query_depth", "(default: 0.0002)",
+                                                                "(default: 800)"]),
+    ("main_pretrain.py", ["--model", "mae_vit_large_patch16"], ["--mask_ratio", "(default: 0.75)",
+                                                                "(default: 1024)"]),
+    ("main_finetune.py", [], ["--layer_decay", "(default: 0.75)", "(default: rand-m9-mstd0.5-inc1)"]),
+    ("main_linprobe.py", ["--probe", "attentive"], ["--probe_heads", "(default: 6.25e-05)", "(default: 1024)"]),
+    ("main_slimmable.py", ["--model", "scala_deit_base_patch16"], ["--granularity", "(default: 0.0005)",
+                                                                  "(default: rand-m4-mstd0.5-inc1)"]),
+])
+def test_help_shows_the_real_defaults(script, argv, expected):
+    text = run_script(script, *argv, "--help").stdout
+    out = " ".join(text.split())
+    for part in expected:
+        assert part in out, part
+    options = [" ".join(block.split()) for block in re.split(r"\n(?=  --)", text)[1:]]
+    assert len(options) > 30
+    for option in options:  # a None default is allowed only where the help says what none means
+        if "(default: None)" in option:
+            assert "none:" in option or "none " in option, option
+
+
+def test_print_config_prints_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("main_pretrain.py", "--model", "xtra_vit_tiny", "--epochs", "7", "--print_config",
+                      "--output_dir", out)
+    assert re.search(r"epochs\s+= 7\s+\[command line\]", proc.stdout)
+    assert re.search(r"lr\s+= 0.001\s+\[preset\]", proc.stdout)
+    assert re.search(r"clip_grad\s+= 1.0\s+\[recipe\]", proc.stdout)
+    assert not out.exists()
+
+
+def test_settings_are_read_only(tmp_path):
+    s, _, _ = main_pretrain.resolve_settings(["--model", "xtra_vit_tiny", "--output_dir", str(tmp_path)])
+    with pytest.raises(AttributeError, match="read-only"):
+        s.lr = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.of(XTRAConfig).block_size = 1
+
+
+def test_blr_on_the_command_line_beats_a_recipes_absolute_lr(tmp_path):
+    s, _, _ = main_pretrain.resolve_settings(["--model", "xtra_vit_tiny", "--blr", "1e-4", "--output_dir",
+                                              str(tmp_path)])
+    assert s.lr is None and s.peak_lr(world_size=2) == pytest.approx(1e-4 * 64 * 2 / 256)
+
+
+def _fake_checkpoint(path: Path, settings: dict) -> None:
+    torch.save({"args": settings, "model": {}, "vit_config": {}, "vit_prefix": "encoder.", "epoch": 0}, path)
+
+
+@pytest.mark.parametrize("name", model_names("pretrain") + model_names("slimmable"))
+def test_every_presets_settings_round_trip_through_args_json_into_a_resumed_run(name, tmp_path):
+    """Resolve the preset (plus one flag), store the settings as a run does (args.json and the checkpoint), then
+    resolve the same output_dir without any flag: the resumed run has the same settings."""
+    method, _ = MODELS[name]
+    script = main_pretrain if method.kind == "pretrain" else main_slimmable
+    extra = ["--teacher", _teacher(tmp_path)] if method.key == "digpt" else []
+    first, _, _ = script.resolve_settings(["--model", name, "--seed", "7", "--output_dir", str(tmp_path), *extra])
+    first.save_json(str(tmp_path))
+    stored = json.loads((tmp_path / "args.json").read_text())
+    assert stored == first.as_dict()
+    _fake_checkpoint(tmp_path / "checkpoint-last.pth", stored)
+    resumed, ckpt, path = script.resolve_settings(["--output_dir", str(tmp_path)])
+    assert path == str(tmp_path / "checkpoint-last.pth") and ckpt is not None
+    keep = {k: v for k, v in first.as_dict().items() if k not in RUN_LOCAL}
+    assert {k: v for k, v in resumed.as_dict().items() if k not in RUN_LOCAL} == keep
+    assert resumed.source("seed") == "checkpoint" and resumed.of(method.config_class) == first.of(method.config_class)
+
+
+def test_command_line_beats_the_checkpoint_which_beats_the_preset(tmp_path):
+    first, _, _ = main_pretrain.resolve_settings(["--model", "xtra_vit_tiny", "--block_size", "1", "--epochs", "5",
+                                                  "--output_dir", str(tmp_path)])
+    stored = {k: v for k, v in first.as_dict().items() if k != "embed_dim"}  # e.g. a setting added since
+    _fake_checkpoint(tmp_path / "checkpoint-last.pth", stored)
+    s, _, _ = main_pretrain.resolve_settings(["--epochs", "9", "--output_dir", str(tmp_path)])
+    assert (s.block_size, s.source("block_size")) == (1, "checkpoint")
+    assert (s.epochs, s.source("epochs")) == (9, "command line")
+    assert (s.embed_dim, s.source("embed_dim")) == (64, "preset")
+
+
+def test_resuming_another_models_checkpoint_is_refused(tmp_path):
+    first, _, _ = main_pretrain.resolve_settings(["--model", "xtra_vit_tiny", "--output_dir", str(tmp_path)])
+    _fake_checkpoint(tmp_path / "checkpoint-last.pth", first.as_dict())
+    with pytest.raises(SettingsError, match="checkpoint of xtra_vit_tiny, not saim_vit_tiny"):
+        main_pretrain.resolve_settings(["--model", "saim_vit_tiny", "--output_dir", str(tmp_path)])
+
+
+def test_nothing_outside_the_entry_scripts_reads_or_writes_an_args_namespace():
+    """util/, models/ and the engines take explicit parameters: no argparse.Namespace, no ``args.`` access."""
+    offenders = []
+    for path in [*ROOT.glob("util/*.py"), *ROOT.glob("models/*.py"), *ROOT.glob("engine_*.py")]:
+        text = path.read_text()
+        if re.search(r"\bargs\.(?!json)[a-z_]+|(:|->) *argparse\.Namespace|vars\(args\)", text):
+            offenders.append(path.name)
+    assert offenders == []

@@ -1,0 +1,24 @@
+"""PNG grids of image panels (what a pretraining model sees and predicts, attention maps)."""
+from __future__ import annotations
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision.utils import make_grid, save_image
+
+
+def unnormalize(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet-normalised images -> [0, 1]."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+def first_images(dataset, n: int, device: torch.device) -> torch.Tensor:
+    return torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]).to(device)
+
+
+def save_panels(panels: dict[str, torch.Tensor], path: str) -> None:
+    """One row per image, one column per panel ([B, 3 or 1, H, W] each, ImageNet-normalised)."""
+    rows = torch.stack([unnormalize(p.float().expand(-1, 3, -1, -1)) for p in panels.values()], dim=1)
+    save_image(make_grid(rows.flatten(0, 1), nrow=len(panels), padding=2, pad_value=1.0), path)
+    print(f"wrote {path} (columns: {', '.join(panels)})")
