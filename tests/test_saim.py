@@ -266,7 +266,7 @@ def test_encoder_transfers_to_a_classifier(global_pool):
 
 # ---- converter ------------------------------------------------------------------------------------------------
 def _official_pretrain_sd(cfg: dict, head: str = "MLP", seed: int = 0) -> dict:
-    """Random state dict with the official key names and shapes (official_keys/saim.md)."""
+    """Random state dict with the official key names and shapes (the released files of github.com/qiy20/SAIM)."""
     g = torch.Generator().manual_seed(seed)
     D, P, n = cfg["embed_dim"], cfg["patch_size"], (cfg["img_size"] // cfg["patch_size"]) ** 2
 

@@ -1,8 +1,10 @@
-"""Scala (slimmable ViT): spec scala.md §9 tests 1-8 and 10, export, official-checkpoint converter, encoder init.
+"""Scala (slimmable ViT): deterministic cases worked out from the official code
+(github.com/BeSpontaneous/Scala-pytorch), export, official-checkpoint converter, encoder init.
 
 Tiny configs (D 64, 4 heads, depth 2, patch 4, 32 px) in float64 where exactness matters; DeiT-S/B sizes only on
-the meta device. Reference computations slice the weights independently of models/scala.py (spec §1.3 table)
-and run them through timm's own DeiT, with the attention scale forced where the spec says so.
+the meta device. Reference computations slice the weights independently of models/scala.py (the per-tensor slicing
+of the official forward) and run them through timm's own DeiT, with the attention scale forced to the full head
+dim, as the official code keeps it.
 """
 import argparse
 import math
@@ -149,7 +151,7 @@ def test_stable_sampling_supports_and_official_draws():
 
 
 # 3 ------------------------------------------------------------------------------------------------------
-def closed_form_params(d, hd):  # spec §1.5, DeiT-S/B distilled, 1000 classes
+def closed_form_params(d, hd):  # the official DeiT-S/B distilled models, 1000 classes
     return (12 * (4 * d + (3 * d * d + 3 * d) + (d * d + d) + (hd * d + hd) + (d * hd + d)) + 2 * d + 198 * d
             + 768 * d + d + 2 * d + 2 * (1000 * d + 1000))
 
@@ -199,7 +201,7 @@ def test_subnetwork_equals_standalone_vit_with_negative_controls():
 
 def test_fused_qkv_block_mixes_projections():
     """r = 0.5 takes the LAST 3d = 96 rows of the [q; k; v] matrix (rows 96..191 of 192): its q is the last
-    half of the full k, its k and v the two halves of the full v (spec §1.3, scaled from DeiT-S)."""
+    half of the full k, its k and v the two halves of the full v (the official slicing, scaled from DeiT-S)."""
     model = tiny()
     full = model.blocks[0].attn.qkv.weight.detach()
     sub = model.export(0.5)[0]["blocks.0.attn.qkv.weight"]

@@ -406,7 +406,7 @@ def test_no_weight_decay_exemptions_beyond_1d_params():
 
 # ---- converter -----------------------------------------------------------------------------------------
 def _official_state_dict(model: XTRA) -> dict:
-    """Random weights under the official key names (official_keys/xtra.md), LayerNorms included."""
+    """Random weights under the official key names (the released Lightning files of github.com/elad-amrani/xtra), LayerNorms included."""
     g = torch.Generator().manual_seed(0)
     sd = {}
     for k, v in model.state_dict().items():

@@ -1,0 +1,100 @@
+"""The documentation: the generated flag reference is current, the README fits its budget and starts with the
+three set-up commands CI runs, links resolve, nothing points outside the repository, and every command marked
+`bash cpu` runs as written (epochs shrunk to 1) from a fresh copy of the repository."""
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT
+from util import flags_doc
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```bash cpu\n(.*?)^```", re.M | re.S)
+
+
+def test_flag_reference_is_generated_from_the_parsers():
+    assert (ROOT / "docs" / "flags.md").read_text() == flags_doc.render(), \
+        "docs/flags.md is stale: python -m util.flags_doc > docs/flags.md"
+
+
+def test_readme_fits_its_budget_and_ci_runs_its_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) <= 12_000
+    setup = readme[: readme.index("## ", readme.index("## ") + 1)]
+    assert ".venv/bin/pip install -r requirements.txt" in setup
+    assert re.search(r"main_pretrain\.py --model \w+_tiny --dataset digits", setup)
+    test_command = ".venv/bin/python -m pytest -q tests"
+    assert test_command in setup and test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_links_between_pages_resolve():
+    for page in DOCS:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+
+
+def test_no_file_refers_to_a_path_outside_the_repository():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    offenders = []
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix not in (".py", ".md", ".sh", ".txt", ".toml", "") or not path.is_file():
+            continue
+        if name == "tests/test_docs.py":  # the patterns themselves
+            continue
+        if re.search(r"/work/|shared/specs|spec §|specs?/?[ a-z_]+\.md §|official_keys/", path.read_text(errors="ignore")):
+            offenders.append(name)
+    assert offenders == []
+
+
+def _commands(page: Path) -> list[str]:
+    out = []
+    for block in FENCE.findall(page.read_text()):
+        for command in block.replace("\\\n", " ").splitlines():
+            command = command.split(" #")[0].strip()
+            if command and not command.startswith("#"):
+                out.append(command)
+    return out
+
+
+def test_every_page_marks_its_cpu_commands():
+    assert sum(len(_commands(p)) for p in DOCS) >= 10
+    assert _commands(ROOT / "README.md")
+
+
+def _shrunk(command: str) -> list[str]:
+    """The command as words, run by this interpreter, with at most one epoch and quick throughput timing."""
+    words = shlex.split(command)
+    if words[0] == ".venv/bin/python":
+        words[0] = sys.executable
+    for i, w in enumerate(words[:-1]):
+        if w == "--epochs":
+            words[i + 1] = "1"
+    return words
+
+
+@pytest.fixture(scope="module")
+def fresh_copy(tmp_path_factory) -> Path:
+    """The tracked files of the repository, as a fresh clone has them (the docs' out/ directories land here)."""
+    copy = tmp_path_factory.mktemp("clone")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    for name in tracked:
+        if (ROOT / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, copy / name)
+    return copy
+
+
+@pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
+def test_cpu_commands_run_as_written(page, fresh_copy):
+    for command in _commands(page):
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "CUDA_VISIBLE_DEVICES": ""}
+        proc = subprocess.run(_shrunk(command), cwd=fresh_copy, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, f"{page.name}: {command}\n{proc.stderr[-3000:]}"
