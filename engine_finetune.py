@@ -4,15 +4,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from models.vit import upcast
 from util.misc import (
     Loop,
     OptimizerStep,
     all_reduce_sum,
     autocast_context,
-    check_finite,
     epoch_batches,
     log_step,
     print0,
+    verify_update,
 )
 
 
@@ -27,7 +28,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, 
         with optim_step.sync_context(model, optim_step.is_update_step(step)):
             with autocast_context(loop.device, loop.amp):
                 loss = criterion(model(images), targets)
-            check_finite(loss, epoch, step)
+            loop.check(loss, epoch, step, loader.dataset)
             grad_norm = optim_step(loss, params, step)
         if grad_norm is not None and model_ema is not None:
             model_ema.update(model)
@@ -35,6 +36,8 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, 
         logger.update(loss=loss.detach(), lr=lr, grad_norm=grad_norm, n=images.shape[0])
         if grad_norm is not None:
             log_step(log_writer, epoch_f, loss=loss, lr=lr)
+    with autocast_context(loop.device, loop.amp):
+        verify_update(model, lambda m: criterion(m(images), targets), epoch)
     logger.synchronize_between_processes()
     print0(f"Epoch [{epoch}] averaged stats: {logger}")
     return logger.averages()
@@ -42,21 +45,25 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "off") -> dict[str, float]:
-    """Top-1/top-5/loss summed over this rank's exact shard, then all-reduced: no sample counted twice."""
+    """Top-1/top-5/loss summed over this rank's exact shard, then all-reduced: no sample counted twice. Images
+    that could not be read (target -1, see util.datasets.ImageFiles) are left out and counted."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top1, top5, count
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top1, top5, count, unreadable
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        readable = targets >= 0
         with autocast_context(device, amp):
             logits = model(images)
-        logits = logits.float()
+        logits, targets = upcast(logits)[readable], targets[readable]
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct = top5 == targets[:, None]
         totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
                                correct[:, 0].sum().double(), correct.any(1).sum().double(),
-                               torch.tensor(float(targets.numel()), dtype=torch.float64, device=device)])
-    loss, top1, top5, n = all_reduce_sum(totals).tolist()
+                               readable.sum().double(), (~readable).sum().double()])
+    loss, top1, top5, n, unreadable = all_reduce_sum(totals).tolist()
     stats = {"acc1": 100.0 * top1 / max(n, 1), "acc5": 100.0 * top5 / max(n, 1), "loss": loss / max(n, 1),
-             "n": int(n)}
-    print0(f"* Acc@1 {stats['acc1']:.3f}  Acc@5 {stats['acc5']:.3f}  loss {stats['loss']:.4f}  ({int(n)} images)")
+             "n": int(n), "unreadable": int(unreadable)}
+    skipped = f", {int(unreadable)} unreadable left out" if unreadable else ""
+    print0(f"* Acc@1 {stats['acc1']:.3f}  Acc@5 {stats['acc5']:.3f}  loss {stats['loss']:.4f}  ({int(n)} images"
+           f"{skipped})")
     return stats

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from util.misc import Loop, OptimizerStep, autocast_context, check_finite, epoch_batches, log_step, print0
+from util.misc import Loop, OptimizerStep, autocast_context, epoch_batches, log_step, print0, verify_update
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optim_step: OptimizerStep, epoch: int, loop: Loop,
@@ -16,13 +16,15 @@ def train_one_epoch(model: torch.nn.Module, loader, optim_step: OptimizerStep, e
         with optim_step.sync_context(model, update):
             with autocast_context(loop.device, loop.amp):
                 loss, metrics = model(images)
-            check_finite(loss, epoch, step)
+            loop.check(loss, epoch, step, loader.dataset)
             grad_norm = optim_step(loss, model.parameters(), step)
         lr = optim_step.optimizer.param_groups[0]["lr"]
         logger.update(loss=loss.detach(), lr=lr, grad_norm=grad_norm, n=images.shape[0], **metrics)
         if grad_norm is not None:
             log_step(log_writer, epoch_f, train_loss=loss, lr=lr, grad_norm=grad_norm,
                      **{f"train_{k}": v for k, v in metrics.items()})
+    with autocast_context(loop.device, loop.amp):
+        verify_update(model, lambda m: m(images)[0], epoch)
     logger.synchronize_between_processes()
     print0(f"Epoch [{epoch}] averaged stats: {logger}")
     return logger.averages()

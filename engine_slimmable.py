@@ -8,15 +8,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.scala import ScalaConfig, width_losses
+from models.vit import upcast
 from util.misc import (
     Loop,
     OptimizerStep,
     autocast_context,
-    check_finite,
     epoch_batches,
     get_rank,
     log_step,
     print0,
+    verify_update,
 )
 
 WIDTH_NAMES = ("full", "r3", "r2", "s")
@@ -53,7 +54,7 @@ def train_one_epoch(model: nn.Module, teacher: nn.Module | None, loader, optim_s
             with optim_step.sync_context(model, update and j == len(ratios) - 1):
                 with autocast_context(loop.device, loop.amp):
                     _, loss = next(losses)  # forward of this width (the previous graph is already freed)
-                check_finite(loss, epoch, step)
+                loop.check(loss, epoch, step, loader.dataset)
                 optim_step.backward(loss)
             values[f"loss_{name}"] = loss.detach()
         grad_norm = optim_step.update(params) if update else None
@@ -64,6 +65,8 @@ def train_one_epoch(model: nn.Module, teacher: nn.Module | None, loader, optim_s
             logger.update(r3=ratios[1], r2=ratios[2])
         if grad_norm is not None:
             log_step(log_writer, epoch_f, loss=total, lr=lr)
+    with autocast_context(loop.device, loop.amp):
+        verify_update(model, lambda m: F.cross_entropy(upcast(m(images, space.largest)), targets), epoch)
     logger.synchronize_between_processes()
     print0(f"Epoch [{epoch}] averaged stats: {logger}")
     return logger.averages()

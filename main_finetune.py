@@ -23,7 +23,16 @@ from engine_finetune import evaluate, train_one_epoch
 from models.checkpoint import ARCH_KEYS, encoder_record, load_checkpoint, load_encoder_weights
 from models.registry import setting_owners
 from models.vit import VIT_PRESETS, VisionTransformer, vit_config
-from util.checkpoint import resume, resume_path, save_checkpoint, training_state
+from util.checkpoint import (
+    DONE,
+    clean_start,
+    commit_epoch,
+    finish_run,
+    finished,
+    resume,
+    resume_path,
+    training_state,
+)
 from util.config import (
     SHARED_GROUPS,
     AugmentSettings,
@@ -54,7 +63,6 @@ from util.misc import (
     run_cli,
     seed_everything,
     wrap_model,
-    write_json_line,
 )
 
 assert models  # importing the package registers the official-checkpoint converters
@@ -171,11 +179,6 @@ def main(argv: Sequence[str]) -> None:
         cleanup_distributed()
         return
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
-    if s.output_dir and is_main_process():
-        os.makedirs(s.output_dir, exist_ok=True)
-        s.save_json(s.output_dir)
-        save_class_names(train_set, s.output_dir)
-
     mixup = s.of(MixupSettings)
     mixup_fn = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, cutmix_minmax=s.cutmix_minmax, prob=s.mixup_prob,
                      switch_prob=s.mixup_switch_prob, mode=s.mixup_mode, label_smoothing=s.smoothing,
@@ -184,7 +187,8 @@ def main(argv: Sequence[str]) -> None:
                  LabelSmoothingCrossEntropy(s.smoothing) if s.smoothing > 0 else torch.nn.CrossEntropyLoss())
 
     print0(s.describe_lr(launch_world_size()))
-    loop = Loop(device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()))
+    loop = Loop(device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()),
+                max_unreadable=int(s.max_unreadable * len(train_set)))
     groups = param_groups_layer_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay(),
                                       layer_decay=s.layer_decay)
     optimizer = adamw(groups, lr=loop.schedule.lr, betas=tuple(s.betas))
@@ -193,6 +197,15 @@ def main(argv: Sequence[str]) -> None:
     start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
     if model_ema is not None and "model_ema" in extra:
         model_ema.module.load_state_dict(extra["model_ema"])
+    if finished(s.output_dir, s.epochs) and start_epoch >= s.epochs:
+        print0(f"{s.output_dir} holds a finished run of {s.epochs} epochs ({DONE}): nothing to do")
+        return cleanup_distributed()
+    # everything is validated: only now is anything written
+    if s.output_dir and is_main_process():
+        os.makedirs(s.output_dir, exist_ok=True)
+        clean_start(s.output_dir, start_epoch - 1)
+        s.save_json(s.output_dir)
+        save_class_names(train_set, s.output_dir)
 
     model_ddp = wrap_model(model, dist_info, s.compile)
     log_writer = make_log_writer(s.output_dir if s.log_dir is None else s.log_dir)
@@ -206,7 +219,7 @@ def main(argv: Sequence[str]) -> None:
                                       model_ema, log_writer)
         test_stats = evaluate(model, val_loader, device, s.amp)
         record = {**{f"train_{k}": v for k, v in train_stats.items()},
-                  **{f"test_{k}": v for k, v in test_stats.items()}}
+                  **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch, "n_parameters": n_params}
         acc = test_stats["acc1"]
         if model_ema is not None:
             ema_stats = evaluate(model_ema.module, val_loader, device, s.amp)
@@ -217,15 +230,13 @@ def main(argv: Sequence[str]) -> None:
         extra = {"best_acc1": best, **({"model_ema": model_ema.module.state_dict()} if model_ema else {})}
         state = {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), extra),
                  **encoder_record(model, "", None), "model_name": s.model}
-        save_checkpoint(state, s.output_dir, epoch, s.epochs, s.save_freq, s.keep_last)
-        if improved:
-            save_checkpoint({**state, "optimizer": None}, s.output_dir, epoch, s.epochs, s.save_freq, s.keep_last,
-                            name="checkpoint-best.pth")
+        commit_epoch(s.output_dir, epoch, record, state, s.epochs, s.save_freq, s.keep_last,
+                     {"checkpoint-best.pth": {**state, "optimizer": None}} if improved else {})
         print0(f"accuracy on {test_stats['n']} val images: {test_stats['acc1']:.2f}%  (best {best:.2f}%)")
         if log_writer is not None:
             for k in ("acc1", "acc5", "loss"):
                 log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
-        write_json_line(s.output_dir, {**record, "epoch": epoch, "n_parameters": n_params})
+    finish_run(s.output_dir, s.epochs)
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best acc1 {best:.2f}%")
     cleanup_distributed()
 

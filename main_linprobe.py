@@ -22,7 +22,16 @@ from models.masks import BlockCausal, EncoderMask, encoder_mask_from_dict
 from models.probes import AttentivePoolingHead, LinearHead, Probe
 from models.registry import setting_owners
 from models.vit import VisionTransformer
-from util.checkpoint import resume, resume_path, save_checkpoint, training_state
+from util.checkpoint import (
+    DONE,
+    clean_start,
+    commit_epoch,
+    finish_run,
+    finished,
+    resume,
+    resume_path,
+    training_state,
+)
 from util.config import (
     SHARED_GROUPS,
     AugmentSettings,
@@ -52,7 +61,6 @@ from util.misc import (
     run_cli,
     seed_everything,
     wrap_model,
-    write_json_line,
 )
 
 assert models  # importing the package registers the official-checkpoint converters
@@ -197,7 +205,8 @@ def main(argv: Sequence[str]) -> None:
                               shard_eval=s.dist_eval)
 
     print0(s.describe_lr(launch_world_size()))
-    loop = Loop(device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()))
+    loop = Loop(device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()),
+                max_unreadable=int(s.max_unreadable * len(train_set or val_set)))
     head = model.head
     # weight decay (and LARS trust-ratio adaptation) only for weight matrices, not biases, as MAE's LARS
     groups = [{"params": [p for p in head.parameters() if p.ndim > 1], "always_adapt": True},
@@ -216,8 +225,13 @@ def main(argv: Sequence[str]) -> None:
         return
     start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
+    if finished(s.output_dir, s.epochs) and start_epoch >= s.epochs:
+        print0(f"{s.output_dir} holds a finished run of {s.epochs} epochs ({DONE}): nothing to do")
+        return cleanup_distributed()
+    # everything is validated: only now is anything written
     if s.output_dir and is_main_process():
         os.makedirs(s.output_dir, exist_ok=True)
+        clean_start(s.output_dir, start_epoch - 1)
         s.save_json(s.output_dir)
         save_class_names(train_set, s.output_dir)
 
@@ -238,11 +252,12 @@ def main(argv: Sequence[str]) -> None:
                                   {"best_acc1": best}),
                  **encoder_record(backbone, "backbone.", encoder_mask_from_dict(init.get("encoder_mask"))),
                  "model_name": f"{s.probe}_probe"}
-        save_checkpoint(state, s.output_dir, epoch, s.epochs, s.save_freq, s.keep_last)
+        commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                           **{f"test_{k}": v for k, v in test_stats.items()},
+                                           "epoch": epoch, "n_parameters": n_params},
+                     state, s.epochs, s.save_freq, s.keep_last)
         print0(f"accuracy on {test_stats['n']} val images: {test_stats['acc1']:.2f}%  (best {best:.2f}%)")
-        write_json_line(s.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                       **{f"test_{k}": v for k, v in test_stats.items()},
-                                       "epoch": epoch, "n_parameters": n_params})
+    finish_run(s.output_dir, s.epochs)
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best acc1 {best:.2f}%")
     cleanup_distributed()
 

@@ -22,7 +22,16 @@ import models
 from engine_pretrain import train_one_epoch
 from models.checkpoint import encoder_record, load_checkpoint, plain_config
 from models.registry import lookup, model_names, setting_owners
-from util.checkpoint import resume, resume_path, save_atomic, save_checkpoint, training_state
+from util.checkpoint import (
+    DONE,
+    clean_start,
+    commit_epoch,
+    finish_run,
+    finished,
+    resume,
+    resume_path,
+    training_state,
+)
 from util.config import (
     SHARED_GROUPS,
     Group,
@@ -52,7 +61,6 @@ from util.misc import (
     run_cli,
     seed_everything,
     wrap_model,
-    write_json_line,
 )
 
 assert models  # importing the package registers every method
@@ -112,19 +120,24 @@ def main(argv: Sequence[str]) -> None:
     dataset = build_dataset(s.dataset, "train", transform, config.input_size, s.data_path, s.synthetic_size)
     loader = build_loader(dataset, s.batch_size, s.num_workers, is_train=True, seed=s.seed,
                           pin_memory=s.pin_mem and dist_info.device.type == "cuda")
-    if s.output_dir and is_main_process():
-        os.makedirs(s.output_dir, exist_ok=True)
-        s.save_json(s.output_dir)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"model {s.model}: {n_params / 1e6:.2f}M trainable parameters "
            f"(encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M)")
-
     print0(s.describe_lr(launch_world_size()))
-    loop = Loop(dist_info.device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()))
+    loop = Loop(dist_info.device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()),
+                max_unreadable=int(s.max_unreadable * len(dataset)))
     optimizer = adamw(param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay()),
                       lr=loop.schedule.lr, betas=tuple(s.betas))
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, dist_info.device)
     start_epoch, _ = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
+    if finished(s.output_dir, s.epochs) and start_epoch >= s.epochs:
+        print0(f"{s.output_dir} holds a finished run of {s.epochs} epochs ({DONE}): nothing to do")
+        return cleanup_distributed()
+    # everything is validated: only now is anything written
+    if s.output_dir and is_main_process():
+        os.makedirs(s.output_dir, exist_ok=True)
+        clean_start(s.output_dir, start_epoch - 1)
+        s.save_json(s.output_dir)
 
     model_ddp = wrap_model(model, dist_info, s.compile)
     log_writer = make_log_writer(s.output_dir if s.log_dir is None else s.log_dir)
@@ -136,19 +149,18 @@ def main(argv: Sequence[str]) -> None:
         state = {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict()),
                  **encoder_record(model.encoder, "encoder.", model.encoder_mask),
                  "model_name": s.model, "model_config": plain_config(model.config)}
-        save_checkpoint(state, s.output_dir, epoch, s.epochs, s.save_freq, s.keep_last)
-        last = epoch + 1 == s.epochs
-        if s.save_encoder and s.output_dir and is_main_process() and ((epoch + 1) % s.save_freq == 0 or last):
-            save_atomic({"model": model.encoder.state_dict(),
-                         **encoder_record(model.encoder, "", model.encoder_mask)},
-                        os.path.join(s.output_dir, "encoder.pth"))
+        due = (epoch + 1) % s.save_freq == 0 or epoch + 1 == s.epochs
+        files = {"encoder.pth": {"model": model.encoder.state_dict(),
+                                 **encoder_record(model.encoder, "", model.encoder_mask)}} if s.save_encoder and due \
+            else {}
+        commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                                           "n_parameters": n_params}, state, s.epochs, s.save_freq, s.keep_last, files)
         if s.visualize_every and s.output_dir and is_main_process() and (epoch + 1) % s.visualize_every == 0:
             model.eval()
             save_panels(model.visualize(first_images(dataset, 8, dist_info.device)),
                         os.path.join(s.output_dir, f"vis-{epoch}.png"))
             model.train()
-        write_json_line(s.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
-                                       "n_parameters": n_params})
+    finish_run(s.output_dir, s.epochs)
     if log_writer is not None:
         log_writer.close()
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")

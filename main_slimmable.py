@@ -33,7 +33,18 @@ from models.checkpoint import encoder_record, load_checkpoint, load_encoder_weig
 from models.registry import lookup, model_names, setting_owners
 from models.scala import ScalaConfig, SlimmableViT
 from models.teacher import load_teacher
-from util.checkpoint import resume, resume_path, save_atomic, save_checkpoint, training_state
+from util.checkpoint import (
+    DONE,
+    clean_start,
+    commit_epoch,
+    finish_run,
+    finished,
+    resume,
+    resume_path,
+    save_atomic,
+    training_state,
+    write_json_line,
+)
 from util.config import (
     SHARED_GROUPS,
     AugmentSettings,
@@ -65,7 +76,6 @@ from util.misc import (
     run_cli,
     seed_everything,
     wrap_model,
-    write_json_line,
 )
 
 assert models  # importing the package registers the presets
@@ -217,7 +227,8 @@ def main(argv: Sequence[str]) -> None:
     val_loader = build_loader(val_set, s.batch_size, s.num_workers, is_train=False, pin_memory=pin)
 
     print0(s.describe_lr(launch_world_size()))
-    loop = Loop(device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()))
+    loop = Loop(device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()),
+                max_unreadable=int(s.max_unreadable * len(train_set or val_set)))
     optimizer = adamw(param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay()),
                       lr=loop.schedule.lr, betas=tuple(s.betas))
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, device)
@@ -230,8 +241,13 @@ def main(argv: Sequence[str]) -> None:
         return
     start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
+    if finished(s.output_dir, s.epochs) and start_epoch >= s.epochs:
+        print0(f"{s.output_dir} holds a finished run of {s.epochs} epochs ({DONE}): nothing to do")
+        return cleanup_distributed()
+    # everything is validated: only now is anything written
     if s.output_dir and is_main_process():
         os.makedirs(s.output_dir, exist_ok=True)
+        clean_start(s.output_dir, start_epoch - 1)
         s.save_json(s.output_dir)
         save_class_names(train_set, s.output_dir)
     mixup_fn = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, cutmix_minmax=s.cutmix_minmax, prob=s.mixup_prob,
@@ -253,17 +269,17 @@ def main(argv: Sequence[str]) -> None:
         best = max(best, test_stats["acc1"])
         state = {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), {"best_acc1": best}),
                  **encoder_record(model, "", None), "model_name": s.model, "model_config": plain_config(scala)}
-        save_checkpoint(state, s.output_dir, epoch, s.epochs, s.save_freq, s.keep_last)
-        if improved:
-            save_checkpoint({**state, "optimizer": None}, s.output_dir, epoch, s.epochs, s.save_freq, s.keep_last,
-                            name="checkpoint-best.pth")
+        commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                           **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch},
+                     state, s.epochs, s.save_freq, s.keep_last,
+                     {"checkpoint-best.pth": {**state, "optimizer": None}} if improved else {})
         if log_writer is not None:
             log_writer.add_scalar("perf/test_acc1_full", test_stats["acc1"], epoch)
-        write_json_line(s.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                       **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch})
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best full-width acc1 {best:.2f}%")
-    if start_epoch < s.epochs:
-        write_json_line(s.output_dir, {"eval_table": evaluate_ratios(model, eval_ratios, val_loader, device, s)})
+    # the table of every width closes the run (its log line carries epoch = epochs, so a rerun redoes it)
+    write_json_line(s.output_dir, {"eval_table": evaluate_ratios(model, eval_ratios, val_loader, device, s),
+                                   "epoch": s.epochs})
+    finish_run(s.output_dir, s.epochs)
     cleanup_distributed()
 
 

@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# Scala training recipes (spec scala.md §5, official run.sh), 4 GPUs:  bash run.sh small|base
-#   IMAGENET=/path/to/imagenet   ImageFolder root with train/ and val/
-#   TEACHER=/path/to/weights     local DeiT weights of the teacher (deit_small_patch16_224-cd65a155.pth for
-#                                Scala-S, deit_base_patch16_224-b5f2ef4d.pth for Scala-B); nothing is downloaded
-# The official "lr·batch/512" becomes --blr = lr/2 here (lr = blr·batch/256): peak 4e-3 (S) and 1e-3 (B).
-# The official Scala-B command passes --discrete_ratio 0.0625, which its argparse rejects; --granularity 0.0625
-# is what it meant.
+# Scala training recipes of the official code, on NPROC processes (default 4 GPUs):  bash run.sh small|base|tiny [flags]
+#   small / base: Scala-S (DeiT-S, 100 epochs, 4 × 256) and Scala-B (DeiT-B, 300 epochs, 4 × 128); the recipes are the
+#   presets' defaults (main_slimmable.py --model scala_deit_small_patch16 --help shows them)
+#     IMAGENET=/path/to/imagenet   ImageFolder root with train/ and val/
+#     TEACHER=/path/to/weights     local DeiT weights of the teacher (deit_small_patch16_224-cd65a155.pth for Scala-S,
+#                                  deit_base_patch16_224-b5f2ef4d.pth for Scala-B); nothing is downloaded
+#   tiny: a CPU demo on the embedded digits; TEACHER = a 16-px classifier checkpoint of main_finetune.py
+# Extra flags are passed on (e.g. --epochs 1 --output_dir out/x). PYTHON picks the interpreter (default: the
+# project's .venv, else python3); the launcher is that interpreter's own torch.distributed.run.
 set -euo pipefail
-: "${IMAGENET:?set IMAGENET}" "${TEACHER:?set TEACHER}"
-case "${1:-small}" in
-  small) args=(--model scala_deit_small_patch16 --teacher deit_small_patch16_224 --batch_size 256 --epochs 100
-               --blr 1e-3 --warmup_epochs 3 --aa rand-m1-mstd0.5-inc1) ;;
-  base)  args=(--model scala_deit_base_patch16 --teacher deit_base_patch16_224 --batch_size 128 --epochs 300
-               --blr 5e-4 --warmup_epochs 5 --aa rand-m4-mstd0.5-inc1) ;;
-  *) echo "usage: bash run.sh small|base" >&2; exit 2 ;;
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+: "${TEACHER:?set TEACHER}"
+case "${1:-}" in
+  small) args=(--model scala_deit_small_patch16 --teacher deit_small_patch16_224 --teacher_weights "$TEACHER"
+               --data_path "${IMAGENET:?set IMAGENET}") ;;
+  base)  args=(--model scala_deit_base_patch16 --teacher deit_base_patch16_224 --teacher_weights "$TEACHER"
+               --data_path "${IMAGENET:?set IMAGENET}") ;;
+  tiny)  args=(--model scala_vit_tiny --teacher "$TEACHER" --dataset digits --input_size 16 --batch_size 32
+               --lr 4e-3 --warmup_epochs 1 --epochs 10 --full_warm_epochs 2 --mixup 0 --cutmix 0 --aa none --reprob 0
+               --num_workers 0 --device cpu) ;;
+  *) echo "error: usage: bash run.sh small|base|tiny [flags]" >&2; exit 2 ;;
 esac
-torchrun --nproc_per_node 4 main_slimmable.py "${args[@]}" --teacher_weights "$TEACHER" \
-    --data_path "$IMAGENET" --input_size 224 --warmup_lr 1e-6 --min_lr 1e-5 --weight_decay 0.05 \
-    --drop_path 0.1 --mixup 0.8 --cutmix 1.0 --smoothing 0.1 --reprob 0.25 \
-    --smallest_ratio 0.25 --largest_ratio 1.0 --granularity 0.0625 --full_warm_epochs 10 \
-    --transfer_type progressive --ce_coefficient 1.0 --distillation_alpha 0.5 \
-    --output_dir "out/scala_${1:-small}" "${@:2}"
+args+=(--output_dir "out/scala_$1" "${@:2}")
+# settings first, in one process: a bad flag or checkpoint is one error line, before any process group starts
+"$PYTHON" main_slimmable.py "${args[@]}" --print_config > /dev/null || exit 2
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "${NPROC:-4}" main_slimmable.py "${args[@]}"

@@ -1,5 +1,5 @@
 """The default augmentation of every entry script survives its rarest branches (timm RandAugment + Pillow 13)."""
-import argparse
+import dataclasses
 import random
 
 import numpy as np
@@ -11,6 +11,7 @@ from timm.data import auto_augment
 import main_finetune
 import main_linprobe
 import main_slimmable
+from util.config import AugmentSettings
 from util.datasets import build_transform, posterize_any_bits, with_safe_posterize
 
 
@@ -39,17 +40,23 @@ def test_every_auto_augment_op_runs_at_its_extreme_magnitudes(policy, magnitude)
         assert op(_image()).size == (32, 32), op.name
 
 
-def _default_train_transform(parser: argparse.ArgumentParser):
-    defaults = vars(parser.parse_args(["--finetune", "x"] if parser.prog.startswith("Frozen") else []))
-    args = argparse.Namespace(**{**defaults, "input_size": 32, "crop_scale": None, "crop_ratio": None})
-    return build_transform(args, is_train=True, kind="finetune")
+def _default_augment(script) -> AugmentSettings:
+    """The augmentation settings an entry script resolves by default (its parser's defaults)."""
+    parser = {main_finetune: lambda: main_finetune.settings_parser(), main_slimmable: lambda:
+              main_slimmable.settings_parser("scala_deit_small_patch16"),
+              main_linprobe: lambda: main_linprobe.settings_parser("attentive")}[script]()[0]
+    return AugmentSettings(**{f.name: parser.defaults[f.name] for f in dataclasses.fields(AugmentSettings)})
 
 
-@pytest.mark.parametrize("script", [main_finetune, main_slimmable, main_linprobe])
-def test_default_recipe_augmentation_over_20000_draws(script):
+@pytest.mark.parametrize("script,policy", [(main_finetune, "rand-m9-mstd0.5-inc1"),
+                                           (main_slimmable, "rand-m1-mstd0.5-inc1"),
+                                           (main_linprobe, "rand-m9-mstd0.5-inc1")])
+def test_default_recipe_augmentation_over_20000_draws(script, policy):
     """20,000 draws of the entry script's default training transform (RandAugment with noisy magnitudes): before
     the posterize fix about 30 of them raised 'bits must be between or equal to 1 and 8' with Pillow 13."""
-    transform = _default_train_transform(script.get_args_parser())
+    augment = _default_augment(script)
+    assert augment.aa == policy
+    transform = build_transform(32, is_train=True, augment=augment)
     random.seed(0)
     torch.manual_seed(0)
     img = _image()

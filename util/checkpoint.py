@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 
@@ -66,14 +67,12 @@ def training_state(model: nn.Module, epoch: int, settings: dict, optimizer: torc
             "generators": {k: g.get_state() for k, g in module_generators(model).items()}, "extra": extra or {}}
 
 
-def save_checkpoint(state: dict, output_dir: str, epoch: int, epochs: int, save_freq: int, keep_last: int,
-                    name: str = "checkpoint-last.pth") -> None:
-    """On rank 0: write ``name`` and, for checkpoint-last.pth every ``save_freq`` epochs and at the last epoch,
-    also ``checkpoint-<epoch>.pth``; keep only the ``keep_last`` newest numbered ones (0 = all)."""
+def save_checkpoint(state: dict, output_dir: str, epoch: int, epochs: int, save_freq: int, keep_last: int) -> None:
+    """On rank 0: ``checkpoint-<epoch>.pth`` every ``save_freq`` epochs and at the last epoch (only the
+    ``keep_last`` newest numbered ones are kept; 0 = all), then ``checkpoint-last.pth``, which commits the epoch."""
     if not output_dir or not is_main_process():
         return
-    save_atomic(state, os.path.join(output_dir, name))
-    if name == "checkpoint-last.pth" and ((epoch + 1) % save_freq == 0 or epoch + 1 == epochs):
+    if (epoch + 1) % save_freq == 0 or epoch + 1 == epochs:
         save_atomic(state, os.path.join(output_dir, f"checkpoint-{epoch}.pth"))
         if keep_last > 0:
             found = [(re.search(r"checkpoint-(\d+)\.pth$", p), p)
@@ -81,6 +80,72 @@ def save_checkpoint(state: dict, output_dir: str, epoch: int, epochs: int, save_
             numbered = sorted((int(m.group(1)), p) for m, p in found if m)
             for _, old in numbered[:-keep_last]:
                 os.remove(old)
+    save_atomic(state, os.path.join(output_dir, "checkpoint-last.pth"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A run's files survive a kill at any point. Each epoch writes, in this order: its log.txt line, its other files
+# (encoder.pth, checkpoint-best.pth, checkpoint-<epoch>.pth), then checkpoint-last.pth, which commits the epoch;
+# after the last epoch and whatever follows it, done.json says the run is complete. A rerun removes torn
+# temporary files, drops log lines of epochs that were not committed, redoes the first uncommitted epoch, and
+# finishes whatever is missing.
+DONE = "done.json"
+
+
+def write_json_line(output_dir: str, record: dict) -> None:
+    if output_dir and is_main_process():
+        with open(os.path.join(output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def clean_start(output_dir: str, last_committed: int) -> None:
+    """On rank 0 before a run writes anything: remove this project's torn temporary files and the log lines of
+    epochs after ``last_committed`` (-1: none), so that log.txt and the checkpoints agree."""
+    if not output_dir or not is_main_process() or not os.path.isdir(output_dir):
+        return
+    for tmp in glob.glob(os.path.join(output_dir, "*.tmp.*")):
+        os.remove(tmp)
+    log = os.path.join(output_dir, "log.txt")
+    if os.path.isfile(log):
+        with open(log) as f:
+            lines = f.read().splitlines()
+        kept = [line for line in lines if json.loads(line).get("epoch", -1) <= last_committed]
+        if kept != lines:
+            tmp = f"{log}.tmp.{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.write("".join(line + "\n" for line in kept))
+            os.replace(tmp, log)
+
+
+def commit_epoch(output_dir: str, epoch: int, record: dict, state: dict, epochs: int, save_freq: int,
+                 keep_last: int, files: dict[str, dict] | None = None) -> None:
+    """Write an epoch's results in the crash-safe order: the log line, ``files`` (name -> contents), the numbered
+    checkpoint when due, and checkpoint-last.pth last."""
+    write_json_line(output_dir, record)
+    if output_dir and is_main_process():
+        for name, contents in (files or {}).items():
+            save_atomic(contents, os.path.join(output_dir, name))
+    save_checkpoint(state, output_dir, epoch, epochs, save_freq, keep_last)
+
+
+def finish_run(output_dir: str, epochs: int) -> None:
+    """Record that the run completed all ``epochs`` and what follows them (written last)."""
+    if output_dir and is_main_process():
+        tmp = os.path.join(output_dir, f"{DONE}.tmp.{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump({"epochs": epochs}, f)
+        os.replace(tmp, os.path.join(output_dir, DONE))
+
+
+def finished(output_dir: str, epochs: int) -> bool:
+    """Whether done.json records a completed run of ``epochs`` epochs."""
+    path = os.path.join(output_dir, DONE) if output_dir else ""
+    if not path or not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("epochs") == epochs
 
 
 def resume_path(resume: str, output_dir: str, auto_resume: bool) -> str:
@@ -95,7 +160,10 @@ def resume(ckpt: dict, path: str, model: nn.Module, optimizer: torch.optim.Optim
            optim_step=None) -> tuple[int, dict]:
     """Continue from a loaded training checkpoint: model (strict), optimizer and scaler (when given), the model's
     own generators and this rank's RNG state. Returns (first epoch to run, the checkpoint's ``extra``)."""
-    model.load_state_dict(ckpt["model"], strict=True)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:  # another model's checkpoint, or other settings
+        raise ValueError(f"{path} does not fit this model: {' '.join(str(e).split())[:300]}") from None
     if optimizer is not None and ckpt.get("optimizer"):
         optimizer.load_state_dict(ckpt["optimizer"])
         if optim_step is not None:

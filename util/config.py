@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
+import torch
+
 from util.lr_sched import Schedule
 
 
@@ -370,6 +372,13 @@ class DataSettings:
     num_workers: int = setting(4, "data-loading worker processes")
     pin_mem: bool = setting(True, "pin host memory (CUDA only)")
     synthetic_size: int = setting(1024, "images per split of --dataset synthetic")
+    max_unreadable: float = setting(0.01, "fraction of the training images that may be unreadable (each is "
+                                          "logged and replaced by the next readable one) before the run stops; "
+                                          "0 = stop at the first")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_unreadable <= 1:
+            raise ValueError(f"--max_unreadable is a fraction in [0, 1], got {self.max_unreadable}")
 
 
 @dataclass(frozen=True)
@@ -392,6 +401,10 @@ class RunSettings:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.keep_last < 0:
             raise ValueError(f"--keep_last must be >= 0, got {self.keep_last}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: CUDA is not available here (use --device cpu or auto)")
+        for name in ("output_dir", "log_dir"):
+            check_writable_dir(getattr(self, name), f"--{name}")
 
 
 @dataclass(frozen=True)
@@ -418,6 +431,19 @@ class MixupSettings:
 
     def enabled(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+
+def check_writable_dir(path: str | None, what: str) -> None:
+    """A directory this run may create or write into (checked before anything is written; '' / None: none)."""
+    if not path:
+        return
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{what} {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {existing} is not writable")
 
 
 SHARED_GROUPS = (Group("optimisation", OptimSettings), Group("data", DataSettings), Group("run", RunSettings))

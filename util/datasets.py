@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -53,6 +54,42 @@ class TransformedDataset(Dataset):
     def __getitem__(self, i: int):
         img, target = self.base[i]
         return self.transform(img), target
+
+
+class ImageFiles(ImageFolder):
+    """ImageFolder that survives unreadable files (truncated, zero-byte, not an image).
+
+    Each one is reported once with its path and flagged in ``unreadable``, a tensor shared with the DataLoader
+    workers. In training it is replaced by the next readable image (index i+1, i+2, ...: deterministic, so a resumed
+    run sees the same samples); in evaluation it comes back with target -1, which ``engine_finetune.evaluate``
+    skips and counts. The training loop stops once more than ``--max_unreadable`` of the images are unreadable."""
+
+    def __init__(self, root: str, transform, train: bool):
+        super().__init__(root, transform=transform)
+        self.train = train
+        self.unreadable = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+
+    def __getitem__(self, i: int):
+        n = len(self.samples)
+        for k in range(n):
+            j = (i + k) % n
+            path, target = self.samples[j]
+            try:
+                img = self.loader(path)  # open + convert: where truncated or foreign files fail
+            except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError and truncated reads are OSErrors
+                if not self.unreadable[j]:
+                    self.unreadable[j] = 1
+                    print(f"warning: unreadable image {path} ({type(e).__name__}: {e}); "
+                          f"{'replaced by the next readable one' if self.train else 'left out of the evaluation'}",
+                          file=sys.stderr, flush=True)
+                if not self.train:
+                    return self.transform(Image.new("RGB", (8, 8))), -1
+                continue
+            return self.transform(img), target
+        raise ValueError(f"no readable image under {self.root}")
+
+    def unreadable_paths(self) -> list[str]:
+        return [self.samples[j][0] for j in self.unreadable.nonzero().flatten().tolist()]
 
 
 class SyntheticDataset(Dataset):
@@ -114,7 +151,8 @@ def build_transform(input_size: int, is_train: bool, crop_scale: tuple[float, fl
 
 def build_dataset(dataset: str, split: str, transform, input_size: int, data_path: str = "",
                   synthetic_size: int = 1024) -> Dataset:
-    """``split`` is 'train' or 'val'. Errors (missing folders, empty dataset) come before any training."""
+    """``split`` is 'train' or 'val'. Errors (missing folders, empty dataset) come before any training; unreadable
+    image files are handled while training (:class:`ImageFiles`)."""
     if dataset == "synthetic":
         return SyntheticDataset(synthetic_size, input_size)
     if dataset == "digits":
@@ -123,7 +161,7 @@ def build_dataset(dataset: str, split: str, transform, input_size: int, data_pat
     if not data_path or not os.path.isdir(root):
         raise FileNotFoundError(f"--data_path must contain a '{split}' folder (ImageFolder layout); "
                                 f"not found: {root or '(no --data_path given)'}")
-    images = ImageFolder(root, transform=transform)
+    images = ImageFiles(root, transform, train=split == "train")
     if len(images) == 0:
         raise ValueError(f"no images found under {root}")
     print0(f"{split}: {len(images)} images, {len(images.classes)} classes from {root}")

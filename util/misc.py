@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import random
@@ -176,6 +175,9 @@ class OptimizerStep:
         params = [p for p in params if p.grad is not None]
         max_norm = self.clip_grad if self.clip_grad else math.inf
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        if self.scaler is None and not torch.isfinite(norm):  # fp16: the scaler skips such steps by itself
+            raise FloatingPointError(f"non-finite gradient norm ({norm.item()}): the update was not applied; "
+                                     "stopping all ranks (try a lower lr, --clip_grad, or --amp off)")
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -198,12 +200,48 @@ class OptimizerStep:
             self.scaler.load_state_dict(state)
 
 
-def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
-    """Stop every rank together on a non-finite loss (a per-rank exit would hang the others)."""
-    bad = all_reduce_sum(torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=loss.device))
-    if bad.item() > 0:
+def check_finite(loss: torch.Tensor, epoch: int, step: int, dataset=None, max_unreadable: int = 0) -> None:
+    """Stop every rank together (one all-reduce: a per-rank exit would hang the others) on a non-finite loss, and
+    on more than ``max_unreadable`` unreadable images in ``dataset`` (an ``ImageFiles``; the files are listed)."""
+    unreadable = getattr(dataset, "unreadable", None)
+    flags = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0,
+                          float(unreadable.sum()) if unreadable is not None else 0.0], device=loss.device)
+    nonfinite, bad_images = all_reduce_sum(flags).tolist()
+    if nonfinite > 0:
         raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; "
                                  "stopping all ranks (try --amp bf16/off, a lower lr or --clip_grad)")
+    if bad_images > max_unreadable:
+        paths = dataset.unreadable_paths()
+        listed = ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else "")
+        raise ValueError(f"{int(bad_images)} unreadable training images, more than --max_unreadable allows "
+                         f"({max_unreadable}); on this rank: {listed}")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP and torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+@torch.no_grad()
+def verify_update(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor], epoch: int) -> None:
+    """Before an epoch's results are written, on every rank: the weights are finite and give a finite loss on the
+    epoch's last batch, recomputed in eval mode on a forked RNG (training randomness is untouched). Otherwise
+    every rank stops and nothing of the epoch is written, so the last checkpoint stays the last good one."""
+    raw = unwrap(model)
+    training = raw.training
+    raw.eval()
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        loss = loss_of(raw)
+    raw.train(training)
+    weights = [p for p in raw.parameters() if p.is_floating_point()]
+    finite = torch.stack([torch.isfinite(t).all() for t in [loss.detach(), *weights]]).all()
+    if all_reduce_sum((~finite).float().reshape(1)).item() > 0:
+        raise FloatingPointError(f"the weights after epoch {epoch} are non-finite or give a non-finite loss on its "
+                                 "last batch: nothing of that epoch was written and the last checkpoint stays the "
+                                 "last good one (try a lower lr, --clip_grad, or --amp off)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,6 +343,10 @@ class Loop:
     print_freq: int
     batch_size: int  # per process, for the img/s of the progress line
     schedule: Schedule
+    max_unreadable: int = 0  # unreadable training images allowed before the run stops
+
+    def check(self, loss: torch.Tensor, epoch: int, step: int, dataset) -> None:
+        check_finite(loss, epoch, step, dataset, self.max_unreadable)
 
 
 def epoch_batches(loader, optimizer: torch.optim.Optimizer, epoch: int, loop: Loop) -> tuple[MetricLogger, Iterator]:
@@ -326,12 +368,6 @@ def epoch_batches(loader, optimizer: torch.optim.Optimizer, epoch: int, loop: Lo
                    targets.to(loop.device, non_blocking=True))
 
     return logger, batches()
-
-
-def write_json_line(output_dir: str, record: dict) -> None:
-    if output_dir and is_main_process():
-        with open(os.path.join(output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def make_log_writer(log_dir: str):
