@@ -1,32 +1,76 @@
 """Shared helpers for the end-to-end tests: run an entry script as a user would (optionally under torchrun)."""
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from util.misc import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 # Small, quick settings shared by the end-to-end runs on the embedded digits data.
 FAST = ["--dataset", "digits", "--num_workers", "0", "--print_freq", "1000", "--device", "cpu"]
 
 
+def threads() -> int:
+    """Threads of a run: the caller's OMP_NUM_THREADS, else 2 (pinned: results must not depend on the machine)."""
+    return int(os.environ.get("OMP_NUM_THREADS", "2"))
+
+
 def run_script(script: str, *args: str, nproc: int = 0, timeout: int = 300, check: bool = True,
-               ) -> subprocess.CompletedProcess:
-    """Run ``script`` (an entry script ``x.py`` or a module ``benchmarks.x``) as a user would, from the repository
-    root. Threads: one per process under torchrun, else the caller's OMP_NUM_THREADS (2 if unset)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1" if nproc else os.environ.get("OMP_NUM_THREADS", "2")}
-    target = [script] if script.endswith(".py") else ["-m", script]  # an entry script, or a module (benchmarks.x)
-    if nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target]
+               subprocess_run: bool = False) -> subprocess.CompletedProcess:
+    """Run ``script`` (an entry script ``x.py`` or a module ``util.convert`` / ``benchmarks.x``) as a user would,
+    from the repository root, with ``threads()`` threads (one per process under torchrun).
+
+    Under torchrun (``nproc``) or with ``subprocess_run`` it is a new interpreter. Otherwise it runs in this process
+    (the same ``main`` through the same ``run_cli``, with sys.argv, stdout and stderr swapped and the exit code
+    caught): the interpreter start-up and imports are what a subprocess adds, and they cost seconds per run."""
+    argv = [str(a) for a in args]
+    if nproc or subprocess_run:
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(1 if nproc else threads())}
+        target = [script] if script.endswith(".py") else ["-m", script]
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+        proc = subprocess.run([sys.executable, *launcher, *target, *argv], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=timeout)
     else:
-        cmd = [sys.executable, *target]
-    proc = subprocess.run(cmd + [str(a) for a in args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+        proc = _in_process(script, argv)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def _in_process(script: str, argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    name = script[:-3] if script.endswith(".py") else script
+    module = importlib.import_module("models.convert" if name == "util.convert" else name)  # util.convert forwards
+    out, err, saved_argv, saved_threads = io.StringIO(), io.StringIO(), sys.argv, torch.get_num_threads()
+    code = 0
+    sys.argv = [script, *argv]
+    torch.set_num_threads(threads())
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd):
+            if name.startswith("benchmarks."):
+                module.main()  # argparse from sys.argv
+            else:
+                run_cli(module.main)  # one `error:` line and SystemExit(2) on bad input, as from a shell
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved_argv
+        torch.set_num_threads(saved_threads)
+    return subprocess.CompletedProcess([script, *argv], code, out.getvalue(), err.getvalue())
+
+
+def run_command(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """A documented command (``python main_x.py ...`` or ``python -m module ...``) in this process, from ``cwd``."""
+    script, argv = (words[2], words[3:]) if words[1] == "-m" else (words[1], words[2:])
+    return _in_process(script, argv, cwd)
 
 
 def read_log(output_dir: Path) -> list[dict]:

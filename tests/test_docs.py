@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_command, threads
 from util import flags_doc
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -92,9 +92,18 @@ def fresh_copy(tmp_path_factory) -> Path:
     return copy
 
 
+def test_the_readme_quick_start_runs_from_a_shell(fresh_copy):
+    """The first command a newcomer runs, literally: a new interpreter from a fresh copy."""
+    command = _commands(ROOT / "README.md")[0]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads()), "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(_shrunk(command), cwd=fresh_copy, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+
+
 @pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
 def test_cpu_commands_run_as_written(page, fresh_copy):
+    """Each marked command, in order, with its own arguments (epochs shrunk to 1), run by the same entry point
+    as the shell would run it (in this process: see tests.helpers.run_script)."""
     for command in _commands(page):
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "CUDA_VISIBLE_DEVICES": ""}
-        proc = subprocess.run(_shrunk(command), cwd=fresh_copy, capture_output=True, text=True, env=env, timeout=600)
+        proc = run_command(_shrunk(command), fresh_copy)
         assert proc.returncode == 0, f"{page.name}: {command}\n{proc.stderr[-3000:]}"
