@@ -8,9 +8,12 @@ from models.vit import upcast
 from util.misc import (
     Loop,
     OptimizerStep,
+    all_reduce_max,
     all_reduce_sum,
     autocast_context,
     epoch_batches,
+    is_dist,
+    is_sharded,
     log_step,
     print0,
     verify_update,
@@ -49,7 +52,18 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "o
     that could not be read (target -1, see util.datasets.ImageFiles) are left out and counted."""
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top1, top5, count, unreadable
-    for images, targets in loader:
+    steps = len(loader)
+    if is_dist() and is_sharded(model):  # every sharded forward is collective: all ranks run as many batches
+        steps = int(all_reduce_max(torch.tensor([steps], device=device)).item())
+    batches = iter(loader)
+    for step in range(steps):
+        if step >= len(loader):  # this rank's shard is done: run one image again, counted nowhere
+            if step == 0:  # no batch at all on this rank
+                images = loader.dataset[0][0][None].to(device)
+            with autocast_context(device, amp):
+                model(images[:1])
+            continue
+        images, targets = next(batches)
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         readable = targets >= 0
         with autocast_context(device, amp):

@@ -32,8 +32,10 @@ from util.checkpoint import (
     resume,
     resume_path,
     training_state,
+    weights_only_state,
 )
 from util.config import (
+    PARALLEL_GROUP,
     SHARED_GROUPS,
     AugmentSettings,
     Group,
@@ -62,8 +64,8 @@ from util.misc import (
     print0,
     run_cli,
     seed_everything,
-    wrap_model,
 )
+from util.parallel import parallelize, wrap_model
 
 assert models  # importing the package registers the official-checkpoint converters
 
@@ -98,7 +100,7 @@ class FinetuneSettings:
 
 
 GROUPS = [Group("fine-tuning", FinetuneSettings), Group("augmentation", AugmentSettings),
-          Group("mixup and label smoothing", MixupSettings), *SHARED_GROUPS]
+          Group("mixup and label smoothing", MixupSettings), *SHARED_GROUPS, PARALLEL_GROUP]
 
 
 def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, dict | None, str]:
@@ -106,7 +108,7 @@ def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, dict |
     heads = peek_int(argv, "num_heads")
     path = resume_path(peek(argv, "resume", RunSettings.resume), peek(argv, "output_dir", RunSettings.output_dir),
                        peek(argv, "auto_resume", RunSettings.auto_resume))
-    ckpt = load_checkpoint(path, heads) if path else None
+    ckpt = load_checkpoint(path, heads, weights=False) if path else None
     init_path = peek(argv, "finetune", "")
     init = load_checkpoint(init_path, heads) if init_path and ckpt is None else None  # a resumed run has its weights
     if ckpt is not None and (ckpt.get("vit_prefix") != "" or not ckpt["vit_config"].get("num_classes")):
@@ -114,7 +116,10 @@ def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, dict |
                             "give it to --finetune instead")
     source = ckpt or init
     parser, layers = settings_parser({"input_size": source["vit_config"]["img_size"]} if source else {})
-    return resolve_run(argv, parser, layers, (ckpt or {}).get("args")), init, ckpt, path
+    s = resolve_run(argv, parser, layers, (ckpt or {}).get("args"))
+    if s.fsdp and s.model_ema:
+        raise SettingsError("--model_ema is not supported with --fsdp (the EMA copy would not be sharded)")
+    return s, init, ckpt, path
 
 
 def settings_parser(from_checkpoint: dict | None = None) -> tuple[SettingsParser, Layers]:
@@ -153,7 +158,7 @@ def main(argv: Sequence[str]) -> None:
         return
     if s.eval and ckpt is None and init is None:
         raise ValueError("--eval needs --resume (or --finetune) weights")
-    dist_info = init_distributed(s.device, s.dist_url)
+    dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp and not s.eval)
     device = dist_info.device
     seed_everything(s.seed)
 
@@ -189,6 +194,7 @@ def main(argv: Sequence[str]) -> None:
     print0(s.describe_lr(launch_world_size()))
     loop = Loop(device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()),
                 max_unreadable=int(s.max_unreadable * len(train_set)))
+    print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp))  # before the optimiser sees the parameters
     groups = param_groups_layer_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay(),
                                       layer_decay=s.layer_decay)
     optimizer = adamw(groups, lr=loop.schedule.lr, betas=tuple(s.betas))
@@ -231,7 +237,7 @@ def main(argv: Sequence[str]) -> None:
         state = {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), extra),
                  **encoder_record(model, "", None), "model_name": s.model}
         commit_epoch(s.output_dir, epoch, record, state, s.epochs, s.save_freq, s.keep_last,
-                     {"checkpoint-best.pth": {**state, "optimizer": None}} if improved else {})
+                     {"checkpoint-best.pth": weights_only_state(state, model)} if improved else {})
         print0(f"accuracy on {test_stats['n']} val images: {test_stats['acc1']:.2f}%  (best {best:.2f}%)")
         if log_writer is not None:
             for k in ("acc1", "acc5", "loss"):

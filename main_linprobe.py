@@ -60,8 +60,8 @@ from util.misc import (
     print0,
     run_cli,
     seed_everything,
-    wrap_model,
 )
+from util.parallel import wrap_model
 
 assert models  # importing the package registers the official-checkpoint converters
 

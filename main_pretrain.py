@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
 from timm.optim import param_groups_weight_decay
 
 import models
@@ -33,6 +34,7 @@ from util.checkpoint import (
     training_state,
 )
 from util.config import (
+    PARALLEL_GROUP,
     SHARED_GROUPS,
     Group,
     Layers,
@@ -60,8 +62,8 @@ from util.misc import (
     print0,
     run_cli,
     seed_everything,
-    wrap_model,
 )
+from util.parallel import full_state_dict, parallelize, wrap_model
 
 assert models  # importing the package registers every method
 
@@ -78,7 +80,7 @@ def settings_parser(model: str) -> tuple[SettingsParser, Layers]:
     method, preset = lookup(model, "pretrain")
     layers = [("recipe", method.recipe), ("preset", {**preset.settings, "model": model})]
     groups = [Group("pretraining", PretrainSettings), Group(f"{method.name} (model settings)", method.config_class),
-              *SHARED_GROUPS]
+              *SHARED_GROUPS, PARALLEL_GROUP]
     return SettingsParser("main_pretrain.py", __doc__.split("\n")[0], groups, layers,
                           subject=f"{model} ({method.name})", owner_of=setting_owners,
                           help_command=f"main_pretrain.py --model {model} --help"), layers
@@ -88,7 +90,7 @@ def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, str]:
     """The run's settings, and the checkpoint it resumes (with its path) if any."""
     path = resume_path(peek(argv, "resume", RunSettings.resume), peek(argv, "output_dir", RunSettings.output_dir),
                        peek(argv, "auto_resume", RunSettings.auto_resume))
-    ckpt = load_checkpoint(path, peek_int(argv, "num_heads")) if path else None
+    ckpt = load_checkpoint(path, peek_int(argv, "num_heads"), weights=False) if path else None
     stored = (ckpt or {}).get("args")
     model = peek(argv, "model")
     if stored and model and stored.get("model") and model != stored["model"]:
@@ -101,7 +103,7 @@ def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, str]:
     parser, layers = settings_parser(model)
     settings = resolve_run(argv, parser, layers, stored)
     method, _ = lookup(model, "pretrain")
-    method.model_class.check_settings(settings.of(method.config_class))
+    method.model_class.check_settings(settings.of(method.config_class), settings.fsdp)
     return settings, ckpt, path
 
 
@@ -112,10 +114,11 @@ def main(argv: Sequence[str]) -> None:
     if s.print_config:
         return
     config = s.of(method.config_class)
-    dist_info = init_distributed(s.device, s.dist_url)
+    dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp)
     seed_everything(s.seed)
 
     model = method.model_class(config).to(dist_info.device)
+    print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp))  # before the optimiser sees the parameters
     transform = build_transform(config.input_size, is_train=True, crop_scale=s.crop_scale, crop_ratio=s.crop_ratio)
     dataset = build_dataset(s.dataset, "train", transform, config.input_size, s.data_path, s.synthetic_size)
     loader = build_loader(dataset, s.batch_size, s.num_workers, is_train=True, seed=s.seed,
@@ -150,15 +153,18 @@ def main(argv: Sequence[str]) -> None:
                  **encoder_record(model.encoder, "encoder.", model.encoder_mask),
                  "model_name": s.model, "model_config": plain_config(model.config)}
         due = (epoch + 1) % s.save_freq == 0 or epoch + 1 == s.epochs
-        files = {"encoder.pth": {"model": model.encoder.state_dict(),
+        files = {"encoder.pth": {"model": full_state_dict(model, "encoder."),
                                  **encoder_record(model.encoder, "", model.encoder_mask)}} if s.save_encoder and due \
             else {}
         commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                                            "n_parameters": n_params}, state, s.epochs, s.save_freq, s.keep_last, files)
-        if s.visualize_every and s.output_dir and is_main_process() and (epoch + 1) % s.visualize_every == 0:
+        if s.visualize_every and s.output_dir and (epoch + 1) % s.visualize_every == 0:
+            # every rank runs it (a sharded forward is collective), on its own RNG stream: resuming stays exact
             model.eval()
-            save_panels(model.visualize(first_images(dataset, 8, dist_info.device)),
-                        os.path.join(s.output_dir, f"vis-{epoch}.png"))
+            with torch.random.fork_rng(devices=[dist_info.device] if dist_info.device.type == "cuda" else []):
+                panels = model.visualize(first_images(dataset, 8, dist_info.device))
+            if is_main_process():
+                save_panels(panels, os.path.join(s.output_dir, f"vis-{epoch}.png"))
             model.train()
     finish_run(s.output_dir, s.epochs)
     if log_writer is not None:

@@ -43,9 +43,11 @@ from util.checkpoint import (
     resume_path,
     save_atomic,
     training_state,
+    weights_only_state,
     write_json_line,
 )
 from util.config import (
+    PARALLEL_GROUP,
     SHARED_GROUPS,
     AugmentSettings,
     Group,
@@ -75,8 +77,8 @@ from util.misc import (
     print0,
     run_cli,
     seed_everything,
-    wrap_model,
 )
+from util.parallel import parallelize, wrap_model
 
 assert models  # importing the package registers the presets
 
@@ -109,7 +111,7 @@ class AtRatio(nn.Module):
 def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, str]:
     path = resume_path(peek(argv, "resume", RunSettings.resume), peek(argv, "output_dir", RunSettings.output_dir),
                        peek(argv, "auto_resume", RunSettings.auto_resume))
-    ckpt = load_checkpoint(path, peek_int(argv, "num_heads")) if path else None
+    ckpt = load_checkpoint(path, peek_int(argv, "num_heads"), weights=False) if path else None
     if ckpt is not None and ckpt.get("model_name") is None:
         raise SettingsError(f"{path} is not a Scala checkpoint (it holds a plain ViT classifier; an official "
                             "non-distilled Scala file is recognised by the Scala model name its args record)")
@@ -133,7 +135,7 @@ def settings_parser(model: str) -> tuple[SettingsParser, Layers]:
     method, preset = lookup(model, "slimmable")
     groups = [Group("Scala run", SlimmableSettings), Group("Scala (model settings)", ScalaConfig),
               Group("augmentation (DeiT)", AugmentSettings), Group("mixup and label smoothing", MixupSettings),
-              *SHARED_GROUPS]
+              *SHARED_GROUPS, PARALLEL_GROUP]
     layers = [("recipe", method.recipe), ("preset", {**preset.settings, "model": model})]
     return SettingsParser("main_slimmable.py", __doc__.split("\n")[0], groups, layers, subject=model,
                           owner_of=setting_owners, help_command=f"main_slimmable.py --model {model} --help"), layers
@@ -201,7 +203,7 @@ def main(argv: Sequence[str]) -> None:
     init = load_checkpoint(s.init_from, s.num_heads if s.source("num_heads") == "command line" else None) \
         if s.init_from and ckpt is None else None
     teacher = load_teacher(s.teacher, s.teacher_weights or None) if s.teacher and not s.eval else None
-    dist_info = init_distributed(s.device, s.dist_url)
+    dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp and not s.eval)
     device = dist_info.device
     seed_everything(s.seed)
 
@@ -229,6 +231,8 @@ def main(argv: Sequence[str]) -> None:
     print0(s.describe_lr(launch_world_size()))
     loop = Loop(device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()),
                 max_unreadable=int(s.max_unreadable * len(train_set or val_set)))
+    if not s.eval:  # evaluation and export use the whole model on every rank
+        print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp))  # before the optimiser sees the weights
     optimizer = adamw(param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay()),
                       lr=loop.schedule.lr, betas=tuple(s.betas))
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, device)
@@ -272,7 +276,7 @@ def main(argv: Sequence[str]) -> None:
         commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in train_stats.items()},
                                            **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch},
                      state, s.epochs, s.save_freq, s.keep_last,
-                     {"checkpoint-best.pth": {**state, "optimizer": None}} if improved else {})
+                     {"checkpoint-best.pth": weights_only_state(state, model)} if improved else {})
         if log_writer is not None:
             log_writer.add_scalar("perf/test_acc1_full", test_stats["acc1"], epoch)
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best full-width acc1 {best:.2f}%")

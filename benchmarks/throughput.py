@@ -30,6 +30,7 @@ from typing import Callable
 import timm.models.deit as timm_deit
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import models
 from models.checkpoint import encoder_record
@@ -100,7 +101,6 @@ def measure(steps: dict[str, Callable[[], None]], args: argparse.Namespace, devi
 
 def count_flops(step: Callable[[], None]) -> int:
     """FLOPs of one call (matrix products, convolutions and attention, as torch.utils.flop_counter counts them)."""
-    from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
         step()
     return fc.get_total_flops()

@@ -189,10 +189,11 @@ def normalize_checkpoint(ckpt: dict, path: str = "", num_heads: int | None = Non
             "unrecorded": sorted(c.placeholders), "args": {"model": key, **config}}
 
 
-def load_checkpoint(path: str, num_heads: int | None = None) -> dict:
+def load_checkpoint(path: str, num_heads: int | None = None, weights: bool = True) -> dict:
     """A checkpoint file (this project's or an official one) in this project's format; ``num_heads``: the
-    encoder's head count for files that do not record it (--num_heads)."""
-    return normalize_checkpoint(load_file(path), path, num_heads)
+    encoder's head count for files that do not record it (--num_heads). ``weights`` False: a sharded checkpoint's
+    tensors stay on disk (a resumed run reads them shard by shard)."""
+    return normalize_checkpoint(load_file(path, weights), path, num_heads)
 
 
 def vit_state_dict(ckpt: dict) -> dict:

@@ -3,6 +3,7 @@
     python -m util.convert --from xtra  xtra_b16.ckpt  xtra_b16.pth     # official -> ours (loads everywhere)
     python -m util.convert --from mae  mae_custom.pth  mae.pth --num_heads 8   # a file that records no head count
     python -m util.convert --export_timm out/checkpoint-last.pth encoder_timm.pth
+    python -m util.convert --consolidate out/checkpoint-last.json model.pth   # sharded (--fsdp) -> one file
 
 The architecture is read from the file (tensor shapes and what it records); a head count it does not record comes
 from --num_heads. The converted file is written only after it has been loaded back as this project loads it
@@ -26,7 +27,7 @@ from models.checkpoint import (
 )
 from models.registry import CONVERTERS, MODELS
 from models.vit import VisionTransformer, timm_kwargs
-from util.checkpoint import load_file, save_atomic
+from util.checkpoint import consolidate, load_file, save_atomic, sharded_dir
 from util.config import OneLineParser
 from util.misc import run_cli
 
@@ -39,6 +40,9 @@ def get_parser() -> OneLineParser:
     mode.add_argument("--from", dest="source", choices=sorted(CONVERTERS),
                       help="official checkpoint of this method -> this project's format")
     mode.add_argument("--export_timm", action="store_true", help="encoder of any checkpoint -> timm state dict")
+    mode.add_argument("--consolidate", action="store_true",
+                      help="sharded checkpoint of an --fsdp run (its .dcp directory or checkpoint-last.json) -> one "
+                           "file with the whole model and the run's settings, without the optimiser state")
     parser.add_argument("input", help="file to read")
     parser.add_argument("output", help="file to write")
     parser.add_argument("--num_heads", type=int, default=None,
@@ -66,6 +70,19 @@ def check_loadable(ckpt: dict) -> str:
     return loaded
 
 
+def write_verified(ckpt: dict, output: str) -> str:
+    """Write ``ckpt`` to ``output`` only once the written file loads back as the entry scripts read it."""
+    tmp = f"{output}.tmp.{os.getpid()}"
+    save_atomic(ckpt, tmp)
+    try:
+        loaded = check_loadable(load_checkpoint(tmp))
+    except ValueError:
+        os.remove(tmp)
+        raise
+    os.replace(tmp, output)
+    return loaded
+
+
 def main(argv: Sequence[str]) -> None:
     s = get_parser().parse_args(argv)
     if os.path.exists(s.output) and not s.force:
@@ -76,18 +93,18 @@ def main(argv: Sequence[str]) -> None:
             raise ValueError(f"{s.input} does not look like an official {s.source} checkpoint")
         ckpt = normalize_checkpoint(raw, s.input, s.num_heads)
         check_loadable(ckpt)
-        tmp = f"{s.output}.tmp.{os.getpid()}"
-        save_atomic(ckpt, tmp)
-        try:
-            loaded = check_loadable(load_checkpoint(tmp))  # what the entry scripts will read back
-        except ValueError:
-            os.remove(tmp)
-            raise
-        os.replace(tmp, s.output)
+        loaded = write_verified(ckpt, s.output)
         missing = ckpt.get("unrecorded") or []
         print(f"wrote {s.output}: {len(ckpt['model'])} tensors; loads {loaded}" +
               (f"; the file does not record {', '.join(missing)}: give them to main_pretrain.py --resume" if missing
                else ""))
+    elif s.consolidate:
+        if sharded_dir(s.input) is None:
+            raise ValueError(f"{s.input} is not a sharded checkpoint (a checkpoint-<epoch>.dcp directory or the "
+                             "checkpoint-last.json that names one)")
+        ckpt = consolidate(s.input)
+        loaded = write_verified(ckpt, s.output)
+        print(f"wrote {s.output}: epoch {ckpt['epoch']}, {len(ckpt['model'])} tensors; loads {loaded}")
     else:
         ckpt = load_checkpoint(s.input, s.num_heads)
         save_atomic(vit_state_dict(ckpt), s.output)

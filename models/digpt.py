@@ -212,7 +212,7 @@ class DiGPT(PretrainingModel):
         self.set_teacher(frozen)
 
     @classmethod
-    def check_settings(cls, config: DiGPTConfig) -> None:
+    def check_settings(cls, config: DiGPTConfig, fsdp: bool = False) -> None:
         if not config.teacher:
             raise ValueError("D-iGPT learns from a teacher's features: give --teacher (and --teacher_weights)")
         if not config.teacher.startswith(OPEN_CLIP_PREFIX) and not config.teacher_weights \

@@ -30,16 +30,17 @@ class PretrainingModel(nn.Module):
       for bidirectional use.
     * ``no_weight_decay()``: parameter names exempt from weight decay besides 1-D parameters and biases.
     * ``visualize(imgs)``: named image panels [B, 3, H, W] in normalised image space, for ``--visualize_every``.
-    * ``check_settings(config)``: refuse settings that cannot train (e.g. D-iGPT without a teacher) before
-      anything is built or written.
+    * ``check_settings(config, fsdp)``: refuse settings that cannot train (e.g. D-iGPT without a teacher), or
+      cannot train sharded (``fsdp``), before anything is built or written. Under FSDP every transformer block
+      (the elements of ModuleLists named ``*blocks``) must run through its own ``forward``.
     """
 
     encoder: VisionTransformer
     encoder_mask: EncoderMask | None = None
 
     @classmethod
-    def check_settings(cls, config) -> None:
-        """Raise ValueError (one line) if a training run cannot start with ``config``."""
+    def check_settings(cls, config, fsdp: bool = False) -> None:
+        """Raise ValueError (one line) if a training run cannot start with ``config`` (sharded: ``fsdp``)."""
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

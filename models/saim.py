@@ -173,6 +173,12 @@ class SAIM(PretrainingModel):
         if imgs.dim() != 4 or imgs.shape[1] != 3 or tuple(imgs.shape[-2:]) != tuple(size):
             raise ValueError(f"SAIM expects images [B, 3, {size[0]}, {size[1]}], got {tuple(imgs.shape)}")
 
+    @classmethod
+    def check_settings(cls, config: SAIMConfig, fsdp: bool = False) -> None:
+        if fsdp and config.fuse_streams:  # paired_blocks reads two blocks' weights outside their forward
+            raise ValueError("--fuse_streams cannot run with --fsdp (it calls the blocks' layers directly, where "
+                             "FSDP gathers a block's weights only in its forward); use one of them")
+
     def forward_predictions(self, imgs: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """Per-patch pixel predictions [B, L, 3*p*p] (raster order) for the given generation orders."""
         content_mask, query_mask = permutation_two_stream_masks(order)

@@ -31,7 +31,7 @@ from timm.layers import trunc_normal_
 
 from models.checkpoint import vit_shapes
 from models.registry import Converted, Method, Preset, recorded, register_converter, register_method
-from models.vit import EncoderConfig, VisionTransformer, resize_pos_embed
+from models.vit import Block, EncoderConfig, VisionTransformer, resize_pos_embed
 from util.config import setting
 
 
@@ -148,6 +148,53 @@ _BLOCK_SLICES: dict[str, dict[int, str]] = {
 NORM_EPS = 1e-5  # the official forward calls F.layer_norm without eps: released checkpoints were trained with 1e-5
 
 
+@dataclass(frozen=True)
+class Width:
+    """One sub-network's slice: embed width d, MLP hidden width, and whether the blocks take the first channels."""
+
+    d: int
+    hidden: int
+    first: bool
+
+    def sizes(self) -> dict[str, int]:
+        return {"d": self.d, "3d": 3 * self.d, "h": self.hidden}
+
+
+def narrow(p: torch.Tensor, axes: dict[int, str], sizes: dict[str, int], first: bool) -> torch.Tensor:
+    """A view of ``p`` with each listed axis cut to its active size, from the start or from the end."""
+    for axis, unit in axes.items():
+        n = sizes[unit]
+        p = p.narrow(axis, 0 if first else p.shape[axis] - n, n)
+    return p
+
+
+class SlimmableBlock(Block):
+    """The ViT block; given a ``width``, it runs the sub-network's slice of its own weights (heads fixed, head dim
+    d/h: the contiguous 3d-row block of the fused qkv is split into its own q | k | v thirds; the attention scale
+    stays that of the full head dim). Computing inside the block's own forward keeps per-block hooks working
+    (FSDP2 gathers a block's weights when the block is called; activation checkpointing wraps that call)."""
+
+    attn_scale: float = 1.0  # set by SlimmableViT: (D/h)^-0.5 of the full width
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
+                width: Width | None = None) -> torch.Tensor:
+        if width is None:
+            return super().forward(x, mask=mask, context=context)
+        sizes = width.sizes()
+        p = {name: narrow(t, _BLOCK_SLICES[name], sizes, width.first) for name, t in self.named_parameters()}
+        B, N, d = x.shape
+        h = F.layer_norm(x, (d,), p["norm1.weight"], p["norm1.bias"], self.norm1.eps)
+        qkv = F.linear(h, p["attn.qkv.weight"], p.get("attn.qkv.bias"))
+        heads = self.attn.num_heads
+        q, k, v = qkv.reshape(B, N, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, scale=self.attn_scale)
+        a = F.linear(a.transpose(1, 2).reshape(B, N, d), p["attn.proj.weight"], p["attn.proj.bias"])
+        x = x + self.drop_path(a)
+        h = F.layer_norm(x, (d,), p["norm2.weight"], p["norm2.bias"], self.norm2.eps)
+        h = self.mlp.act(F.linear(h, p["mlp.fc1.weight"], p["mlp.fc1.bias"]))
+        return x + self.drop_path(F.linear(h, p["mlp.fc2.weight"], p["mlp.fc2.bias"]))
+
+
 class SlimmableViT(VisionTransformer):
     """Scala's slimmable DeiT (distilled by default). ``forward(x, ratio)``: in train mode the distilled model
     returns ``(cls_logits, dist_logits)``, in eval mode their mean; the plain model returns the cls logits."""
@@ -156,7 +203,8 @@ class SlimmableViT(VisionTransformer):
         if config.nb_classes is None:
             raise ValueError("a slimmable classifier needs its number of classes (nb_classes)")
         super().__init__(**config.vit_kwargs(), in_chans=3, num_classes=config.nb_classes, qkv_bias=True,
-                         class_token=True, pos_embed="learn", global_pool="token", fc_norm=False, norm_eps=NORM_EPS)
+                         class_token=True, pos_embed="learn", global_pool="token", fc_norm=False, norm_eps=NORM_EPS,
+                         block=SlimmableBlock)
         self.scala_config = config  # everything needed to rebuild it (self.config stays the plain-ViT part)
         self.width_space = config.width_space
         self.img_size = config.input_size
@@ -168,6 +216,8 @@ class SlimmableViT(VisionTransformer):
         self.smallest_ratio, self.largest_ratio = config.smallest_ratio, config.largest_ratio
         self.literal_end_ratios = config.literal_end_ratios and distilled  # the plain official model uses s/l
         self.attn_scale = (config.embed_dim // config.num_heads) ** -0.5  # fixed at the FULL head dim for every r
+        for blk in self.blocks:
+            blk.attn_scale = self.attn_scale
         self.num_prefix_tokens = 2 if distilled else 1
         embed_dim, num_classes = config.embed_dim, config.nb_classes
         if distilled:
@@ -205,21 +255,23 @@ class SlimmableViT(VisionTransformer):
             return ratio in (0.25, 1.0)  # official DistilledVisionTransformer_scala hard-codes these
         return ratio in (self.smallest_ratio, self.largest_ratio)
 
-    def sliced_parameters(self, ratio: float) -> dict[str, torch.Tensor]:
-        """Views of every parameter at ``ratio`` (the sub-network's weights; gradients reach the full tensors)."""
+    def width(self, ratio: float) -> Width:
         d, hidden = self.widths(ratio)
-        size = {"d": d, "3d": 3 * d, "h": hidden}
-        first = {"body": self.takes_first(ratio), "ends": self.takes_first(ratio, ends=True)}
+        return Width(d, hidden, self.takes_first(ratio))
+
+    def sliced_parameters(self, ratio: float, blocks: bool = True) -> dict[str, torch.Tensor]:
+        """Views of every parameter at ``ratio`` (the sub-network's weights; gradients reach the full tensors);
+        ``blocks=False``: those outside the blocks only."""
+        w = self.width(ratio)
+        sizes, ends_first = w.sizes(), self.takes_first(ratio, ends=True)
         out = {}
         for name, p in self.named_parameters():
             if name.startswith("blocks."):
-                group, axes = "body", _BLOCK_SLICES[name.split(".", 2)[2]]
+                if blocks:
+                    out[name] = narrow(p, _BLOCK_SLICES[name.split(".", 2)[2]], sizes, w.first)
             else:
                 group, axes = _TOP_SLICES[name]
-            for axis, unit in axes.items():
-                n = size[unit]
-                p = p.narrow(axis, 0 if first[group] else p.shape[axis] - n, n)
-            out[name] = p
+                out[name] = narrow(p, axes, sizes, w.first if group == "body" else ends_first)
         return out
 
     def num_params(self, ratio: float) -> int:
@@ -258,38 +310,24 @@ class SlimmableViT(VisionTransformer):
         prefix = [p["cls_token"]] + ([p["dist_token"]] if self.distilled else [])
         return torch.cat([t.expand(x.shape[0], -1, -1) for t in prefix] + [x], dim=1) + pos
 
-    def _block(self, i: int, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        blk, pre = self.blocks[i], f"blocks.{i}."
-        B, N, d = x.shape
-        h = F.layer_norm(x, (d,), p[pre + "norm1.weight"], p[pre + "norm1.bias"], self.norm_eps)
-        qkv = F.linear(h, p[pre + "attn.qkv.weight"], p.get(pre + "attn.qkv.bias"))
-        # heads fixed, head dim d/h: the contiguous 3d-row block is split into its own q | k | v thirds
-        q, k, v = qkv.reshape(B, N, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, scale=self.attn_scale)
-        a = F.linear(a.transpose(1, 2).reshape(B, N, d), p[pre + "attn.proj.weight"], p[pre + "attn.proj.bias"])
-        x = x + blk.drop_path(a)
-        h = F.layer_norm(x, (d,), p[pre + "norm2.weight"], p[pre + "norm2.bias"], self.norm_eps)
-        h = blk.mlp.act(F.linear(h, p[pre + "mlp.fc1.weight"], p[pre + "mlp.fc1.bias"]))
-        return x + blk.drop_path(F.linear(h, p[pre + "mlp.fc2.weight"], p[pre + "mlp.fc2.bias"]))
-
-    def _features(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, ratio: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        p, width = self.sliced_parameters(ratio, blocks=False), self.width(ratio)
         x = self._embed(x, p)
-        for i in range(len(self.blocks)):
-            x = self._block(i, x, p)
-        return F.layer_norm(x, (x.shape[-1],), p["norm.weight"], p["norm.bias"], self.norm_eps)
+        for blk in self.blocks:
+            x = blk(x, width=width)
+        return F.layer_norm(x, (x.shape[-1],), p["norm.weight"], p["norm.bias"], self.norm_eps), p
 
     def embed(self, x: torch.Tensor, ratio: float = 1.0) -> torch.Tensor:
         """Prefix tokens + patch tokens + position embedding at ``ratio`` (the inherited ``forward_blocks`` /
         ``get_intermediate_layers`` run the unsliced blocks, so use them at ratio 1 only)."""
-        return self._embed(x, self.sliced_parameters(ratio))
+        return self._embed(x, self.sliced_parameters(ratio, blocks=False))
 
     def forward_features(self, x: torch.Tensor, ratio: float = 1.0) -> torch.Tensor:
         """Final-norm tokens [B, prefix + patches, d] of the sub-network at ``ratio``."""
-        return self._features(x, self.sliced_parameters(ratio))
+        return self._features(x, ratio)[0]
 
     def forward(self, x: torch.Tensor, ratio: float = 1.0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        p = self.sliced_parameters(ratio)
-        x = self._features(x, p)
+        x, p = self._features(x, ratio)
         logits = F.linear(x[:, 0], p["head.weight"], p["head.bias"])
         if not self.distilled:
             return logits

@@ -162,7 +162,7 @@ class VisionTransformer(nn.Module):
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, class_token: bool = True, pos_embed: str = "learn",
                  global_pool: str = "token", fc_norm: bool = False, drop_path_rate: float = 0.0,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, block: type[Block] | None = None):
         super().__init__()
         # Constructor arguments, stored in checkpoints so that an encoder can be rebuilt without flags.
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
@@ -190,8 +190,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim),
                                       requires_grad=pos_embed == "learn")
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also under a meta device
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], norm_eps=norm_eps)
+        self.blocks = nn.ModuleList([  # ``block``: a subclass with its own forward (Scala's sliced widths)
+            (block or Block)(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], norm_eps=norm_eps)
             for i in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if not fc_norm else nn.Identity()
         self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if fc_norm else nn.Identity()

@@ -73,5 +73,13 @@ def run_command(words: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return _in_process(script, argv, cwd)
 
 
+def run_sequence(runs: list[tuple[str, list]], nproc: int, workdir: Path, timeout: int = 600) -> str:
+    """Entry-script runs ``(module, argv)`` one after another in one torchrun launch of ``nproc`` processes
+    (tests/run_sequence.py); returns the output."""
+    spec = Path(workdir) / "runs.json"
+    spec.write_text(json.dumps([[module, [str(a) for a in argv]] for module, argv in runs]))
+    return run_script("tests/run_sequence.py", spec, nproc=nproc, timeout=timeout).stdout
+
+
 def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "log.txt").read_text().splitlines()]

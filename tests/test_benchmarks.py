@@ -28,3 +28,24 @@ def test_throughput_table_counts_the_methods_extra_arithmetic():
 def test_throughput_rejects_an_unknown_preset():
     proc = run_script("benchmarks.throughput", "--models", "xtra_vit_nope", check=False)
     assert proc.returncode == 2 and "unknown preset 'xtra_vit_nope'" in proc.stderr
+
+
+def _tables(stdout: str) -> list[dict[str, dict[str, str]]]:
+    """Every markdown table of the output, each as rows keyed by their model column."""
+    blocks = [b for b in stdout.split("\n\n") if b.lstrip().startswith("| ")]
+    return [table_rows(b) for b in blocks]
+
+
+def test_memory_table_shows_fsdp_state_falling_as_one_over_n_and_measures_each_mode():
+    proc = run_script("benchmarks.memory", "--measure", "xtra_vit_tiny", "--steps", "1", "--batch_size", "4",
+                      "--device", "cpu")
+    counted, measured = _tables(proc.stdout)
+    assert {"xtra_vit_huge_patch14", "mae_vit_huge_patch14", "scala_deit_base_patch16*"} <= counted.keys()
+    for name, row in counted.items():
+        ddp, *fsdp = (float(row[c].split()[0]) for c in ("DDP", "FSDP 1 GPU", "FSDP 8 GPU", "FSDP 64 GPU"))
+        assert fsdp[0] == ddp > 0, name
+        for n, value in zip((8, 64), fsdp[1:]):  # 1/N, plus the padding of each tensor's first dimension
+            assert ddp / n - 0.01 <= value <= ddp / n * 1.05 + 0.01, (name, n, value)
+    xtra = measured["xtra_vit_tiny"]
+    assert all(float(xtra[f"{mode} {unit}"]) > 0 for mode in ("DDP", "FSDP", "FSDP + grad_ckpt")
+               for unit in ("peak MB", "img/s"))

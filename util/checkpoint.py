@@ -4,6 +4,11 @@ A training checkpoint holds ``model`` (state dict), ``optimizer``, ``scaler``, `
 resolved settings), ``rng`` (python/numpy/torch states, one entry per rank), ``generators`` (states of the
 model's own ``torch.Generator``s) and ``extra`` (best accuracy, EMA weights, ...). What the model *is* (encoder
 architecture, registered model name and settings) is added by the caller from ``models.checkpoint``.
+
+A sharded model (FSDP2) is saved with ``torch.distributed.checkpoint`` instead: ``checkpoint-<epoch>.dcp/`` holds
+every rank's shards of the model and optimiser (DCP's files) and ``meta.pt``, the rest of the dict above; the small
+pointer ``checkpoint-last.json`` names the last committed one. DCP reshards on load, so a run resumes with any
+number of ranks, and ``consolidate`` turns such a directory into a single-file checkpoint.
 """
 from __future__ import annotations
 
@@ -12,16 +17,81 @@ import glob
 import json
 import os
 import re
+import shutil
+import warnings
+from typing import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
-from util.misc import get_rank, get_world_size, is_dist, is_main_process, print0, rng_state, set_rng_state
+from util.misc import (
+    get_rank,
+    get_world_size,
+    is_dist,
+    is_main_process,
+    is_sharded,
+    print0,
+    rng_state,
+    set_rng_state,
+)
+from util.parallel import full_state_dict
+
+POINTER = "checkpoint-last.json"  # names the last committed sharded checkpoint
+META = "meta.pt"
 
 
-def load_file(path: str) -> dict:
-    """torch.load with weights_only=True and one clear error for a missing or unreadable file."""
+def sharded_dir(path: str) -> str | None:
+    """The sharded checkpoint directory that ``path`` (a ``.dcp`` directory or a pointer file) designates."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, META)):
+        return path
+    if path.endswith(".json") and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                return os.path.join(os.path.dirname(path), json.load(f)["checkpoint"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"cannot read checkpoint pointer {path}: {type(e).__name__}: {e}") from None
+    return None
+
+
+def sharded_weights(directory: str) -> dict[str, torch.Tensor]:
+    """The whole model of a sharded checkpoint as plain CPU tensors, read in this process alone (no process
+    group; DCP assembles the shards of any number of ranks). The optimiser state is not read."""
+    try:
+        metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+        weights = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype)
+                   for k, m in metadata.items() if k.startswith("model.") and hasattr(m, "size")}
+        _dcp_load({"model": weights}, directory, alone=True)
+    except Exception as e:  # missing or torn shard files
+        raise ValueError(f"cannot read sharded checkpoint {directory}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    return weights
+
+
+def _dcp_load(state: dict, directory: str, alone: bool) -> None:
+    """dcp.load in place; ``alone``: this process reads every part itself, with no process group."""
+    with warnings.catch_warnings():  # reading alone is the intent here, which DCP warns about
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=directory, no_dist=alone)
+
+
+def load_file(path: str, weights: bool = True) -> dict:
+    """torch.load with weights_only=True and one clear error for a missing or unreadable file. A sharded
+    checkpoint (its directory or the pointer to it) gives its ``meta.pt`` plus ``sharded_dir``, and its whole
+    model under ``model`` unless ``weights`` is False (resuming reads the shards themselves, see :func:`resume`)."""
+    directory = sharded_dir(path)
+    if directory is not None:
+        if not os.path.isfile(os.path.join(directory, META)):
+            raise FileNotFoundError(f"checkpoint not found: {directory} (named by {path})")
+        meta = {**load_file(os.path.join(directory, META)), "sharded_dir": directory}
+        return {**meta, "model": sharded_weights(directory)} if weights else meta
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -33,6 +103,13 @@ def load_file(path: str) -> dict:
     if not isinstance(ckpt, dict):
         raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt
+
+
+def consolidate(directory: str) -> dict:
+    """A sharded checkpoint as one single-file checkpoint: its settings and records and the whole model, without
+    the optimiser state (what fine-tuning, probing and the timm export read)."""
+    ckpt = load_file(directory)
+    return {k: v for k, v in ckpt.items() if k != "sharded_dir"}
 
 
 def save_atomic(obj: dict, path: str) -> None:
@@ -60,27 +137,85 @@ def module_generators(model: nn.Module) -> dict[str, torch.Generator]:
 def training_state(model: nn.Module, epoch: int, settings: dict, optimizer: torch.optim.Optimizer | None = None,
                    scaler_state: dict | None = None, extra: dict | None = None) -> dict:
     """Everything needed to continue training after ``epoch``. Every rank must call it (RNG states are
-    gathered); only rank 0's result is written."""
-    return {"model": model.state_dict(), "epoch": epoch, "args": dict(settings),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None, "scaler": scaler_state or {},
-            "rng": _gather_rng_states(),
-            "generators": {k: g.get_state() for k, g in module_generators(model).items()}, "extra": extra or {}}
+    gathered); only rank 0's result is written, except a sharded model's ``sharded`` part (every rank's shards)."""
+    state = {"epoch": epoch, "args": dict(settings), "scaler": scaler_state or {}, "rng": _gather_rng_states(),
+             "generators": {k: g.get_state() for k, g in module_generators(model).items()}, "extra": extra or {}}
+    if is_sharded(model):
+        model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else \
+            (get_model_state_dict(model), None)
+        return {**state, "model": None, "optimizer": None,
+                "sharded": {"model": model_sd, **({"optim": optim_sd} if optim_sd is not None else {})}}
+    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None}
+
+
+def weights_only_state(state: dict, model: nn.Module) -> dict:
+    """``state`` as a single file with the whole model and no optimiser state (checkpoint-best.pth). Under FSDP a
+    collective: every rank must call it."""
+    return {**{k: v for k, v in state.items() if k != "sharded"}, "model": full_state_dict(model),
+            "optimizer": None}
 
 
 def save_checkpoint(state: dict, output_dir: str, epoch: int, epochs: int, save_freq: int, keep_last: int) -> None:
-    """On rank 0: ``checkpoint-<epoch>.pth`` every ``save_freq`` epochs and at the last epoch (only the
-    ``keep_last`` newest numbered ones are kept; 0 = all), then ``checkpoint-last.pth``, which commits the epoch."""
-    if not output_dir or not is_main_process():
+    """``checkpoint-<epoch>.pth`` every ``save_freq`` epochs and at the last epoch (only the ``keep_last`` newest
+    numbered ones are kept; 0 = all), then ``checkpoint-last.pth``, which commits the epoch. Rank 0 writes; a
+    sharded state (every rank calls this) goes to :func:`save_sharded`."""
+    if not output_dir:
+        return
+    if "sharded" in state:
+        return save_sharded(state, output_dir, epoch, lambda e: (e + 1) % save_freq == 0 or e + 1 == epochs,
+                            keep_last)
+    if not is_main_process():
         return
     if (epoch + 1) % save_freq == 0 or epoch + 1 == epochs:
         save_atomic(state, os.path.join(output_dir, f"checkpoint-{epoch}.pth"))
-        if keep_last > 0:
-            found = [(re.search(r"checkpoint-(\d+)\.pth$", p), p)
-                     for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))]
-            numbered = sorted((int(m.group(1)), p) for m, p in found if m)
-            for _, old in numbered[:-keep_last]:
-                os.remove(old)
+        _prune(_numbered(output_dir, "pth"), keep_last)
     save_atomic(state, os.path.join(output_dir, "checkpoint-last.pth"))
+
+
+def _numbered(output_dir: str, ext: str) -> list[tuple[int, str]]:
+    """(epoch, path) of the numbered checkpoints with this extension, oldest first."""
+    paths = glob.glob(os.path.join(output_dir, "checkpoint-*"))
+    found = [(re.search(rf"checkpoint-(\d+)\.{ext}$", p), p) for p in paths]
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
+def _prune(numbered: list[tuple[int, str]], keep_last: int) -> None:
+    for _, old in numbered[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+
+
+def save_sharded(state: dict, output_dir: str, epoch: int, due: Callable[[int], bool], keep_last: int) -> None:
+    """Every rank writes its shards into ``checkpoint-<epoch>.dcp.tmp``; once all have, rank 0 adds ``meta.pt``,
+    renames the directory into place and points ``checkpoint-last.json`` at it, each step atomic, so that a torn
+    save never replaces the last good checkpoint. Then the directories of epochs that are not ``due`` to stay go,
+    except this one, and of the due ones only the ``keep_last`` newest stay (0 = all)."""
+    name = f"checkpoint-{epoch}.dcp"
+    final = os.path.join(output_dir, name)
+    tmp = final + ".tmp"
+    if is_main_process() and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    if is_dist():
+        dist.barrier()
+    dcp.save(state["sharded"], checkpoint_id=tmp)
+    if is_dist():
+        dist.barrier()
+    if is_main_process():
+        save_atomic({k: v for k, v in state.items() if k != "sharded"}, os.path.join(tmp, META))
+        if os.path.exists(final):  # an uncommitted directory of this epoch, from a run killed before its pointer
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        pointer = os.path.join(output_dir, POINTER)
+        with open(f"{pointer}.tmp.{os.getpid()}", "w") as f:
+            json.dump({"checkpoint": name, "epoch": epoch}, f)
+        os.replace(f"{pointer}.tmp.{os.getpid()}", pointer)
+        numbered = _numbered(output_dir, "dcp")
+        for e, path in numbered:
+            if e != epoch and not due(e):
+                shutil.rmtree(path)
+        _prune([(e, p) for e, p in numbered if due(e) and e != epoch] + ([(epoch, final)] if due(epoch) else []),
+               keep_last)
+    if is_dist():
+        dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -107,6 +242,8 @@ def clean_start(output_dir: str, last_committed: int) -> None:
         return
     for tmp in glob.glob(os.path.join(output_dir, "*.tmp.*")):
         os.remove(tmp)
+    for tmp in glob.glob(os.path.join(output_dir, "*.dcp.tmp")):  # a sharded save that did not complete
+        shutil.rmtree(tmp)
     log = os.path.join(output_dir, "log.txt")
     if os.path.isfile(log):
         with open(log) as f:
@@ -149,25 +286,56 @@ def finished(output_dir: str, epochs: int) -> bool:
 
 
 def resume_path(resume: str, output_dir: str, auto_resume: bool) -> str:
-    """--resume, else output_dir/checkpoint-last.pth when it exists and auto-resume is on, else ''."""
+    """--resume, else the last committed checkpoint in output_dir when auto-resume is on (checkpoint-last.pth,
+    or checkpoint-last.json for a sharded run; the newer if both exist), else ''."""
     if resume:
         return resume
-    last = os.path.join(output_dir, "checkpoint-last.pth") if output_dir else ""
-    return last if auto_resume and last and os.path.isfile(last) else ""
+    if not (auto_resume and output_dir):
+        return ""
+    found = [p for p in (os.path.join(output_dir, n) for n in ("checkpoint-last.pth", POINTER)) if os.path.isfile(p)]
+    return max(found, key=os.path.getmtime) if found else ""
+
+
+def _load_sharded(directory: str, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Load a sharded checkpoint into ``model`` (sharded or not, with any number of ranks: DCP reads each rank's
+    part) and ``optimizer``. Strict: the checkpoint must hold exactly the model's tensors, with their shapes."""
+    model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else \
+        (get_model_state_dict(model), None)
+    stored = {k[len("model."):]: m for k, m in dcp.FileSystemReader(directory).read_metadata()
+              .state_dict_metadata.items() if k.startswith("model.")}
+    missing, unexpected = sorted(set(model_sd) - set(stored)), sorted(set(stored) - set(model_sd))
+    shapes = [f"{k}: {tuple(stored[k].size)} vs {tuple(v.shape)}" for k, v in model_sd.items()
+              if k in stored and tuple(stored[k].size) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                         f"shapes differ {shapes[:5]}")
+    state = {"model": model_sd, **({"optim": optim_sd} if optim_sd is not None else {})}
+    _dcp_load(state, directory, alone=not is_dist())
+    if optimizer is not None:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    else:
+        set_model_state_dict(model, state["model"])
 
 
 def resume(ckpt: dict, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
            optim_step=None) -> tuple[int, dict]:
     """Continue from a loaded training checkpoint: model (strict), optimizer and scaler (when given), the model's
-    own generators and this rank's RNG state. Returns (first epoch to run, the checkpoint's ``extra``)."""
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:  # another model's checkpoint, or other settings
-        raise ValueError(f"{path} does not fit this model: {' '.join(str(e).split())[:300]}") from None
-    if optimizer is not None and ckpt.get("optimizer"):
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if optim_step is not None:
-            optim_step.load_state_dict(ckpt.get("scaler") or {})
+    own generators and this rank's RNG state. Returns (first epoch to run, the checkpoint's ``extra``). A sharded
+    checkpoint loads into a sharded or a plain model; a single-file one into a plain model only."""
+    if "sharded_dir" in ckpt and ckpt.get("model") is None:
+        _load_sharded(ckpt["sharded_dir"], path, model, optimizer)
+    elif is_sharded(model):
+        raise ValueError(f"{path} is a single-file checkpoint; --fsdp resumes sharded checkpoints only (continue "
+                         "this run without --fsdp)")
+    else:
+        try:
+            model.load_state_dict(ckpt["model"], strict=True)
+        except RuntimeError as e:  # another model's checkpoint, or other settings
+            raise ValueError(f"{path} does not fit this model: {' '.join(str(e).split())[:300]}") from None
+        if optimizer is not None and ckpt.get("optimizer"):
+            optimizer.load_state_dict(ckpt["optimizer"])
+    if optimizer is not None and optim_step is not None:
+        optim_step.load_state_dict(ckpt.get("scaler") or {})
     for name, generator in module_generators(model).items():
         if name in ckpt.get("generators", {}):
             generator.set_state(ckpt["generators"][name])

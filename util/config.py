@@ -259,6 +259,11 @@ def resolve(groups: Sequence[Group], layers: Layers) -> Settings:
             instances[g.cls] = g.cls(**{n: values[n] for n in g.names()})
         except ValueError as e:
             raise SettingsError(str(e)) from None
+    if ParallelSettings in instances and OptimSettings in instances:
+        try:
+            instances[ParallelSettings].check(instances[OptimSettings])
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
     return Settings(instances, sources)
 
 
@@ -433,6 +438,23 @@ class MixupSettings:
         return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
 
 
+@dataclass(frozen=True)
+class ParallelSettings:
+    """How training spreads over the ranks and trades compute for memory (docs/training.md, "Memory")."""
+
+    fsdp: bool = setting(False, "shard parameters, gradients and optimiser state over the ranks (FSDP2) instead of "
+                                "a full copy on each (DDP); checkpoints become sharded directories")
+    grad_ckpt: bool = setting(False, "activation checkpointing: each transformer block recomputes its activations "
+                                     "in the backward pass instead of storing them")
+
+    def check(self, optim: OptimSettings) -> None:
+        if self.fsdp and optim.compile:
+            raise ValueError("--fsdp with --compile is not supported here; use one of them")
+        if self.fsdp and optim.amp == "fp16":
+            raise ValueError("--fsdp supports --amp bf16, auto or off (fp16 needs a gradient scaler for sharded "
+                             "gradients, which this project does not use)")
+
+
 def check_writable_dir(path: str | None, what: str) -> None:
     """A directory this run may create or write into (checked before anything is written; '' / None: none)."""
     if not path:
@@ -447,10 +469,11 @@ def check_writable_dir(path: str | None, what: str) -> None:
 
 
 SHARED_GROUPS = (Group("optimisation", OptimSettings), Group("data", DataSettings), Group("run", RunSettings))
+PARALLEL_GROUP = Group("memory and sharding", ParallelSettings)  # the scripts that train a whole model
 
 # Settings that describe this invocation, not the run: never taken from a resumed checkpoint.
 RUN_LOCAL = frozenset({"output_dir", "log_dir", "device", "resume", "auto_resume", "num_workers", "pin_mem",
-                       "print_freq", "dist_url", "print_config", "eval"})
+                       "print_freq", "dist_url", "print_config", "eval", "fsdp", "grad_ckpt"})
 
 
 def checkpoint_layer(stored: dict | None) -> tuple[str, dict]:

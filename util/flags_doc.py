@@ -8,7 +8,7 @@ import dataclasses
 import importlib
 import typing
 
-from util.config import SettingsParser
+from util.config import SettingsParser, field_help
 
 # The entry scripts are imported by name: util/ does not depend on models/ or on the scripts at import time.
 SCRIPTS = ("main_pretrain", "main_finetune", "main_linprobe", "main_slimmable")
@@ -37,7 +37,6 @@ def _value(v: typing.Any) -> str:
 
 def group_table(parser: SettingsParser, titles: set[str] | None = None) -> str:
     """One markdown table per group of ``parser`` (only the groups named in ``titles``, if given)."""
-    from util.config import field_help
     out = []
     for g in parser.groups:
         if titles is not None and g.title not in titles:

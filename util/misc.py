@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from util.lr_sched import Schedule, adjust_learning_rate
 
@@ -54,9 +55,13 @@ class Dist:
     device: torch.device
 
 
-def init_distributed(device: str, dist_url: str = "env://") -> Dist:
-    """torchrun (env://) when RANK/WORLD_SIZE are set, else a single process without a process group.
-    NCCL when the device is CUDA, gloo on CPU. ``device`` 'auto' is CUDA when available, else the CPU."""
+_OWN_GROUP: list[bool] = []  # non-empty while a process group set up by init_distributed exists
+
+
+def init_distributed(device: str, dist_url: str = "env://", process_group: bool = False) -> Dist:
+    """torchrun (env://) when RANK/WORLD_SIZE are set, else a single process, without a process group unless
+    ``process_group`` (FSDP needs one: then a group of one). NCCL when the device is CUDA, gloo on CPU. ``device``
+    'auto' is CUDA when available, else the CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -67,10 +72,17 @@ def init_distributed(device: str, dist_url: str = "env://") -> Dist:
         if device == "cuda":
             torch.cuda.set_device(local_rank)
             device = f"cuda:{local_rank}"
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", init_method=dist_url,
-                                world_size=world_size, rank=rank)
+        if not dist.is_initialized():  # else the caller's group (e.g. a driver running several runs) is kept
+            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", init_method=dist_url,
+                                    world_size=world_size, rank=rank)
+            _OWN_GROUP.append(True)
         dist.barrier()
         info = Dist(True, rank, world_size, torch.device(device))
+    elif process_group:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", store=dist.HashStore(),
+                                world_size=1, rank=0)
+        _OWN_GROUP.append(True)
+        info = Dist(True, 0, 1, torch.device(device))
     else:
         info = Dist(False, 0, 1, torch.device(device))
     print0(f"distributed: {info.distributed} (world size {info.world_size}, device {info.device})")
@@ -83,7 +95,9 @@ def launch_world_size() -> int:
 
 
 def cleanup_distributed() -> None:
-    if is_dist():
+    """Tear down the process group that :func:`init_distributed` set up (not one the caller owns)."""
+    if is_dist() and _OWN_GROUP:
+        _OWN_GROUP.clear()
         dist.destroy_process_group()
 
 
@@ -91,6 +105,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_dist():
         t = t.clone()
         dist.all_reduce(t)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
@@ -157,9 +178,11 @@ class OptimizerStep:
 
     @staticmethod
     def sync_context(model: torch.nn.Module, sync: bool):
-        """DDP's ``no_sync`` unless ``sync``: gradients are all-reduced only by the backward that precedes an
-        update."""
-        if hasattr(model, "no_sync") and not sync:
+        """Gradients are reduced only by the backward that precedes an update: DDP's ``no_sync`` unless ``sync``,
+        FSDP2's ``set_requires_gradient_sync``."""
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(sync)
+        elif hasattr(model, "no_sync") and not sync:
             return model.no_sync()
         return nullcontext()
 
@@ -174,7 +197,7 @@ class OptimizerStep:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in params if p.grad is not None]
         max_norm = self.clip_grad if self.clip_grad else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        norm = full(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else torch.zeros(())
         if self.scaler is None and not torch.isfinite(norm):  # fp16: the scaler skips such steps by itself
             raise FloatingPointError(f"non-finite gradient norm ({norm.item()}): the update was not applied; "
                                      "stopping all ranks (try a lower lr, --clip_grad, or --amp off)")
@@ -217,6 +240,21 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int, dataset=None, max_un
                          f"({max_unreadable}); on this rank: {listed}")
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP sharded the model (its parameters are DTensors)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a (possibly sharded) tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a (possibly sharded or replicated) tensor, e.g. FSDP's gradient norm."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside DDP and torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -236,7 +274,7 @@ def verify_update(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], t
     with torch.random.fork_rng(devices=devices):
         loss = loss_of(raw)
     raw.train(training)
-    weights = [p for p in raw.parameters() if p.is_floating_point()]
+    weights = [local(p) for p in raw.parameters() if p.is_floating_point()]
     finite = torch.stack([torch.isfinite(t).all() for t in [loss.detach(), *weights]]).all()
     if all_reduce_sum((~finite).float().reshape(1)).item() > 0:
         raise FloatingPointError(f"the weights after epoch {epoch} are non-finite or give a non-finite loss on its "
@@ -394,12 +432,3 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     """AdamW with the fused implementation: one kernel over all parameters instead of a loop per tensor (measured
     on the 2-core CPU for the 94M-parameter xtra_vit_small_patch16: 0.07 vs 0.47 s per step)."""
     return torch.optim.AdamW(params, fused=True, **kwargs)
-
-
-def wrap_model(model: torch.nn.Module, dist_info: Dist, compile: bool = False) -> torch.nn.Module:
-    """DDP when distributed (gradients of trainable parameters only), then torch.compile with ``compile``."""
-    if dist_info.distributed:
-        device = dist_info.device
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.index is not None else None)
-    return torch.compile(model) if compile else model

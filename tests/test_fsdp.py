@@ -1,0 +1,252 @@
+"""FSDP2 (--fsdp), activation checkpointing (--grad_ckpt) and sharded checkpoints, on the CPU with gloo and two
+ranks: the same losses as DDP, the same with and without recomputation, sharded resume after a kill (bit-identical)
+and with another number of ranks, consolidation for fine-tuning, and the README's multi-node recipe at tiny size.
+
+One torchrun launch runs every training run of the comparisons (tests/run_sequence.py), to pay its start-up once.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+
+from tests.helpers import ROOT, read_log, run_script, run_sequence
+from util.checkpoint import POINTER
+
+# Every run: synthetic images (a pure function of the index, so any split over ranks sees the same batches), a few
+# optimiser steps, clipping and accumulation on.
+COMMON = ["--dataset", "synthetic", "--num_workers", "0", "--device", "cpu", "--print_freq", "1000",
+          "--batch_size", "16", "--warmup_epochs", "1", "--lr", "1e-3", "--save_freq", "1"]
+PRETRAIN = [*COMMON, "--synthetic_size", "128", "--accum_iter", "2", "--clip_grad", "1.0", "--save_encoder", "true"]
+# 97 images: training drops the odd one; evaluation gives the ranks 49 and 48 images (4 and 3 batches)
+SUPERVISED = [*COMMON, "--synthetic_size", "97", "--aa", "none", "--reprob", "0", "--clip_grad", "1.0"]
+METHODS = ("xtra_vit_tiny", "saim_vit_tiny", "mae_vit_tiny", "digpt_vit_tiny")
+MODES = {"ddp": [], "fsdp": ["--fsdp"], "fsdp_ckpt": ["--fsdp", "--grad_ckpt"]}
+XTRA_EPOCHS = 3  # the XTRA runs also serve the resume tests
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Every comparison run, two ranks: each pretraining method, fine-tuning and Scala under DDP, FSDP and FSDP +
+    activation checkpointing. D-iGPT's teacher is the XTRA encoder; Scala's, the DDP fine-tuned classifier."""
+    root = tmp_path_factory.mktemp("fsdp")
+    sequence = []
+    for model in METHODS:
+        epochs = XTRA_EPOCHS if model == "xtra_vit_tiny" else 2
+        extra = ["--teacher", root / "xtra_vit_tiny-ddp" / "encoder.pth"] if model.startswith("digpt") else []
+        for mode, flags in MODES.items():
+            sequence.append(("main_pretrain", ["--model", model, *PRETRAIN, "--epochs", epochs, *extra, *flags,
+                                               "--output_dir", root / f"{model}-{mode}"]))
+    for mode, flags in MODES.items():
+        sequence.append(("main_finetune", [*SUPERVISED, "--finetune", root / "xtra_vit_tiny-ddp" / "encoder.pth",
+                                           "--epochs", 2, *flags, "--output_dir", root / f"finetune-{mode}"]))
+    for mode, flags in MODES.items():
+        sequence.append(("main_slimmable", [
+            "--model", "scala_vit_tiny", *SUPERVISED, "--epochs", 2, "--full_warm_epochs", 1, "--mixup", 0,
+            "--cutmix", 0, "--teacher", root / "finetune-ddp" / "checkpoint-last.pth", "--eval_ratios", 0.25, 1,
+            "--throughput_iters", 1, *flags, "--output_dir", root / f"scala-{mode}"]))
+    run_sequence(sequence, nproc=2, workdir=root)
+    return root
+
+
+def _train_values(log: list[dict]) -> list[tuple[int, str, float]]:
+    """Every number a run logged per epoch (losses, gradient norms, metrics, accuracies)."""
+    return [(r["epoch"], k, v) for r in log for k, v in sorted(r.items())
+            if k.startswith(("train_", "test_")) and isinstance(v, float)]
+
+
+def _assert_close(a: Path, b: Path, rel: float) -> None:
+    va, vb = _train_values(read_log(a)), _train_values(read_log(b))
+    assert [x[:2] for x in va] == [x[:2] for x in vb] and va
+    for (epoch, key, x), (_, _, y) in zip(va, vb):
+        assert abs(x - y) <= rel * max(abs(x), abs(y), 1e-12), f"{a.name} vs {b.name}: epoch {epoch} {key}: {x} {y}"
+
+
+@pytest.mark.parametrize("name", [*METHODS, "finetune", "scala"])
+def test_fsdp_gives_the_losses_of_ddp_and_activation_checkpointing_changes_nothing(runs, name):
+    _assert_close(runs / f"{name}-ddp", runs / f"{name}-fsdp", rel=1e-5)
+    assert _train_values(read_log(runs / f"{name}-fsdp")) == _train_values(read_log(runs / f"{name}-fsdp_ckpt"))
+
+
+def test_fsdp_runs_write_sharded_checkpoints_atomically_named_by_a_pointer(runs):
+    out = runs / "xtra_vit_tiny-fsdp"
+    assert json.loads((out / POINTER).read_text())["epoch"] == XTRA_EPOCHS - 1
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == \
+        sorted([POINTER] + [f"checkpoint-{e}.dcp" for e in range(XTRA_EPOCHS)])
+    assert not list(out.glob("*.tmp*")) and (out / "done.json").is_file()
+    assert {p.name for p in (out / "checkpoint-2.dcp").iterdir()} == {"__0_0.distcp", "__1_0.distcp", ".metadata",
+                                                                      "meta.pt"}
+    # the plain files of a sharded run hold whole tensors, equal to the DDP run's to round-off
+    ddp, fsdp = (torch.load(runs / f"xtra_vit_tiny-{m}" / "encoder.pth", weights_only=True)["model"]
+                 for m in ("ddp", "fsdp"))
+    assert ddp.keys() == fsdp.keys()
+    for k in ddp:
+        torch.testing.assert_close(fsdp[k], ddp[k], rtol=1e-4, atol=1e-5)
+    best = torch.load(runs / "finetune-fsdp" / "checkpoint-best.pth", weights_only=True)
+    assert best["optimizer"] is None and all(not hasattr(t, "placements") for t in best["model"].values())
+
+
+def test_the_frozen_teacher_is_neither_sharded_nor_trained(runs):
+    directory = runs / "digpt_vit_tiny-fsdp" / "checkpoint-1.dcp"
+    keys = FileSystemReader(str(directory)).read_metadata().state_dict_metadata.keys()
+    assert any(k.startswith("optim.state.") for k in keys) and not any("teacher" in k for k in keys)
+
+
+def test_consolidated_checkpoint_equals_ddp_weights_and_fine_tunes(runs, tmp_path):
+    src = runs / "xtra_vit_tiny-fsdp"
+    out = tmp_path / "xtra.pth"
+    proc = run_script("util.convert", "--consolidate", src / POINTER, out)
+    assert "loads the encoder" in proc.stdout and "whole xtra_vit_tiny model" in proc.stdout
+    merged = torch.load(out, weights_only=True)
+    ddp = torch.load(runs / "xtra_vit_tiny-ddp" / "checkpoint-last.pth", weights_only=True)
+    assert merged["optimizer"] is None and merged["epoch"] == ddp["epoch"] == XTRA_EPOCHS - 1
+    assert merged["model"].keys() == ddp["model"].keys()
+    for k, v in ddp["model"].items():
+        torch.testing.assert_close(merged["model"][k], v, rtol=1e-4, atol=1e-5)
+    assert run_script("util.convert", "--consolidate", out, tmp_path / "again.pth", check=False).returncode == 2
+    # --finetune reads the consolidated file, and the sharded directory directly (the same weights)
+    for init in (out, src / "checkpoint-2.dcp"):
+        run_script("main_finetune.py", *SUPERVISED, "--finetune", init, "--epochs", 1,
+                   "--output_dir", tmp_path / f"ft-{init.suffix}")
+    assert read_log(tmp_path / "ft-.pth") == read_log(tmp_path / "ft-.dcp")
+    run_script("util.convert", "--export_timm", src / "checkpoint-2.dcp", tmp_path / "timm.pth")
+
+
+def test_a_sharded_classifier_evaluates_in_one_process_as_its_run_did(runs):
+    """--eval loads the last sharded checkpoint of the 2-rank FSDP fine-tuning into a plain model."""
+    proc = run_script("main_finetune.py", "--eval", "--resume", runs / "finetune-fsdp" / POINTER, *SUPERVISED,
+                      "--output_dir", "")
+    acc = float(re.search(r"Acc@1 ([\d.]+)", proc.stdout).group(1))
+    assert acc == pytest.approx(read_log(runs / "finetune-fsdp")[-1]["test_acc1"], abs=1e-3)
+
+
+def test_resume_with_one_rank_continues_the_two_rank_trajectory(runs, tmp_path):
+    """Saved by 2 ranks of 16 images, resumed by 1 rank of 32: the same batches and the same averaged gradient."""
+    out = tmp_path / "one"
+    run_script("main_pretrain.py", "--model", "xtra_vit_tiny", *PRETRAIN, "--epochs", XTRA_EPOCHS, "--fsdp",
+               "--batch_size", 32, "--resume", runs / "xtra_vit_tiny-fsdp" / "checkpoint-0.dcp", "--output_dir", out)
+    two, one = read_log(runs / "xtra_vit_tiny-fsdp"), read_log(out)
+    assert [r["epoch"] for r in one] == list(range(1, XTRA_EPOCHS))
+    for a, b in zip(two[1:], one):
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-5 * a["train_loss"], (a, b)
+    assert sorted(p.name for p in (out / f"checkpoint-{XTRA_EPOCHS - 1}.dcp").glob("*.distcp")) == ["__0_0.distcp"]
+    # without --fsdp the sharded checkpoint loads into a plain model too (and the run goes on with single files)
+    plain = tmp_path / "plain"
+    run_script("main_pretrain.py", "--model", "xtra_vit_tiny", *PRETRAIN, "--epochs", XTRA_EPOCHS, "--batch_size",
+               32, "--resume", runs / "xtra_vit_tiny-fsdp" / "checkpoint-0.dcp", "--output_dir", plain)
+    assert [r["train_loss"] for r in read_log(plain)] == pytest.approx([r["train_loss"] for r in one], rel=1e-5)
+    assert (plain / "checkpoint-last.pth").is_file()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_killed_sharded_run_resumes_bit_identically(runs, tmp_path):
+    """Kill both ranks once the first sharded checkpoint is committed (wherever the run then is: training, writing
+    shards, renaming), add a torn save, rerun the same command: every epoch's numbers equal the uninterrupted run's."""
+    out = tmp_path / "killed"
+    argv = ["main_pretrain.py", "--model", "xtra_vit_tiny", *PRETRAIN, "--epochs", XTRA_EPOCHS, "--fsdp",
+            "--output_dir", out]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, argv)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / POINTER).is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    workers = _descendants(proc.pid)
+    for pid in [proc.pid, *workers]:  # torchrun starts each worker in a session of its own
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    while any(_running(pid) for pid in workers):  # SIGKILL is asynchronous
+        time.sleep(0.05)
+    assert (out / POINTER).is_file() and not (out / "done.json").exists()
+    committed = json.loads((out / POINTER).read_text())["epoch"]
+    torn = out / f"checkpoint-{committed + 1}.dcp.tmp"
+    torn.mkdir(exist_ok=True)
+    (torn / "__0_0.distcp").write_bytes(b"torn")
+    run_script(*argv, nproc=2)
+    assert read_log(out) == read_log(runs / "xtra_vit_tiny-fsdp") and (out / "done.json").is_file()
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("model", ["xtra_vit_tiny", "scala_vit_tiny"])
+def test_activation_checkpointing_without_fsdp_changes_nothing(tmp_path, model):
+    """One process (no FSDP): the same per-epoch numbers with and without --grad_ckpt (Scala: sliced widths)."""
+    script, extra = ("main_slimmable.py", [*SUPERVISED, "--full_warm_epochs", 0, "--mixup", 0, "--cutmix", 0,
+                                           "--eval_ratios", 1, "--throughput_iters", 1]) \
+        if model.startswith("scala") else ("main_pretrain.py", PRETRAIN)
+    for flags in ([], ["--grad_ckpt"]):
+        run_script(script, "--model", model, *extra, "--epochs", 1, *flags, "--output_dir", tmp_path / str(flags))
+    assert _train_values(read_log(tmp_path / "[]")) == _train_values(read_log(tmp_path / "['--grad_ckpt']"))
+
+
+def test_a_non_finite_update_stops_a_sharded_run_before_its_checkpoint(tmp_path):
+    proc = run_script("main_pretrain.py", "--model", "xtra_vit_tiny", *PRETRAIN, "--epochs", 2, "--lr", "1e10",
+                      "--fsdp", "--output_dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "non-finite" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "log.txt").exists()
+
+
+def test_the_readme_multi_node_recipe_runs_at_tiny_size(tmp_path):
+    """The README's multi-node ViT-H/14 XTRA command, with its sizes made tiny and every other flag as written."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash multi-node\n(.*?)```", readme, re.S).group(1)
+    words = block.replace("\\\n", " ").split()
+    words = words[words.index("main_pretrain.py") + 1:]
+    flags = {}  # flag -> value, or None for a bare boolean flag
+    for i, w in enumerate(words):
+        if w.startswith("--"):
+            flags[w] = words[i + 1] if i + 1 < len(words) and not words[i + 1].startswith("--") else None
+    assert flags.get("--model") == "xtra_vit_huge_patch14" and {"--fsdp", "--grad_ckpt"} <= flags.keys(), block
+    tiny = {"--model": "xtra_vit_tiny", "--batch_size": "16", "--output_dir": str(tmp_path), "--num_workers": "0"}
+    argv = [w for k, v in flags.items() if k not in tiny and k != "--data_path" for w in ([k] if v is None else [k, v])]
+    argv += [w for kv in tiny.items() for w in kv]
+    argv += ["--dataset", "synthetic", "--synthetic_size", "128", "--device", "cpu", "--epochs", "2",
+             "--warmup_epochs", "1"]
+    run_script("main_pretrain.py", *argv, nproc=2)
+    log = read_log(tmp_path)
+    assert [r["epoch"] for r in log] == [0, 1] and all(0 < r["train_loss"] < 10 for r in log)
+    assert (tmp_path / "checkpoint-1.dcp").is_dir() and (tmp_path / "done.json").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["main_pretrain.py", "--model", "xtra_vit_tiny", "--fsdp", "--compile"], "--fsdp with --compile"),
+    (["main_pretrain.py", "--model", "xtra_vit_tiny", "--fsdp", "--amp", "fp16"], "--fsdp supports --amp"),
+    (["main_pretrain.py", "--model", "saim_vit_tiny", "--fsdp", "--fuse_streams"], "--fuse_streams cannot run"),
+    (["main_finetune.py", "--model", "vit_tiny_patch4", "--fsdp", "--model_ema"], "--model_ema is not supported"),
+    (["main_linprobe.py", "--fsdp"], "--fsdp is not a setting of"),
+])
+def test_what_fsdp_cannot_do_is_refused_up_front(tmp_path, argv, message):
+    proc = run_script(*argv, "--dataset", "digits", "--output_dir", tmp_path / "out", check=False)
+    assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "out").exists(), proc.stderr
