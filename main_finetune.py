@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import datetime
-import os
 import time
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -24,13 +23,11 @@ from models.checkpoint import ARCH_KEYS, encoder_record, load_checkpoint, load_e
 from models.registry import setting_owners
 from models.vit import VIT_PRESETS, VisionTransformer, vit_config
 from util.checkpoint import (
-    DONE,
-    clean_start,
     commit_epoch,
     finish_run,
-    finished,
     resume,
     resume_path,
+    start_output,
     training_state,
     weights_only_state,
 )
@@ -58,7 +55,6 @@ from util.misc import (
     adamw,
     cleanup_distributed,
     init_distributed,
-    is_main_process,
     launch_world_size,
     make_log_writer,
     print0,
@@ -203,15 +199,9 @@ def main(argv: Sequence[str]) -> None:
     start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
     if model_ema is not None and "model_ema" in extra:
         model_ema.module.load_state_dict(extra["model_ema"])
-    if finished(s.output_dir, s.epochs) and start_epoch >= s.epochs:
-        print0(f"{s.output_dir} holds a finished run of {s.epochs} epochs ({DONE}): nothing to do")
+    if not start_output(s.output_dir, s.epochs, start_epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
-    # everything is validated: only now is anything written
-    if s.output_dir and is_main_process():
-        os.makedirs(s.output_dir, exist_ok=True)
-        clean_start(s.output_dir, start_epoch - 1)
-        s.save_json(s.output_dir)
-        save_class_names(train_set, s.output_dir)
+    save_class_names(train_set, s.output_dir)
 
     model_ddp = wrap_model(model, dist_info, s.compile)
     log_writer = make_log_writer(s.output_dir if s.log_dir is None else s.log_dir)

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import datetime
-import os
 import time
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -23,13 +22,11 @@ from models.probes import AttentivePoolingHead, LinearHead, Probe
 from models.registry import setting_owners
 from models.vit import VisionTransformer
 from util.checkpoint import (
-    DONE,
-    clean_start,
     commit_epoch,
     finish_run,
-    finished,
     resume,
     resume_path,
+    start_output,
     training_state,
 )
 from util.config import (
@@ -54,7 +51,6 @@ from util.misc import (
     adamw,
     cleanup_distributed,
     init_distributed,
-    is_main_process,
     launch_world_size,
     make_log_writer,
     print0,
@@ -225,15 +221,9 @@ def main(argv: Sequence[str]) -> None:
         return
     start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
-    if finished(s.output_dir, s.epochs) and start_epoch >= s.epochs:
-        print0(f"{s.output_dir} holds a finished run of {s.epochs} epochs ({DONE}): nothing to do")
+    if not start_output(s.output_dir, s.epochs, start_epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
-    # everything is validated: only now is anything written
-    if s.output_dir and is_main_process():
-        os.makedirs(s.output_dir, exist_ok=True)
-        clean_start(s.output_dir, start_epoch - 1)
-        s.save_json(s.output_dir)
-        save_class_names(train_set, s.output_dir)
+    save_class_names(train_set, s.output_dir)
 
     model_ddp = wrap_model(model, dist_info, s.compile)
     log_writer = make_log_writer(s.output_dir if s.log_dir is None else s.log_dir)

@@ -24,13 +24,11 @@ from engine_pretrain import train_one_epoch
 from models.checkpoint import encoder_record, load_checkpoint, plain_config
 from models.registry import lookup, model_names, setting_owners
 from util.checkpoint import (
-    DONE,
-    clean_start,
     commit_epoch,
     finish_run,
-    finished,
     resume,
     resume_path,
+    start_output,
     training_state,
 )
 from util.config import (
@@ -133,14 +131,8 @@ def main(argv: Sequence[str]) -> None:
                       lr=loop.schedule.lr, betas=tuple(s.betas))
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, dist_info.device)
     start_epoch, _ = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
-    if finished(s.output_dir, s.epochs) and start_epoch >= s.epochs:
-        print0(f"{s.output_dir} holds a finished run of {s.epochs} epochs ({DONE}): nothing to do")
+    if not start_output(s.output_dir, s.epochs, start_epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
-    # everything is validated: only now is anything written
-    if s.output_dir and is_main_process():
-        os.makedirs(s.output_dir, exist_ok=True)
-        clean_start(s.output_dir, start_epoch - 1)
-        s.save_json(s.output_dir)
 
     model_ddp = wrap_model(model, dist_info, s.compile)
     log_writer = make_log_writer(s.output_dir if s.log_dir is None else s.log_dir)

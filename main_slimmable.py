@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -34,14 +33,12 @@ from models.registry import lookup, model_names, setting_owners
 from models.scala import ScalaConfig, SlimmableViT
 from models.teacher import load_teacher
 from util.checkpoint import (
-    DONE,
-    clean_start,
     commit_epoch,
     finish_run,
-    finished,
     resume,
     resume_path,
     save_atomic,
+    start_output,
     training_state,
     weights_only_state,
     write_json_line,
@@ -245,15 +242,9 @@ def main(argv: Sequence[str]) -> None:
         return
     start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
-    if finished(s.output_dir, s.epochs) and start_epoch >= s.epochs:
-        print0(f"{s.output_dir} holds a finished run of {s.epochs} epochs ({DONE}): nothing to do")
+    if not start_output(s.output_dir, s.epochs, start_epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
-    # everything is validated: only now is anything written
-    if s.output_dir and is_main_process():
-        os.makedirs(s.output_dir, exist_ok=True)
-        clean_start(s.output_dir, start_epoch - 1)
-        s.save_json(s.output_dir)
-        save_class_names(train_set, s.output_dir)
+    save_class_names(train_set, s.output_dir)
     mixup_fn = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, cutmix_minmax=s.cutmix_minmax, prob=s.mixup_prob,
                      switch_prob=s.mixup_switch_prob, mode=s.mixup_mode, label_smoothing=s.smoothing,
                      num_classes=num_classes) if s.of(MixupSettings).enabled() else None

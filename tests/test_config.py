@@ -18,6 +18,7 @@ from models.registry import METHODS, MODELS, model_names
 from models.saim import SAIMConfig
 from models.xtra import XTRAConfig
 from tests.helpers import ROOT, run_script
+from util.checkpoint import start_output
 from util.config import RUN_LOCAL, SettingsError
 
 
@@ -155,7 +156,7 @@ def test_every_presets_settings_round_trip_through_args_json_into_a_resumed_run(
     script = main_pretrain if method.kind == "pretrain" else main_slimmable
     extra = ["--teacher", _teacher(tmp_path)] if method.key == "digpt" else []
     first, _, _ = script.resolve_settings(["--model", name, "--seed", "7", "--output_dir", str(tmp_path), *extra])
-    first.save_json(str(tmp_path))
+    assert start_output(str(tmp_path), first.epochs, 0, first.as_dict())  # as the run writes it
     stored = json.loads((tmp_path / "args.json").read_text())
     assert stored == first.as_dict()
     _fake_checkpoint(tmp_path / "checkpoint-last.pth", stored)

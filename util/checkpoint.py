@@ -256,6 +256,21 @@ def clean_start(output_dir: str, last_committed: int) -> None:
             os.replace(tmp, log)
 
 
+def start_output(output_dir: str, epochs: int, start_epoch: int, settings: dict) -> bool:
+    """A run's first write, once everything is validated. False (nothing written) when ``output_dir`` holds a
+    finished run of ``epochs`` epochs; else, on rank 0: create it, remove what a killed run left uncommitted
+    (:func:`clean_start`) and write ``args.json`` (``settings``)."""
+    if finished(output_dir, epochs) and start_epoch >= epochs:
+        print0(f"{output_dir} holds a finished run of {epochs} epochs ({DONE}): nothing to do")
+        return False
+    if output_dir and is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        clean_start(output_dir, start_epoch - 1)
+        with open(os.path.join(output_dir, "args.json"), "w") as f:
+            json.dump(settings, f, indent=2)
+    return True
+
+
 def commit_epoch(output_dir: str, epoch: int, record: dict, state: dict, epochs: int, save_freq: int,
                  keep_last: int, files: dict[str, dict] | None = None) -> None:
     """Write an epoch's results in the crash-safe order: the log line, ``files`` (name -> contents), the numbered

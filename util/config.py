@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import types
 import typing
@@ -243,10 +242,6 @@ class Settings:
             src = self.source(name)
             lines.append(f"  {name:<{width}} = {value!r}" + (f"   [{src}]" if src != "default" else ""))
         return "\n".join(lines)
-
-    def save_json(self, output_dir: str) -> None:
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump(self.as_dict(), f, indent=2)
 
 
 def resolve(groups: Sequence[Group], layers: Layers) -> Settings:
