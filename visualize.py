@@ -15,14 +15,13 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import models
 from models.checkpoint import load_checkpoint, model_from_checkpoint, vit_state_dict
 from models.vit import VisionTransformer
 from util.config import Group, SettingsParser, resolve, setting
 from util.datasets import build_dataset, build_transform
-from util.images import first_images, save_panels
+from util.images import first_images, normalize, save_panels
 from util.misc import run_cli
 
 assert models  # importing the package registers the methods
@@ -71,9 +70,7 @@ def main(argv: Sequence[str]) -> None:
         vit.load_state_dict(vit_state_dict(ckpt))
         maps = F.interpolate(cls_attention_maps(vit, imgs), size=imgs.shape[-2:], mode="nearest")
         maps = maps / maps.amax(dim=(2, 3), keepdim=True)
-        mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1)
-        save_panels({"input": imgs, "cls_attention": (maps - mean) / std}, s.output)
+        save_panels({"input": imgs, "cls_attention": normalize(maps)}, s.output)
         return
     if ckpt.get("vit_prefix") != "encoder.":
         raise ValueError(f"{s.checkpoint} is not a pretraining checkpoint; use --attn_maps for classifiers")

@@ -5,10 +5,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from models.checkpoint import encoder_record
+from models.vit import VisionTransformer
+from tests.helpers import run_script
 from util import misc
-from util.checkpoint import load_file, save_checkpoint, training_state
+from util.checkpoint import load_file, save_atomic, save_checkpoint, training_state
 from util.datasets import DigitsDataset, ShardSampler
+from util.images import normalize, unnormalize
 from util.lr_sched import Schedule, adjust_learning_rate
 from util.misc import OptimizerStep, check_finite, rng_state, set_rng_state
 
@@ -109,3 +114,17 @@ def test_plain_timm_vit_checkpoint_loads_with_inferred_architecture(tmp_path, gl
     assert ckpt["vit_config"]["num_heads"] == 6 and ckpt["vit_config"]["fc_norm"] == (global_pool == "avg")
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(ours.eval()(x), theirs(x), rtol=0, atol=1e-6)
+
+
+def test_attention_maps_of_any_vit_checkpoint_are_drawn(tmp_path):
+    """visualize.py --attn_maps: a plain ViT classifier file gives a grid of input and cls-attention columns; the
+    maps go through the same normalisation round trip as images (normalize is unnormalize's inverse on [0, 1])."""
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(unnormalize(normalize(x)), x)
+    vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+    save_atomic({"model": vit.state_dict(), **encoder_record(vit, "", None)}, str(tmp_path / "vit.pth"))
+    out = tmp_path / "attn.png"
+    proc = run_script("visualize.py", "--checkpoint", tmp_path / "vit.pth", "--attn_maps", "--dataset", "synthetic",
+                      "--num_images", 2, "--output", out)
+    assert "columns: input, cls_attention" in proc.stdout
+    assert Image.open(out).size == (2 + 2 * (32 + 2), 2 + 2 * (32 + 2))  # 2 × 2 panels of 32 px, 2 px padding

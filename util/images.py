@@ -6,11 +6,21 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.utils import make_grid, save_image
 
 
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1))
+
+
 def unnormalize(x: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised images -> [0, 1]."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_DEFAULT_STD, device=x.device).view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device)
     return (x * std + mean).clamp(0, 1)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images (or maps, broadcast to 3 channels) -> ImageNet-normalised, as panels take them."""
+    mean, std = _mean_std(x.device)
+    return (x - mean) / std
 
 
 def first_images(dataset, n: int, device: torch.device) -> torch.Tensor:
