@@ -19,14 +19,19 @@ from timm.utils import ModelEmaV3
 
 import models
 from engine_finetune import evaluate, train_one_epoch
-from models.checkpoint import ARCH_KEYS, encoder_record, load_checkpoint, load_encoder_weights
+from models.checkpoint import (
+    ARCH_KEYS,
+    encoder_record,
+    load_checkpoint,
+    load_encoder_weights,
+    resumed_checkpoint,
+)
 from models.registry import setting_owners
 from models.vit import VIT_PRESETS, VisionTransformer, vit_config
 from util.checkpoint import (
     commit_epoch,
     finish_run,
     resume,
-    resume_path,
     start_output,
     training_state,
     weights_only_state,
@@ -38,7 +43,6 @@ from util.config import (
     Group,
     Layers,
     MixupSettings,
-    RunSettings,
     Settings,
     SettingsError,
     SettingsParser,
@@ -101,12 +105,10 @@ GROUPS = [Group("fine-tuning", FinetuneSettings), Group("augmentation", AugmentS
 
 def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, dict | None, str]:
     """Settings, the --finetune checkpoint, the checkpoint being resumed and its path."""
-    heads = peek_int(argv, "num_heads")
-    path = resume_path(peek(argv, "resume", RunSettings.resume), peek(argv, "output_dir", RunSettings.output_dir),
-                       peek(argv, "auto_resume", RunSettings.auto_resume))
-    ckpt = load_checkpoint(path, heads, weights=False) if path else None
+    ckpt, path = resumed_checkpoint(argv)
     init_path = peek(argv, "finetune", "")
-    init = load_checkpoint(init_path, heads) if init_path and ckpt is None else None  # a resumed run has its weights
+    # a resumed run has its own weights
+    init = load_checkpoint(init_path, peek_int(argv, "num_heads")) if init_path and ckpt is None else None
     if ckpt is not None and (ckpt.get("vit_prefix") != "" or not ckpt["vit_config"].get("num_classes")):
         raise SettingsError(f"{path} is not a classifier checkpoint (it holds a pretraining model or an encoder); "
                             "give it to --finetune instead")

@@ -16,7 +16,7 @@ from timm.optim import Lars
 
 import models
 from engine_finetune import evaluate, train_one_epoch
-from models.checkpoint import encoder_record, load_checkpoint, load_encoder_weights
+from models.checkpoint import encoder_record, load_checkpoint, load_encoder_weights, resumed_checkpoint
 from models.masks import BlockCausal, EncoderMask, encoder_mask_from_dict
 from models.probes import AttentivePoolingHead, LinearHead, Probe
 from models.registry import setting_owners
@@ -25,7 +25,6 @@ from util.checkpoint import (
     commit_epoch,
     finish_run,
     resume,
-    resume_path,
     start_output,
     training_state,
 )
@@ -34,7 +33,6 @@ from util.config import (
     AugmentSettings,
     Group,
     Layers,
-    RunSettings,
     Settings,
     SettingsError,
     SettingsParser,
@@ -119,13 +117,10 @@ def probe_flag_owner(flag: str) -> list[str]:
 
 def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, dict | None, str]:
     """Settings, the encoder checkpoint (--finetune), the probe checkpoint being resumed and its path."""
-    path = resume_path(peek(argv, "resume", RunSettings.resume), peek(argv, "output_dir", RunSettings.output_dir),
-                       peek(argv, "auto_resume", RunSettings.auto_resume))
-    heads = peek_int(argv, "num_heads")
-    ckpt = load_checkpoint(path, heads) if path else None
+    ckpt, path = resumed_checkpoint(argv)
     stored = (ckpt or {}).get("args") or {}
     init_path = peek(argv, "finetune", "") or stored.get("finetune", "")
-    init = load_checkpoint(init_path, heads) if init_path else None
+    init = load_checkpoint(init_path, peek_int(argv, "num_heads")) if init_path else None
     if init is None and ckpt is not None and ckpt.get("vit_prefix") == "backbone.":
         init = ckpt  # an official probe file holds its encoder
     probe = peek(argv, "probe") or stored.get("probe") or ProbeSettings.probe

@@ -16,18 +16,17 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 from timm.optim import param_groups_weight_decay
 
 import models
 from engine_pretrain import train_one_epoch
-from models.checkpoint import encoder_record, load_checkpoint, plain_config
+from models.checkpoint import encoder_record, plain_config, resumed_checkpoint
 from models.registry import lookup, model_names, setting_owners
 from util.checkpoint import (
     commit_epoch,
     finish_run,
+    is_due,
     resume,
-    resume_path,
     start_output,
     training_state,
 )
@@ -36,14 +35,13 @@ from util.config import (
     SHARED_GROUPS,
     Group,
     Layers,
-    RunSettings,
     Settings,
     SettingsError,
     SettingsParser,
     peek,
-    peek_int,
     print_resolved,
     resolve_run,
+    resumed_model,
     setting,
 )
 from util.datasets import build_dataset, build_loader, build_transform
@@ -53,6 +51,7 @@ from util.misc import (
     OptimizerStep,
     adamw,
     cleanup_distributed,
+    forked_rng,
     init_distributed,
     is_main_process,
     launch_world_size,
@@ -86,15 +85,9 @@ def settings_parser(model: str) -> tuple[SettingsParser, Layers]:
 
 def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, str]:
     """The run's settings, and the checkpoint it resumes (with its path) if any."""
-    path = resume_path(peek(argv, "resume", RunSettings.resume), peek(argv, "output_dir", RunSettings.output_dir),
-                       peek(argv, "auto_resume", RunSettings.auto_resume))
-    ckpt = load_checkpoint(path, peek_int(argv, "num_heads"), weights=False) if path else None
-    stored = (ckpt or {}).get("args")
-    model = peek(argv, "model")
-    if stored and model and stored.get("model") and model != stored["model"]:
-        raise SettingsError(f"{path} is a checkpoint of {stored['model']}, not {model}: use another --output_dir "
-                            "or --auto_resume false")
-    model = model or (stored or {}).get("model") or PretrainSettings.model
+    ckpt, path = resumed_checkpoint(argv)
+    stored = (ckpt or {}).get("args") or {}
+    model = resumed_model(argv, stored, path, PretrainSettings.model)
     missing = [n for n in (ckpt or {}).get("unrecorded", []) if peek(argv, n) is None]
     if missing:  # an official file: settings its shapes do not show and it does not record
         raise SettingsError(f"{path} does not record {', '.join(missing)}: give --{' --'.join(missing)}")
@@ -144,16 +137,15 @@ def main(argv: Sequence[str]) -> None:
         state = {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict()),
                  **encoder_record(model.encoder, "encoder.", model.encoder_mask),
                  "model_name": s.model, "model_config": plain_config(model.config)}
-        due = (epoch + 1) % s.save_freq == 0 or epoch + 1 == s.epochs
         files = {"encoder.pth": {"model": full_state_dict(model, "encoder."),
-                                 **encoder_record(model.encoder, "", model.encoder_mask)}} if s.save_encoder and due \
-            else {}
+                                 **encoder_record(model.encoder, "", model.encoder_mask)}} \
+            if s.save_encoder and is_due(epoch, s.epochs, s.save_freq) else {}
         commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                                            "n_parameters": n_params}, state, s.epochs, s.save_freq, s.keep_last, files)
         if s.visualize_every and s.output_dir and (epoch + 1) % s.visualize_every == 0:
             # every rank runs it (a sharded forward is collective), on its own RNG stream: resuming stays exact
             model.eval()
-            with torch.random.fork_rng(devices=[dist_info.device] if dist_info.device.type == "cuda" else []):
+            with forked_rng():
                 panels = model.visualize(first_images(dataset, 8, dist_info.device))
             if is_main_process():
                 save_panels(panels, os.path.join(s.output_dir, f"vis-{epoch}.png"))

@@ -28,7 +28,13 @@ from timm.optim import param_groups_weight_decay
 import models
 from engine_finetune import evaluate
 from engine_slimmable import train_one_epoch
-from models.checkpoint import encoder_record, load_checkpoint, load_encoder_weights, plain_config
+from models.checkpoint import (
+    encoder_record,
+    load_checkpoint,
+    load_encoder_weights,
+    plain_config,
+    resumed_checkpoint,
+)
 from models.registry import lookup, model_names, setting_owners
 from models.scala import ScalaConfig, SlimmableViT
 from models.teacher import load_teacher
@@ -36,7 +42,6 @@ from util.checkpoint import (
     commit_epoch,
     finish_run,
     resume,
-    resume_path,
     save_atomic,
     start_output,
     training_state,
@@ -50,14 +55,12 @@ from util.config import (
     Group,
     Layers,
     MixupSettings,
-    RunSettings,
     Settings,
     SettingsError,
     SettingsParser,
-    peek,
-    peek_int,
     print_resolved,
     resolve_run,
+    resumed_model,
     setting,
 )
 from util.datasets import build_dataset, build_loader, build_transform, save_class_names
@@ -106,18 +109,12 @@ class AtRatio(nn.Module):
 
 
 def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, str]:
-    path = resume_path(peek(argv, "resume", RunSettings.resume), peek(argv, "output_dir", RunSettings.output_dir),
-                       peek(argv, "auto_resume", RunSettings.auto_resume))
-    ckpt = load_checkpoint(path, peek_int(argv, "num_heads"), weights=False) if path else None
+    ckpt, path = resumed_checkpoint(argv)
     if ckpt is not None and ckpt.get("model_name") is None:
         raise SettingsError(f"{path} is not a Scala checkpoint (it holds a plain ViT classifier; an official "
                             "non-distilled Scala file is recognised by the Scala model name its args record)")
     stored = (ckpt or {}).get("args") or {}
-    model = peek(argv, "model")
-    if stored.get("model") and model and model != stored["model"]:
-        raise SettingsError(f"{path} is a checkpoint of {stored['model']}, not {model}: use another --output_dir "
-                            "or --auto_resume false")
-    model = model or stored.get("model") or SlimmableSettings.model
+    model = resumed_model(argv, stored, path, SlimmableSettings.model)
     parser, layers = settings_parser(model)
     s = resolve_run(argv, parser, layers, stored)
     if s.eval and ckpt is None:

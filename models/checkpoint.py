@@ -13,6 +13,7 @@ import dataclasses
 import math
 import re
 import typing
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -20,8 +21,8 @@ import torch.nn as nn
 from models.masks import EncoderMask
 from models.registry import CONVERTERS, METHODS, MODELS
 from models.vit import VisionTransformer, resize_pos_embed
-from util.checkpoint import load_file
-from util.config import coerce
+from util.checkpoint import load_file, resume_path
+from util.config import RunSettings, coerce, peek, peek_int
 from util.misc import print0
 
 WRAPPER_PREFIXES = ("module.", "_forward_module.", "_orig_mod.", "model.")  # DDP, Lightning, compile, DeepSpeed
@@ -194,6 +195,14 @@ def load_checkpoint(path: str, num_heads: int | None = None, weights: bool = Tru
     encoder's head count for files that do not record it (--num_heads). ``weights`` False: a sharded checkpoint's
     tensors stay on disk (a resumed run reads them shard by shard)."""
     return normalize_checkpoint(load_file(path, weights), path, num_heads)
+
+
+def resumed_checkpoint(argv: Sequence[str]) -> tuple[dict | None, str]:
+    """The checkpoint a command line continues (``--resume``, else output_dir's last one under ``--auto_resume``),
+    normalised, with its path; (None, '') when there is none. A sharded checkpoint's tensors stay on disk."""
+    path = resume_path(peek(argv, "resume", RunSettings.resume), peek(argv, "output_dir", RunSettings.output_dir),
+                       peek(argv, "auto_resume", RunSettings.auto_resume))
+    return (load_checkpoint(path, peek_int(argv, "num_heads"), weights=False) if path else None), path
 
 
 def vit_state_dict(ckpt: dict) -> dict:

@@ -119,6 +119,14 @@ def save_atomic(obj: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def save_json_atomic(obj: dict, path: str) -> None:
+    """``save_atomic`` for a small JSON file (args.json, done.json, checkpoint-last.json)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
 def _gather_rng_states() -> list[dict]:
     if not is_dist():
         return [rng_state()]
@@ -141,11 +149,17 @@ def training_state(model: nn.Module, epoch: int, settings: dict, optimizer: torc
     state = {"epoch": epoch, "args": dict(settings), "scaler": scaler_state or {}, "rng": _gather_rng_states(),
              "generators": {k: g.get_state() for k, g in module_generators(model).items()}, "extra": extra or {}}
     if is_sharded(model):
-        model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else \
-            (get_model_state_dict(model), None)
-        return {**state, "model": None, "optimizer": None,
-                "sharded": {"model": model_sd, **({"optim": optim_sd} if optim_sd is not None else {})}}
+        return {**state, "model": None, "optimizer": None, "sharded": _dcp_state(model, optimizer)}
     return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None}
+
+
+def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """``{"model": ..., "optim": ...}`` as DCP saves and loads them: keyed by parameter name, this rank's shards of
+    a sharded model (no ``optim`` without an optimiser)."""
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
 
 
 def weights_only_state(state: dict, model: nn.Module) -> dict:
@@ -155,6 +169,12 @@ def weights_only_state(state: dict, model: nn.Module) -> dict:
             "optimizer": None}
 
 
+def is_due(epoch: int, epochs: int, save_freq: int) -> bool:
+    """Whether ``epoch`` keeps a numbered checkpoint (and pretraining its encoder.pth): every ``save_freq`` epochs
+    and the last one."""
+    return (epoch + 1) % save_freq == 0 or epoch + 1 == epochs
+
+
 def save_checkpoint(state: dict, output_dir: str, epoch: int, epochs: int, save_freq: int, keep_last: int) -> None:
     """``checkpoint-<epoch>.pth`` every ``save_freq`` epochs and at the last epoch (only the ``keep_last`` newest
     numbered ones are kept; 0 = all), then ``checkpoint-last.pth``, which commits the epoch. Rank 0 writes; a
@@ -162,11 +182,10 @@ def save_checkpoint(state: dict, output_dir: str, epoch: int, epochs: int, save_
     if not output_dir:
         return
     if "sharded" in state:
-        return save_sharded(state, output_dir, epoch, lambda e: (e + 1) % save_freq == 0 or e + 1 == epochs,
-                            keep_last)
+        return save_sharded(state, output_dir, epoch, lambda e: is_due(e, epochs, save_freq), keep_last)
     if not is_main_process():
         return
-    if (epoch + 1) % save_freq == 0 or epoch + 1 == epochs:
+    if is_due(epoch, epochs, save_freq):
         save_atomic(state, os.path.join(output_dir, f"checkpoint-{epoch}.pth"))
         _prune(_numbered(output_dir, "pth"), keep_last)
     save_atomic(state, os.path.join(output_dir, "checkpoint-last.pth"))
@@ -204,10 +223,7 @@ def save_sharded(state: dict, output_dir: str, epoch: int, due: Callable[[int], 
         if os.path.exists(final):  # an uncommitted directory of this epoch, from a run killed before its pointer
             shutil.rmtree(final)
         os.rename(tmp, final)
-        pointer = os.path.join(output_dir, POINTER)
-        with open(f"{pointer}.tmp.{os.getpid()}", "w") as f:
-            json.dump({"checkpoint": name, "epoch": epoch}, f)
-        os.replace(f"{pointer}.tmp.{os.getpid()}", pointer)
+        save_json_atomic({"checkpoint": name, "epoch": epoch}, os.path.join(output_dir, POINTER))
         numbered = _numbered(output_dir, "dcp")
         for e, path in numbered:
             if e != epoch and not due(e):
@@ -266,8 +282,7 @@ def start_output(output_dir: str, epochs: int, start_epoch: int, settings: dict)
     if output_dir and is_main_process():
         os.makedirs(output_dir, exist_ok=True)
         clean_start(output_dir, start_epoch - 1)
-        with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump(settings, f, indent=2)
+        save_json_atomic(settings, os.path.join(output_dir, "args.json"))
     return True
 
 
@@ -285,10 +300,7 @@ def commit_epoch(output_dir: str, epoch: int, record: dict, state: dict, epochs:
 def finish_run(output_dir: str, epochs: int) -> None:
     """Record that the run completed all ``epochs`` and what follows them (written last)."""
     if output_dir and is_main_process():
-        tmp = os.path.join(output_dir, f"{DONE}.tmp.{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump({"epochs": epochs}, f)
-        os.replace(tmp, os.path.join(output_dir, DONE))
+        save_json_atomic({"epochs": epochs}, os.path.join(output_dir, DONE))
 
 
 def finished(output_dir: str, epochs: int) -> bool:
@@ -314,8 +326,8 @@ def resume_path(resume: str, output_dir: str, auto_resume: bool) -> str:
 def _load_sharded(directory: str, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load a sharded checkpoint into ``model`` (sharded or not, with any number of ranks: DCP reads each rank's
     part) and ``optimizer``. Strict: the checkpoint must hold exactly the model's tensors, with their shapes."""
-    model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else \
-        (get_model_state_dict(model), None)
+    state = _dcp_state(model, optimizer)
+    model_sd = state["model"]
     stored = {k[len("model."):]: m for k, m in dcp.FileSystemReader(directory).read_metadata()
               .state_dict_metadata.items() if k.startswith("model.")}
     missing, unexpected = sorted(set(model_sd) - set(stored)), sorted(set(stored) - set(model_sd))
@@ -324,7 +336,6 @@ def _load_sharded(directory: str, path: str, model: nn.Module, optimizer: torch.
     if missing or unexpected or shapes:
         raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"shapes differ {shapes[:5]}")
-    state = {"model": model_sd, **({"optim": optim_sd} if optim_sd is not None else {})}
     _dcp_load(state, directory, alone=not is_dist())
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -291,6 +291,16 @@ def peek_int(argv: Sequence[str], name: str) -> int | None:
         raise SettingsError(f"argument --{name}: invalid int value: {value!r}") from None
 
 
+def resumed_model(argv: Sequence[str], stored: dict, path: str, default: str) -> str:
+    """``--model``, else the model of the run being resumed from ``path`` (``stored``: its settings), else
+    ``default``. A ``--model`` other than the resumed run's is refused."""
+    model = peek(argv, "model")
+    if stored.get("model") and model and model != stored["model"]:
+        raise SettingsError(f"{path} is a checkpoint of {stored['model']}, not {model}: use another --output_dir "
+                            "or --auto_resume false")
+    return model or stored.get("model") or default
+
+
 def resolve_run(argv: Sequence[str], parser: SettingsParser, base_layers: Layers, stored: dict | None) -> Settings:
     """A run's settings: the parser's groups, ``base_layers`` (recipe, preset), the settings a resumed checkpoint
     stored (``stored``, minus RUN_LOCAL), then the command line. An explicit --blr beats an absolute lr from any

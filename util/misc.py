@@ -262,6 +262,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def forked_rng():
+    """A context whose random draws (CPU and the current CUDA device) leave the training RNG streams untouched."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
+
+
 @torch.no_grad()
 def verify_update(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor], epoch: int) -> None:
     """Before an epoch's results are written, on every rank: the weights are finite and give a finite loss on the
@@ -270,8 +276,7 @@ def verify_update(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], t
     raw = unwrap(model)
     training = raw.training
     raw.eval()
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng():
         loss = loss_of(raw)
     raw.train(training)
     weights = [local(p) for p in raw.parameters() if p.is_floating_point()]
