@@ -27,6 +27,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -117,7 +118,8 @@ class PeakSampler:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One rank of a measured run: the model, a few steps, one JSON line with this rank's numbers."""
+    """One rank of a measured run: the model, a few steps, then this rank's numbers as ``rank<r>.json`` in
+    ``--results`` (a file per rank: lines that several ranks print into one pipe can merge)."""
     dist_info = init_distributed(args.device, process_group=args.fsdp)
     device = dist_info.device
     torch.manual_seed(0)
@@ -149,21 +151,31 @@ def worker(args: argparse.Namespace) -> None:
         if step:  # the first step allocates the optimiser state and warms up
             times.append(time.perf_counter() - start)
     peak = sampler.stop() if sampler else torch.cuda.max_memory_allocated()
-    print(json.dumps({"rank": dist_info.rank, "peak_MB": peak / 2**20,
-                      "img_s": args.batch_size * dist_info.world_size / (sum(times) / len(times))}), flush=True)
+    result = {"rank": dist_info.rank, "peak_MB": peak / 2**20,
+              "img_s": args.batch_size * dist_info.world_size / (sum(times) / len(times))}
+    path = os.path.join(args.results, f"rank{dist_info.rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)  # the parent never reads half a file
     cleanup_distributed()
 
 
 def measure(name: str, flags: list[str], args: argparse.Namespace) -> list[dict]:
+    """One torchrun launch of ``args.nproc`` workers; every rank's numbers, in rank order."""
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "benchmarks.memory", "--worker", "--model", name, "--batch_size", str(args.batch_size),
            "--steps", str(args.steps), "--amp", args.amp, "--device", args.device, "--teacher", args.teacher, *flags]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"error: {name} {' '.join(flags)} failed:\n{proc.stderr[-3000:]}")
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    with tempfile.TemporaryDirectory() as results:
+        proc = subprocess.run([*cmd, "--results", results], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: {name} {' '.join(flags)} failed:\n{proc.stderr[-3000:]}")
+        rows = []
+        for rank in range(args.nproc):
+            with open(os.path.join(results, f"rank{rank}.json")) as f:
+                rows.append(json.load(f))
+    return rows
 
 
 def main() -> None:
@@ -180,6 +192,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="", help=argparse.SUPPRESS)
     parser.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--grad_ckpt", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--results", help=argparse.SUPPRESS)  # the worker's output directory
     args = parser.parse_args()
     if args.worker:
         return worker(args)

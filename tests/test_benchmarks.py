@@ -49,3 +49,19 @@ def test_memory_table_shows_fsdp_state_falling_as_one_over_n_and_measures_each_m
     xtra = measured["xtra_vit_tiny"]
     assert all(float(xtra[f"{mode} {unit}"]) > 0 for mode in ("DDP", "FSDP", "FSDP + grad_ckpt")
                for unit in ("peak MB", "img/s"))
+
+
+def test_memory_workers_results_parse_on_every_launch(monkeypatch):
+    """Each rank writes its own result file, so repeated two-rank launches always give one row per rank (two ranks
+    printing JSON lines into one pipe used to merge them now and then)."""
+    import argparse
+
+    from benchmarks.memory import measure
+    from tests.helpers import ROOT
+
+    monkeypatch.chdir(ROOT)
+    args = argparse.Namespace(nproc=2, batch_size=2, steps=1, amp="off", device="cpu", teacher="")
+    for _ in range(3):
+        rows = measure("xtra_vit_tiny", [], args)
+        assert [r["rank"] for r in rows] == [0, 1]
+        assert all(r["peak_MB"] > 0 and r["img_s"] > 0 for r in rows)
