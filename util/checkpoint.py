@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -32,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from util.errors import UserError
 from util.misc import (
     get_rank,
     get_world_size,
@@ -43,6 +45,7 @@ from util.misc import (
     set_rng_state,
 )
 from util.parallel import full_state_dict
+from util.safe_dcp import SafePlanner, SafeReader, read_metadata
 
 POINTER = "checkpoint-last.json"  # names the last committed sharded checkpoint
 META = "meta.pt"
@@ -64,22 +67,43 @@ def sharded_dir(path: str) -> str | None:
 def sharded_weights(directory: str) -> dict[str, torch.Tensor]:
     """The whole model of a sharded checkpoint as plain CPU tensors, read in this process alone (no process
     group; DCP assembles the shards of any number of ranks). The optimiser state is not read."""
-    try:
-        metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
-        weights = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype)
-                   for k, m in metadata.items() if k.startswith("model.") and hasattr(m, "size")}
-        _dcp_load({"model": weights}, directory, alone=True)
-    except Exception as e:  # missing or torn shard files
-        raise ValueError(f"cannot read sharded checkpoint {directory}: {type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:300]}") from None
+    metadata = _sharded_metadata(directory).state_dict_metadata
+    weights = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype)
+               for k, m in metadata.items() if k.startswith("model.")}
+    _dcp_load({"model": weights}, directory, alone=True)
     return weights
 
 
+def _sharded_metadata(directory: str):
+    """The DCP index of a sharded checkpoint, read without running anything it holds (``util.safe_dcp``)."""
+    try:
+        return read_metadata(directory)
+    except OSError as e:
+        raise UserError(f"cannot read sharded checkpoint {directory}: {type(e).__name__}: {e}", every_rank=True) \
+            from None
+
+
 def _dcp_load(state: dict, directory: str, alone: bool) -> None:
-    """dcp.load in place; ``alone``: this process reads every part itself, with no process group."""
+    """dcp.load in place, through the safe reader and planner; ``alone``: this process reads every part itself,
+    with no process group. A missing or torn shard is one error on every rank (DCP gathers the ranks' failures)."""
     with warnings.catch_warnings():  # reading alone is the intent here, which DCP warns about
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=directory, no_dist=alone)
+        try:
+            dcp.load(state, storage_reader=SafeReader(directory), planner=SafePlanner(), no_dist=alone)
+        except (Exception, CheckpointException) as e:  # torn or missing shards, refused items (every rank)
+            cause = _first_failure(e)
+            raise UserError(f"cannot read sharded checkpoint {directory}: {type(cause).__name__}: "
+                            f"{' '.join(str(cause).split())[:300]}", every_rank=True) from None
+
+
+def _first_failure(e: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException (a BaseException that wraps every failing
+    rank's)."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        first = next(iter(failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return e
 
 
 def load_file(path: str, weights: bool = True) -> dict:
@@ -328,8 +352,8 @@ def _load_sharded(directory: str, path: str, model: nn.Module, optimizer: torch.
     part) and ``optimizer``. Strict: the checkpoint must hold exactly the model's tensors, with their shapes."""
     state = _dcp_state(model, optimizer)
     model_sd = state["model"]
-    stored = {k[len("model."):]: m for k, m in dcp.FileSystemReader(directory).read_metadata()
-              .state_dict_metadata.items() if k.startswith("model.")}
+    stored = {k[len("model."):]: m for k, m in _sharded_metadata(directory).state_dict_metadata.items()
+              if k.startswith("model.")}
     missing, unexpected = sorted(set(model_sd) - set(stored)), sorted(set(stored) - set(model_sd))
     shapes = [f"{k}: {tuple(stored[k].size)} vs {tuple(v.shape)}" for k, v in model_sd.items()
               if k in stored and tuple(stored[k].size) != tuple(v.shape)]

@@ -428,7 +428,8 @@ def run_cli(main: Callable[[Sequence[str]], None]) -> None:
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if not getattr(e, "every_rank", False) or is_main_process():  # the same error on every rank: said once
+            print(f"error: {e}", file=sys.stderr, flush=True)
         cleanup_distributed()
         raise SystemExit(2) from None
 

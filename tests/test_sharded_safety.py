@@ -1,0 +1,177 @@
+"""Sharded checkpoints (--fsdp runs) load as safely as weights_only=True files: a hostile ``.metadata`` or byte item
+never runs code on any loading path, and a missing or torn shard is one error line on rank 0 with every rank exiting.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+from tests.helpers import FAST, read_log, run_script
+from util.checkpoint import POINTER
+from util.safe_dcp import METADATA_FILE, read_metadata
+
+PT = [*FAST, "--dataset", "synthetic", "--synthetic_size", "32", "--batch_size", "16", "--warmup_epochs", "1",
+      "--save_freq", "1"]
+XTRA = ["--model", "xtra_vit_tiny", *PT]
+
+
+class Payload:
+    """Unpickling this runs ``touch <marker>``."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def genuine(tmp_path_factory) -> Path:
+    """A real sharded run (one rank, --fsdp): checkpoint-0.dcp and checkpoint-last.json."""
+    out = tmp_path_factory.mktemp("sharded") / "run"
+    run_script("main_pretrain.py", *XTRA, "--epochs", "1", "--fsdp", "--output_dir", out)
+    assert (out / "checkpoint-0.dcp").is_dir() and (out / POINTER).is_file()
+    return out
+
+
+def _copy(genuine: Path, dest: Path) -> Path:
+    """A copy of the run directory, without the files that would let a loader skip the sharded checkpoint."""
+    shutil.copytree(genuine, dest)
+    for name in ("checkpoint-last.pth", "done.json"):
+        (dest / name).unlink(missing_ok=True)
+    return dest
+
+
+def _hostile_metadata(run: Path, marker: Path) -> None:
+    """``.metadata`` replaced by a pickle whose ``__reduce__`` runs a command."""
+    (run / "checkpoint-0.dcp" / METADATA_FILE).write_bytes(pickle.dumps(Payload(marker)))
+
+
+def _hostile_byte_item(run: Path, marker: Path, key: str) -> None:
+    """The genuine metadata, but ``key`` declared a byte item whose bytes are a pickle that runs a command."""
+    directory = run / "checkpoint-0.dcp"
+    metadata = read_metadata(directory)
+    evil = io.BytesIO()
+    torch.save(Payload(marker), evil)
+    (directory / "evil.distcp").write_bytes(evil.getvalue())
+    metadata.state_dict_metadata[key] = BytesStorageMetadata()
+    metadata.storage_data = {i: s for i, s in metadata.storage_data.items() if i.fqn != key}
+    metadata.storage_data[MetadataIndex(key)] = _StorageInfo("evil.distcp", 0, len(evil.getvalue()))
+    with open(directory / METADATA_FILE, "wb") as f:
+        pickle.dump(metadata, f)
+
+
+def _loading_commands(run: Path, out: Path) -> dict[str, tuple[str, list]]:
+    """Every path that reads a sharded checkpoint, pointed at ``run``'s."""
+    dcp_dir = run / "checkpoint-0.dcp"
+    ft = [*FAST, "--model", "vit_tiny_patch4", "--input_size", "32", "--epochs", "1", "--output_dir", out]
+    return {
+        "resume": ("main_pretrain.py", [*XTRA, "--epochs", "2", "--resume", run / POINTER, "--output_dir", out]),
+        "auto_resume": ("main_pretrain.py", [*XTRA, "--epochs", "2", "--output_dir", run]),
+        "finetune": ("main_finetune.py", [*ft, "--finetune", dcp_dir]),
+        "linear_probe": ("main_linprobe.py", [*ft, "--finetune", dcp_dir, "--probe", "linear"]),
+        "attentive_probe": ("main_linprobe.py", [*ft, "--finetune", dcp_dir, "--probe", "attentive"]),
+        "teacher": ("main_pretrain.py", ["--model", "digpt_vit_tiny", *PT, "--epochs", "1", "--teacher", run / POINTER,
+                                         "--output_dir", out]),
+        "init_from": ("main_slimmable.py", ["--model", "scala_vit_tiny", *FAST, "--epochs", "1", "--init_from",
+                                            dcp_dir, "--output_dir", out]),
+        "visualize": ("visualize.py", ["--checkpoint", dcp_dir, "--dataset", "digits", "--output", out / "v.png"]),
+        "consolidate": ("models.convert", ["--consolidate", run / POINTER, out / "c.pth"]),
+        "export_timm": ("models.convert", ["--export_timm", dcp_dir, out / "t.pth"]),
+        "from": ("models.convert", ["--from", "xtra", dcp_dir, out / "x.pth"]),
+    }
+
+
+PATHS = list(_loading_commands(Path("r"), Path("o")))
+
+
+def _assert_refused(proc: subprocess.CompletedProcess, marker: Path, out: Path, why: str) -> None:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and why in lines[0], proc.stderr[-3000:]
+    assert not marker.exists(), "the payload ran"
+    assert not out.exists() or not any(out.iterdir()), "something was written"
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_hostile_metadata_file_is_refused_before_it_runs(genuine, tmp_path, path):
+    run, marker, out = _copy(genuine, tmp_path / "evil"), tmp_path / "marker", tmp_path / "out"
+    _hostile_metadata(run, marker)
+    script, argv = _loading_commands(run, out)[path]
+    _assert_refused(run_script(script, *argv, check=False), marker, out, "posix.system is not part of DCP's metadata")
+
+
+@pytest.mark.parametrize("path", ["resume", "finetune", "consolidate"])
+def test_a_tensor_declared_as_a_pickled_byte_item_is_refused(genuine, tmp_path, path):
+    run, marker, out = _copy(genuine, tmp_path / "evil"), tmp_path / "marker", tmp_path / "out"
+    _hostile_byte_item(run, marker, "model.encoder.pos_embed")
+    script, argv = _loading_commands(run, out)[path]
+    _assert_refused(run_script(script, *argv, check=False), marker, out,
+                    "declares 'model.encoder.pos_embed' as a byte item")
+
+
+def test_a_pickled_optimiser_byte_item_is_read_with_weights_only(genuine, tmp_path):
+    """Byte items where the project writes them (the optimiser's param_groups) are unpickled with weights_only."""
+    run, marker, out = _copy(genuine, tmp_path / "evil"), tmp_path / "marker", tmp_path / "out"
+    _hostile_byte_item(run, marker, "optim.param_groups.0.lr")
+    script, argv = _loading_commands(run, out)["resume"]
+    _assert_refused(run_script(script, *argv, check=False), marker, out, "refusing byte item 'optim.param_groups.0.lr'")
+
+
+def test_genuine_sharded_checkpoints_still_resume_and_consolidate(genuine, tmp_path):
+    run = _copy(genuine, tmp_path / "run")
+    run_script("main_pretrain.py", *XTRA, "--epochs", "2", "--fsdp", "--output_dir", run)
+    assert [r["epoch"] for r in read_log(run)] == [0, 1]
+    run_script("models.convert", "--consolidate", run / POINTER, tmp_path / "c.pth")
+    consolidated = torch.load(tmp_path / "c.pth", weights_only=True)
+    assert consolidated["epoch"] == 1 and "encoder.pos_embed" in consolidated["model"]
+
+
+@pytest.mark.parametrize("fault", ["missing", "truncated"])
+def test_a_missing_or_torn_shard_is_one_error_line_in_one_process(genuine, tmp_path, fault):
+    run, out = _copy(genuine, tmp_path / "run"), tmp_path / "out"
+    shard = next((run / "checkpoint-0.dcp").glob("*.distcp"))
+    shard.unlink() if fault == "missing" else shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 10])
+    for path in ("finetune", "consolidate"):
+        script, argv = _loading_commands(run, out)[path]
+        _assert_refused(run_script(script, *argv, check=False), tmp_path / "marker", out,
+                        "cannot read sharded checkpoint")
+
+
+def test_under_torchrun_a_torn_shard_or_hostile_index_is_one_line_and_every_rank_exits(genuine, tmp_path):
+    """Auto-resume of a sharded run by two ranks: each fault is one error line (rank 0's), exit 2, the committed
+    files untouched."""
+    for fault in ("missing", "hostile"):
+        run, marker = _copy(genuine, tmp_path / fault), tmp_path / f"marker-{fault}"
+        if fault == "missing":
+            next((run / "checkpoint-0.dcp").glob("*.distcp")).unlink()
+        else:
+            _hostile_metadata(run, marker)
+        before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        proc = run_script("main_pretrain.py", *XTRA, "--epochs", "2", "--fsdp", "--output_dir", run, nproc=2,
+                          check=False)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+        # torchrun reports the failed workers with its own traceback; none comes from the project's code
+        assert not re.search(r'File ".*/(main_\w+\.py|util/|models/)', proc.stderr), proc.stderr[-3000:]
+        assert not marker.exists()
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+        assert json.loads((run / POINTER).read_text())["epoch"] == 0
+
+
+def test_the_metadata_allow_list_reads_a_real_index_without_plain_pickle(genuine, monkeypatch):
+    """The safe reader needs no class outside its allow-list for what DCP writes (plain pickle would fail here)."""
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: pytest.fail("plain pickle.load was used"))
+    metadata = read_metadata(genuine / "checkpoint-0.dcp")
+    assert "model.encoder.pos_embed" in metadata.state_dict_metadata
