@@ -5,19 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from models.vit import upcast
-from util.misc import (
-    Loop,
-    OptimizerStep,
-    all_reduce_max,
-    all_reduce_sum,
-    autocast_context,
-    epoch_batches,
-    is_dist,
-    is_sharded,
-    log_step,
-    print0,
-    verify_update,
-)
+from util.distributed import all_reduce_max, all_reduce_sum, is_dist, is_sharded, print0
+from util.misc import log_step
+from util.train_loop import Loop, OptimizerStep, autocast_context, epoch_batches, verify_update
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, optim_step: OptimizerStep,

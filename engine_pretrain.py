@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from util.misc import Loop, OptimizerStep, autocast_context, epoch_batches, log_step, print0, verify_update
+from util.distributed import print0
+from util.misc import log_step
+from util.train_loop import Loop, OptimizerStep, autocast_context, epoch_batches, verify_update
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optim_step: OptimizerStep, epoch: int, loop: Loop,

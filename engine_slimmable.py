@@ -9,16 +9,9 @@ import torch.nn.functional as F
 
 from models.scala import ScalaConfig, width_losses
 from models.vit import upcast
-from util.misc import (
-    Loop,
-    OptimizerStep,
-    autocast_context,
-    epoch_batches,
-    get_rank,
-    log_step,
-    print0,
-    verify_update,
-)
+from util.distributed import get_rank, print0
+from util.misc import log_step
+from util.train_loop import Loop, OptimizerStep, autocast_context, epoch_batches, verify_update
 
 WIDTH_NAMES = ("full", "r3", "r2", "s")
 

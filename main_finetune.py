@@ -36,36 +36,14 @@ from util.checkpoint import (
     training_state,
     weights_only_state,
 )
-from util.config import (
-    PARALLEL_GROUP,
-    SHARED_GROUPS,
-    AugmentSettings,
-    Group,
-    Layers,
-    MixupSettings,
-    Settings,
-    SettingsError,
-    SettingsParser,
-    peek,
-    peek_int,
-    print_resolved,
-    resolve_run,
-    setting,
-)
+from util.cli import run_cli
+from util.config import PARALLEL_GROUP, SHARED_GROUPS, AugmentSettings, MixupSettings, OptimSettings, resolve_run
 from util.datasets import build_dataset, build_loader, build_transform, save_class_names
-from util.misc import (
-    Loop,
-    OptimizerStep,
-    adamw,
-    cleanup_distributed,
-    init_distributed,
-    launch_world_size,
-    make_log_writer,
-    print0,
-    run_cli,
-    seed_everything,
-)
+from util.distributed import cleanup_distributed, init_distributed, print0
+from util.misc import make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
+from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, print_resolved, setting
+from util.train_loop import OptimizerStep, adamw, make_loop
 
 assert models  # importing the package registers the official-checkpoint converters
 
@@ -106,9 +84,9 @@ GROUPS = [Group("fine-tuning", FinetuneSettings), Group("augmentation", AugmentS
 def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, dict | None, str]:
     """Settings, the --finetune checkpoint, the checkpoint being resumed and its path."""
     ckpt, path = resumed_checkpoint(argv)
-    init_path = peek(argv, "finetune", "")
+    given = preparse(argv, finetune=str, num_heads=int)
     # a resumed run has its own weights
-    init = load_checkpoint(init_path, peek_int(argv, "num_heads")) if init_path and ckpt is None else None
+    init = load_checkpoint(given["finetune"], given["num_heads"]) if given["finetune"] and ckpt is None else None
     if ckpt is not None and (ckpt.get("vit_prefix") != "" or not ckpt["vit_config"].get("num_classes")):
         raise SettingsError(f"{path} is not a classifier checkpoint (it holds a pretraining model or an encoder); "
                             "give it to --finetune instead")
@@ -189,9 +167,7 @@ def main(argv: Sequence[str]) -> None:
     criterion = (SoftTargetCrossEntropy() if mixup_fn is not None else
                  LabelSmoothingCrossEntropy(s.smoothing) if s.smoothing > 0 else torch.nn.CrossEntropyLoss())
 
-    print0(s.describe_lr(launch_world_size()))
-    loop = Loop(device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()),
-                max_unreadable=int(s.max_unreadable * len(train_set)))
+    loop = make_loop(s.of(OptimSettings), device, s.print_freq, max_unreadable=int(s.max_unreadable * len(train_set)))
     print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp))  # before the optimiser sees the parameters
     groups = param_groups_layer_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay(),
                                       layer_decay=s.layer_decay)

@@ -28,34 +28,14 @@ from util.checkpoint import (
     start_output,
     training_state,
 )
-from util.config import (
-    SHARED_GROUPS,
-    AugmentSettings,
-    Group,
-    Layers,
-    Settings,
-    SettingsError,
-    SettingsParser,
-    peek,
-    peek_int,
-    print_resolved,
-    resolve_run,
-    setting,
-)
+from util.cli import run_cli
+from util.config import SHARED_GROUPS, AugmentSettings, OptimSettings, resolve_run
 from util.datasets import build_dataset, build_loader, build_transform, save_class_names
-from util.misc import (
-    Loop,
-    OptimizerStep,
-    adamw,
-    cleanup_distributed,
-    init_distributed,
-    launch_world_size,
-    make_log_writer,
-    print0,
-    run_cli,
-    seed_everything,
-)
+from util.distributed import cleanup_distributed, init_distributed, print0
+from util.misc import make_log_writer, seed_everything
 from util.parallel import wrap_model
+from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, print_resolved, setting
+from util.train_loop import OptimizerStep, adamw, make_loop
 
 assert models  # importing the package registers the official-checkpoint converters
 
@@ -119,11 +99,12 @@ def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, dict |
     """Settings, the encoder checkpoint (--finetune), the probe checkpoint being resumed and its path."""
     ckpt, path = resumed_checkpoint(argv)
     stored = (ckpt or {}).get("args") or {}
-    init_path = peek(argv, "finetune", "") or stored.get("finetune", "")
-    init = load_checkpoint(init_path, peek_int(argv, "num_heads")) if init_path else None
+    given = preparse(argv, finetune=str, num_heads=int, probe=str)
+    init_path = given["finetune"] or stored.get("finetune", "")
+    init = load_checkpoint(init_path, given["num_heads"]) if init_path else None
     if init is None and ckpt is not None and ckpt.get("vit_prefix") == "backbone.":
         init = ckpt  # an official probe file holds its encoder
-    probe = peek(argv, "probe") or stored.get("probe") or ProbeSettings.probe
+    probe = given["probe"] or stored.get("probe") or ProbeSettings.probe
     if probe not in RECIPES:
         raise SettingsError(f"--probe must be one of {', '.join(RECIPES)}, got {probe!r}")
     parser, layers = settings_parser(probe, {"input_size": init["vit_config"]["img_size"]} if init else {})
@@ -195,9 +176,8 @@ def main(argv: Sequence[str]) -> None:
     val_loader = build_loader(val_set, s.batch_size, s.num_workers, is_train=False, pin_memory=pin,
                               shard_eval=s.dist_eval)
 
-    print0(s.describe_lr(launch_world_size()))
-    loop = Loop(device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()),
-                max_unreadable=int(s.max_unreadable * len(train_set or val_set)))
+    loop = make_loop(s.of(OptimSettings), device, s.print_freq,
+                     max_unreadable=int(s.max_unreadable * len(train_set or val_set)))
     head = model.head
     # weight decay (and LARS trust-ratio adaptation) only for weight matrices, not biases, as MAE's LARS
     groups = [{"params": [p for p in head.parameters() if p.ndim > 1], "always_adapt": True},

@@ -30,37 +30,15 @@ from util.checkpoint import (
     start_output,
     training_state,
 )
-from util.config import (
-    PARALLEL_GROUP,
-    SHARED_GROUPS,
-    Group,
-    Layers,
-    Settings,
-    SettingsError,
-    SettingsParser,
-    peek,
-    print_resolved,
-    resolve_run,
-    resumed_model,
-    setting,
-)
+from util.cli import run_cli
+from util.config import PARALLEL_GROUP, SHARED_GROUPS, OptimSettings, resolve_run, resumed_model
 from util.datasets import build_dataset, build_loader, build_transform
+from util.distributed import cleanup_distributed, init_distributed, is_main_process, print0
 from util.images import first_images, save_panels
-from util.misc import (
-    Loop,
-    OptimizerStep,
-    adamw,
-    cleanup_distributed,
-    forked_rng,
-    init_distributed,
-    is_main_process,
-    launch_world_size,
-    make_log_writer,
-    print0,
-    run_cli,
-    seed_everything,
-)
+from util.misc import forked_rng, make_log_writer, seed_everything
 from util.parallel import full_state_dict, parallelize, wrap_model
+from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, print_resolved, setting
+from util.train_loop import OptimizerStep, adamw, make_loop
 
 assert models  # importing the package registers every method
 
@@ -88,7 +66,9 @@ def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, str]:
     ckpt, path = resumed_checkpoint(argv)
     stored = (ckpt or {}).get("args") or {}
     model = resumed_model(argv, stored, path, PretrainSettings.model)
-    missing = [n for n in (ckpt or {}).get("unrecorded", []) if peek(argv, n) is None]
+    unrecorded = (ckpt or {}).get("unrecorded", [])
+    given = preparse(argv, **{name: str for name in unrecorded})
+    missing = [name for name in unrecorded if given[name] is None]
     if missing:  # an official file: settings its shapes do not show and it does not record
         raise SettingsError(f"{path} does not record {', '.join(missing)}: give --{' --'.join(missing)}")
     parser, layers = settings_parser(model)
@@ -117,9 +97,8 @@ def main(argv: Sequence[str]) -> None:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"model {s.model}: {n_params / 1e6:.2f}M trainable parameters "
            f"(encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M)")
-    print0(s.describe_lr(launch_world_size()))
-    loop = Loop(dist_info.device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()),
-                max_unreadable=int(s.max_unreadable * len(dataset)))
+    loop = make_loop(s.of(OptimSettings), dist_info.device, s.print_freq,
+                     max_unreadable=int(s.max_unreadable * len(dataset)))
     optimizer = adamw(param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay()),
                       lr=loop.schedule.lr, betas=tuple(s.betas))
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, dist_info.device)

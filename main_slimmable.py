@@ -48,37 +48,22 @@ from util.checkpoint import (
     weights_only_state,
     write_json_line,
 )
+from util.cli import run_cli
 from util.config import (
     PARALLEL_GROUP,
     SHARED_GROUPS,
     AugmentSettings,
-    Group,
-    Layers,
     MixupSettings,
-    Settings,
-    SettingsError,
-    SettingsParser,
-    print_resolved,
+    OptimSettings,
     resolve_run,
     resumed_model,
-    setting,
 )
 from util.datasets import build_dataset, build_loader, build_transform, save_class_names
-from util.misc import (
-    Loop,
-    OptimizerStep,
-    adamw,
-    autocast_context,
-    cleanup_distributed,
-    init_distributed,
-    is_main_process,
-    launch_world_size,
-    make_log_writer,
-    print0,
-    run_cli,
-    seed_everything,
-)
+from util.distributed import cleanup_distributed, init_distributed, is_main_process, print0
+from util.misc import make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
+from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, print_resolved, setting
+from util.train_loop import OptimizerStep, adamw, autocast_context, make_loop
 
 assert models  # importing the package registers the presets
 
@@ -222,9 +207,8 @@ def main(argv: Sequence[str]) -> None:
     pin = s.pin_mem and device.type == "cuda"
     val_loader = build_loader(val_set, s.batch_size, s.num_workers, is_train=False, pin_memory=pin)
 
-    print0(s.describe_lr(launch_world_size()))
-    loop = Loop(device, s.amp, s.accum_iter, s.print_freq, s.batch_size, s.schedule(launch_world_size()),
-                max_unreadable=int(s.max_unreadable * len(train_set or val_set)))
+    loop = make_loop(s.of(OptimSettings), device, s.print_freq,
+                     max_unreadable=int(s.max_unreadable * len(train_set or val_set)))
     if not s.eval:  # evaluation and export use the whole model on every rank
         print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp))  # before the optimiser sees the weights
     optimizer = adamw(param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay()),

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 import models
 from models.checkpoint import load_checkpoint, model_from_checkpoint, vit_state_dict
 from models.vit import VisionTransformer
-from util.config import Group, SettingsParser, resolve, setting
+from util.cli import run_cli
 from util.datasets import build_dataset, build_transform
 from util.images import first_images, normalize, save_panels
-from util.misc import run_cli
+from util.settings import Group, SettingsParser, resolve, setting
 
 assert models  # importing the package registers the methods
 

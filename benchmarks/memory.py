@@ -37,8 +37,9 @@ import torch
 import models
 from benchmarks.throughput import random_teacher
 from models.registry import create_model, model_names
-from util.misc import OptimizerStep, adamw, autocast_context, cleanup_distributed, init_distributed
+from util.distributed import cleanup_distributed, init_distributed
 from util.parallel import parallelize, wrap_model
+from util.train_loop import OptimizerStep, adamw, autocast_context
 
 assert models  # importing the package registers every method
 

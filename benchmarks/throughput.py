@@ -39,7 +39,7 @@ from models.registry import create_model, model_names
 from models.scala import SlimmableViT, width_losses
 from models.vit import VisionTransformer
 from util.checkpoint import save_atomic
-from util.misc import adamw, autocast_context
+from util.train_loop import adamw, autocast_context
 
 assert models  # importing the package registers every method
 PRETRAIN_MODELS, SCALA_PRESETS = model_names("pretrain"), model_names("slimmable")

@@ -22,8 +22,9 @@ from models.masks import EncoderMask
 from models.registry import CONVERTERS, METHODS, MODELS
 from models.vit import VisionTransformer, resize_pos_embed
 from util.checkpoint import load_file, resume_path
-from util.config import RunSettings, coerce, peek, peek_int
-from util.misc import print0
+from util.config import RunSettings
+from util.distributed import print0
+from util.settings import coerce, preparse
 
 WRAPPER_PREFIXES = ("module.", "_forward_module.", "_orig_mod.", "model.")  # DDP, Lightning, compile, DeepSpeed
 STATE_DICT_KEYS = ("model", "state_dict", "module")  # this project / MAE / DeiT, Lightning, DeepSpeed
@@ -200,9 +201,11 @@ def load_checkpoint(path: str, num_heads: int | None = None, weights: bool = Tru
 def resumed_checkpoint(argv: Sequence[str]) -> tuple[dict | None, str]:
     """The checkpoint a command line continues (``--resume``, else output_dir's last one under ``--auto_resume``),
     normalised, with its path; (None, '') when there is none. A sharded checkpoint's tensors stay on disk."""
-    path = resume_path(peek(argv, "resume", RunSettings.resume), peek(argv, "output_dir", RunSettings.output_dir),
-                       peek(argv, "auto_resume", RunSettings.auto_resume))
-    return (load_checkpoint(path, peek_int(argv, "num_heads"), weights=False) if path else None), path
+    given = preparse(argv, resume=str, output_dir=str, auto_resume=bool, num_heads=int)
+    path = resume_path(given["resume"] or RunSettings.resume,
+                       RunSettings.output_dir if given["output_dir"] is None else given["output_dir"],
+                       RunSettings.auto_resume if given["auto_resume"] is None else given["auto_resume"])
+    return (load_checkpoint(path, given["num_heads"], weights=False) if path else None), path
 
 
 def vit_state_dict(ckpt: dict) -> dict:

@@ -28,8 +28,8 @@ from models.checkpoint import (
 from models.registry import CONVERTERS, MODELS
 from models.vit import VisionTransformer, timm_kwargs
 from util.checkpoint import consolidate, load_file, save_atomic, sharded_dir
-from util.config import OneLineParser
-from util.misc import run_cli
+from util.cli import run_cli
+from util.settings import OneLineParser
 
 assert models  # importing the package registers the converters
 

@@ -42,7 +42,7 @@ from models.registry import (
 )
 from models.teacher import OPEN_CLIP_PREFIX, FrozenTeacher, load_teacher, teacher_tokens
 from models.vit import Attention, EncoderConfig, VisionTransformer, sincos_pos_embed_2d, upcast
-from util.config import setting
+from util.settings import setting
 
 # The official teacher, OpenCLIP ViT-H/14 at 224 px, has 1024-d tokens (on a 16×16 grid).
 OFFICIAL_TEACHER_DIM = 1024

@@ -29,7 +29,7 @@ from models.registry import (
     register_method,
 )
 from models.vit import Block, EncoderConfig, VisionTransformer, sincos_pos_embed_2d
-from util.config import setting
+from util.settings import setting
 
 
 @dataclass(frozen=True)

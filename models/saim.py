@@ -35,7 +35,7 @@ from models.registry import (
     register_method,
 )
 from models.vit import Block, EncoderConfig, VisionTransformer, upcast
-from util.config import setting
+from util.settings import setting
 
 
 def gaussian_kernel2d(kernel_size: int, sigma: float) -> torch.Tensor:

@@ -32,7 +32,7 @@ from timm.layers import trunc_normal_
 from models.checkpoint import vit_shapes
 from models.registry import Converted, Method, Preset, recorded, register_converter, register_method
 from models.vit import Block, EncoderConfig, VisionTransformer, resize_pos_embed
-from util.config import setting
+from util.settings import setting
 
 
 @dataclass(frozen=True)

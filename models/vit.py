@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from util.config import setting
+from util.settings import setting
 
 
 @dataclass(frozen=True)

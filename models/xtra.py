@@ -34,7 +34,7 @@ from models.registry import (
     register_method,
 )
 from models.vit import Block, EncoderConfig, VisionTransformer, _init_linear_and_norm, resize_pos_embed, upcast
-from util.config import setting
+from util.settings import setting
 
 
 class MLPHead(nn.Module):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from util.misc import run_cli
+from util.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small, quick settings shared by the end-to-end runs on the embedded digits data.

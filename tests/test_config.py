@@ -19,7 +19,8 @@ from models.saim import SAIMConfig
 from models.xtra import XTRAConfig
 from tests.helpers import ROOT, run_script
 from util.checkpoint import start_output
-from util.config import RUN_LOCAL, SettingsError
+from util.config import RUN_LOCAL, OptimSettings
+from util.settings import SettingsError
 
 
 def _teacher(tmp_path: Path) -> str:
@@ -140,7 +141,7 @@ def test_settings_are_read_only(tmp_path):
 def test_blr_on_the_command_line_beats_a_recipes_absolute_lr(tmp_path):
     s, _, _ = main_pretrain.resolve_settings(["--model", "xtra_vit_tiny", "--blr", "1e-4", "--output_dir",
                                               str(tmp_path)])
-    assert s.lr is None and s.peak_lr(world_size=2) == pytest.approx(1e-4 * 64 * 2 / 256)
+    assert s.lr is None and s.of(OptimSettings).peak_lr(world_size=2) == pytest.approx(1e-4 * 64 * 2 / 256)
 
 
 def _fake_checkpoint(path: Path, settings: dict) -> None:

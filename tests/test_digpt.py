@@ -13,7 +13,7 @@ from models.masks import check_orders, segment_causal_mask
 from models.registry import CONVERTERS, create_model, lookup, model_config
 from models.teacher import teacher_tokens
 from models.vit import VisionTransformer
-from util.config import SettingsError
+from util.settings import SettingsError
 
 # The official geometry (224/16, 2×2 segments of 7×7, teacher 16×16) on narrow widths, cheap on CPU.
 MINI = dict(input_size=224, patch_size=16, embed_dim=32, depth=2, num_heads=2, segment_size=7, enc_layers=(1, 2),

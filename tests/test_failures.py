@@ -14,7 +14,7 @@ from PIL import Image
 
 import main_pretrain
 from tests.helpers import FAST, ROOT, read_log, run_script
-from util.config import SettingsError
+from util.settings import SettingsError
 
 PT = [*FAST, "--model", "xtra_vit_tiny", "--batch_size", "64", "--warmup_epochs", "1", "--save_freq", "2"]
 

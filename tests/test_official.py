@@ -19,7 +19,7 @@ from models.checkpoint import load_checkpoint, load_encoder_weights, model_from_
 from models.registry import METHODS
 from models.scala import ScalaConfig, SlimmableViT
 from tests.helpers import FAST, run_script
-from util.config import SettingsError
+from util.settings import SettingsError
 
 SIZE = dict(input_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, drop_path=0.0)
 CONFIGS = {

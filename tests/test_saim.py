@@ -15,7 +15,7 @@ from models.registry import CONVERTERS, create_model, lookup, model_config
 from models.saim import SAIM, GaussianBlur, SAIMConfig, gaussian_kernel2d
 from models.vit import VisionTransformer
 from tests.helpers import FAST, read_log, run_script
-from util.config import SettingsError
+from util.settings import SettingsError
 
 # 16 patches (4×4 grid of 8-px patches): a toy model small enough to check masks by hand
 TOY = dict(input_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, query_depth=2, gaussian_kernel_size=3,

@@ -15,7 +15,8 @@ from util.checkpoint import load_file, save_atomic, save_checkpoint, training_st
 from util.datasets import DigitsDataset, ShardSampler
 from util.images import normalize, unnormalize
 from util.lr_sched import Schedule, adjust_learning_rate
-from util.misc import OptimizerStep, check_finite, rng_state, set_rng_state
+from util.misc import rng_state, set_rng_state
+from util.train_loop import OptimizerStep, check_finite
 
 
 def schedule(**kw):

@@ -33,17 +33,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from util.distributed import get_rank, get_world_size, is_dist, is_main_process, is_sharded, print0
 from util.errors import UserError
-from util.misc import (
-    get_rank,
-    get_world_size,
-    is_dist,
-    is_main_process,
-    is_sharded,
-    print0,
-    rng_state,
-    set_rng_state,
-)
+from util.misc import rng_state, set_rng_state
 from util.parallel import full_state_dict
 from util.safe_dcp import SafePlanner, SafeReader, read_metadata
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 
 from util.config import AugmentSettings
-from util.misc import get_rank, get_world_size, print0
+from util.distributed import get_rank, get_world_size, print0
 
 DIGITS_VAL_FRACTION = 0.2  # fixed split of scikit-learn's 1797 digits: 1438 train / 359 val
 

@@ -8,7 +8,7 @@ import dataclasses
 import importlib
 import typing
 
-from util.config import SettingsParser, field_help
+from util.settings import SettingsParser, field_help
 
 # The entry scripts are imported by name: util/ does not depend on models/ or on the scripts at import time.
 SCRIPTS = ("main_pretrain", "main_finetune", "main_linprobe", "main_slimmable")

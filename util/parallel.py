@@ -16,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from util.misc import Dist, is_sharded
+from util.distributed import Dist, is_sharded
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
