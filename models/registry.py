@@ -31,8 +31,10 @@ class PretrainingModel(nn.Module):
     * ``no_weight_decay()``: parameter names exempt from weight decay besides 1-D parameters and biases.
     * ``visualize(imgs)``: named image panels [B, 3, H, W] in normalised image space, for ``--visualize_every``.
     * ``check_settings(config, fsdp)``: refuse settings that cannot train (e.g. D-iGPT without a teacher), or
-      cannot train sharded (``fsdp``), before anything is built or written. Under FSDP every transformer block
-      (the elements of ModuleLists named ``*blocks``) must run through its own ``forward``.
+      cannot train sharded (``fsdp``), before anything is built or written.
+    * ``transformer_blocks()``: the blocks that FSDP shards one by one and ``--grad_ckpt`` recomputes; each must run
+      through its own ``forward`` (a hook or a checkpointed forward sees nothing of a block whose layers are
+      called directly). The default: the elements of every ModuleList whose name ends in ``blocks``.
     """
 
     encoder: VisionTransformer
@@ -41,6 +43,16 @@ class PretrainingModel(nn.Module):
     @classmethod
     def check_settings(cls, config, fsdp: bool = False) -> None:
         """Raise ValueError (one line) if a training run cannot start with ``config`` (sharded: ``fsdp``)."""
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The elements of every ModuleList named ``*blocks`` (an encoder's, a decoder's, SAIM's ``query_blocks``),
+        in module order, once each (a list shared by two names counts once)."""
+        seen: dict[int, nn.Module] = {}
+        for name, module in self.named_modules():
+            if isinstance(module, nn.ModuleList) and name.split(".")[-1].endswith("blocks"):
+                for blk in module:
+                    seen.setdefault(id(blk), blk)
+        return list(seen.values())
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

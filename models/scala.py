@@ -197,7 +197,9 @@ class SlimmableBlock(Block):
 
 class SlimmableViT(VisionTransformer):
     """Scala's slimmable DeiT (distilled by default). ``forward(x, ratio)``: in train mode the distilled model
-    returns ``(cls_logits, dist_logits)``, in eval mode their mean; the plain model returns the cls logits."""
+    returns ``(cls_logits, dist_logits)``, in eval mode their mean; the plain model returns the cls logits.
+    ``transformer_blocks()`` (of the ViT) are the sliced blocks, each slicing its weights inside its own forward,
+    so FSDP and ``--grad_ckpt`` wrap them as they do a plain ViT's."""
 
     def __init__(self, config: ScalaConfig):
         if config.nb_classes is None:

@@ -1,6 +1,7 @@
 """FSDP2 (--fsdp), activation checkpointing (--grad_ckpt) and sharded checkpoints, on the CPU with gloo and two
 ranks: the same losses as DDP, the same with and without recomputation, sharded resume after a kill (bit-identical)
-and with another number of ranks, consolidation for fine-tuning, and the README's multi-node recipe at tiny size.
+and with another number of ranks, consolidation for fine-tuning, the README's multi-node recipe at tiny size, and
+the blocks a model names through ``transformer_blocks()``.
 
 One torchrun launch runs every training run of the comparisons (tests/run_sequence.py), to pay its start-up once.
 """
@@ -14,14 +15,24 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.fsdp import FSDPModule
 
+import main_pretrain
+from models import registry
+from models.registry import Method, PretrainingModel, register_method
+from models.vit import Block, EncoderConfig
 from tests.helpers import ROOT, read_log, run_script, run_sequence
 from util.checkpoint import POINTER
+from util.misc import Dist, run_cli
+from util.parallel import parallelize
 
 # Every run: synthetic images (a pure function of the index, so any split over ranks sees the same batches), a few
 # optimiser steps, clipping and accumulation on.
@@ -250,3 +261,74 @@ def test_the_readme_multi_node_recipe_runs_at_tiny_size(tmp_path):
 def test_what_fsdp_cannot_do_is_refused_up_front(tmp_path, argv, message):
     proc = run_script(*argv, "--dataset", "digits", "--output_dir", tmp_path / "out", check=False)
     assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "out").exists(), proc.stderr
+
+
+class CountingBlock(Block):
+    """A block that counts its forward calls (a recomputed block runs twice per training step)."""
+
+    runs = 0
+
+    def forward(self, *args, **kwargs):
+        self.runs += 1
+        return super().forward(*args, **kwargs)
+
+
+class Layered(nn.Module):
+    """Blocks in a list named ``layers``, which no naming convention finds: only ``transformer_blocks()`` says."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([CountingBlock(16, 2) for _ in range(2)])
+        self.head = nn.Linear(16, 1)
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        return list(self.layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.layers:
+            x = blk(x)
+        return self.head(x).mean()
+
+
+def test_the_blocks_a_model_names_are_sharded_and_checkpointed_whatever_their_list_is_called():
+    model = Layered()
+    dist.init_process_group("gloo", store=dist.HashStore(), world_size=1, rank=0)
+    try:
+        line = parallelize(model, Dist(True, 0, 1, torch.device("cpu")), fsdp=True, grad_ckpt=True, amp="off")
+        assert line == "memory: activation checkpointing of 2 blocks; FSDP2 over 1 ranks, 2 blocks + root"
+        assert all(isinstance(blk, FSDPModule) for blk in model.layers) and isinstance(model, FSDPModule)
+        model(torch.randn(2, 5, 16)).backward()
+        assert [blk.runs for blk in model.layers] == [2, 2]  # forward, then recomputed in the backward pass
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class BlocklessConfig(EncoderConfig):
+    pass
+
+
+class Blockless(PretrainingModel):
+    """A pretraining model without transformer blocks."""
+
+    def __init__(self, config: BlocklessConfig):
+        super().__init__()
+        self.config = config
+        self.head = nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize("flags", [["--fsdp"], ["--grad_ckpt"], ["--fsdp", "--grad_ckpt"]])
+def test_fsdp_or_grad_ckpt_on_a_model_without_blocks_is_one_error_line(flags, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
+    monkeypatch.setattr(registry, "MODELS", dict(registry.MODELS))
+    register_method(Method(key="blockless", name="Blockless", kind="pretrain", model_class=Blockless,
+                           config_class=BlocklessConfig))
+    monkeypatch.setattr(sys, "argv", ["main_pretrain.py", "--model", "blockless", "--device", "cpu", *flags,
+                                      "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main_pretrain.main)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0] == f"error: {' and '.join(flags)} cannot run on Blockless: it names no transformer blocks " \
+                       "(transformer_blocks())"
+    assert not (tmp_path / "out").exists() and not dist.is_initialized()
