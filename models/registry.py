@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from models.masks import EncoderMask
-from models.vit import VisionTransformer
+from models.vit import VisionTransformer, vit_config
 from util.config import AugmentSettings, MixupSettings, shared_names
 
 
@@ -79,15 +79,28 @@ class Method:
     config_class: type                         # frozen dataclass: fields are flags, defaults the official recipe
     recipe: dict = field(default_factory=dict)  # defaults of the shared training settings
     presets: dict[str, Preset] = field(default_factory=dict)
+    # A method that trains from a frozen teacher (its ``teacher`` setting) gives (config, path) -> the settings
+    # overrides of a randomly initialised teacher of the right shape, written to ``path``: what benchmarks and
+    # tests run it with when no trained teacher is at hand.
+    stand_in_teacher: Callable[..., dict] | None = None
+    # The memory table's models (benchmarks/memory.py): the B/16 and the H/14 size as (preset, overrides); without
+    # an H/14 preset, the B/16 preset widened to H/14 by overrides (``VIT_H14``; shown with a trailing ``*``).
+    memory_sizes: tuple[tuple[str, dict], ...] = ()
 
     def config_names(self) -> set[str]:
         return {f.name for f in dataclasses.fields(self.config_class)}
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.stand_in_teacher is not None
 
 
 # The tiny presets' training budget: one CPU budget for every method on the digits (benchmarks/learning_evidence.py:
 # the methods' own blr rule gives 20× smaller lrs than XTRA's absolute 1e-3 at batch 64, and their 30-40 warmup
 # epochs would cover a whole CPU run).
 TINY_CPU_BUDGET = dict(input_size=32, batch_size=64, epochs=30, warmup_epochs=3, lr=1e-3)
+# The encoder of a B/16 preset made ViT-H/14, for the memory table of a method without an H/14 preset.
+VIT_H14 = dict(vit_config("vit_huge_patch14"), input_size=224)
 
 METHODS: dict[str, Method] = {}
 MODELS: dict[str, tuple[Method, Preset]] = {}  # model name -> (method, preset)
@@ -114,6 +127,11 @@ def register_method(method: Method) -> None:
 
 def model_names(kind: str) -> list[str]:
     return sorted(n for n, (m, _) in MODELS.items() if m.kind == kind)
+
+
+def tiny_model_names(kind: str) -> list[str]:
+    """The CPU-sized presets (``<key>_vit_tiny``) of ``kind``: what the tests and the benchmarks run by default."""
+    return [n for n in model_names(kind) if n.endswith("_tiny")]
 
 
 def lookup(name: str, kind: str) -> tuple[Method, Preset]:
@@ -143,6 +161,13 @@ def model_config(name: str, kind: str = "pretrain", **overrides):
 def create_model(name: str, kind: str = "pretrain", **overrides) -> nn.Module:
     """Build a registered model: its preset's settings with ``overrides`` (see :func:`model_config`)."""
     return lookup(name, kind)[0].model_class(model_config(name, kind, **overrides))
+
+
+def stand_in_teacher(name: str, path: str) -> dict:
+    """The settings overrides that run model ``name`` with a random teacher of the right shape (written to
+    ``path``) if its method needs a teacher, else none."""
+    method, _ = MODELS[name]
+    return method.stand_in_teacher(model_config(name, method.kind), path) if method.needs_teacher else {}
 
 
 def setting_owners(flag: str) -> list[str]:

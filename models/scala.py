@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from models.checkpoint import vit_shapes
-from models.registry import Converted, Method, Preset, recorded, register_converter, register_method
+from models.registry import VIT_H14, Converted, Method, Preset, recorded, register_converter, register_method
 from models.vit import Block, EncoderConfig, VisionTransformer, resize_pos_embed
 from util.config import setting
 
@@ -363,7 +363,9 @@ register_method(Method(
             "which its own parser rejects; --granularity 0.0625 is what it meant)",
             dict(embed_dim=768, num_heads=12, batch_size=128, epochs=300, blr=5e-4, warmup_epochs=5,
                  aa="rand-m4-mstd0.5-inc1")),
-    }))
+    },
+    memory_sizes=(("scala_deit_base_patch16", {}), ("scala_deit_base_patch16", VIT_H14)),
+))
 
 
 # ---------------------------------------------------------------------------------------------------
