@@ -1,10 +1,10 @@
 """Does it learn? For each pretraining method: pretrain a tiny model on the embedded digits for a fixed budget
-on CPU, probe it (linear and attentive), and probe a randomly initialised copy the same way. For Scala: train one
-slimmable model, then each of its widths alone with the same recipe, and compare top-1 per width.
+on CPU, probe it (linear and attentive), and probe a randomly initialised copy the same way. For a slimmable model
+(Scala): train it, then each of its widths alone with the same recipe, and compare top-1 per width.
 
     python -m benchmarks.learning_evidence                      # every pretraining method and Scala, default budget
     python -m benchmarks.learning_evidence --methods xtra_vit_tiny --pretrain_epochs 20
-    python -m benchmarks.learning_evidence --methods scala_vit_tiny --scala_epochs 50
+    python -m benchmarks.learning_evidence --methods scala_vit_tiny --slimmable_epochs 50
 
 Every number in the printed table comes from the runs this script launches (entry scripts as subprocesses,
 outputs under --work_dir).
@@ -23,12 +23,12 @@ import torch
 
 import models
 from models.checkpoint import encoder_record, plain_config
-from models.registry import create_model, model_names
+from models.registry import MODELS, create_model, model_names, tiny_model_names
 from util.checkpoint import save_atomic
 
 assert models  # importing the package registers every method
 ROOT = Path(__file__).resolve().parents[1]
-PRETRAIN_MODELS = model_names("pretrain")
+PRETRAIN_MODELS, SLIMMABLE_MODELS = model_names("pretrain"), model_names("slimmable")
 
 COMMON = ["--dataset", "digits", "--num_workers", "0", "--print_freq", "100000", "--device", "cpu"]
 
@@ -62,10 +62,11 @@ def probe(ckpt: Path, kind: str, out: Path, args: argparse.Namespace) -> float:
     return best_acc(out)
 
 
-def scala_run(args: argparse.Namespace, out: Path, smallest: float, largest: float, full_warm: int) -> list[dict]:
+def slimmable_run(name: str, args: argparse.Namespace, out: Path, smallest: float, largest: float,
+                  full_warm: int) -> list[dict]:
     """One main_slimmable.py run; the rows of its final all-widths table (the last epoch's model)."""
-    wall = run("main_slimmable.py", *COMMON, "--model", "scala_vit_tiny", "--input_size", 32, "--batch_size", 64,
-               "--lr", args.scala_lr, "--warmup_epochs", 3, "--epochs", args.scala_epochs, "--full_warm_epochs",
+    wall = run("main_slimmable.py", *COMMON, "--model", name, "--input_size", 32, "--batch_size", 64,
+               "--lr", args.slimmable_lr, "--warmup_epochs", 3, "--epochs", args.slimmable_epochs, "--full_warm_epochs",
                full_warm, "--smallest_ratio", smallest, "--largest_ratio", largest, "--granularity", 0.25,
                "--mixup", 0, "--cutmix", 0, "--aa", "none", "--reprob", 0, "--teacher", args.teacher,
                "--throughput_iters", 2, "--output_dir", out, "--auto_resume", "false")
@@ -74,48 +75,50 @@ def scala_run(args: argparse.Namespace, out: Path, smallest: float, largest: flo
     return [dict(row, wall_s=wall) for row in table]
 
 
-def scala_evidence(args: argparse.Namespace, work: Path) -> None:
-    """Scala (ε = 1/4: widths 0.25/0.5/0.75/1 every step after the full-width warm-up) against each width
-    trained alone: the same model slice, recipe, teacher and epochs, full-width steps only."""
-    slim = scala_run(args, work / "scala", 0.25, 1.0, 3)
-    alone = [scala_run(args, work / f"scala_alone_{r['ratio']:g}", r["ratio"], r["ratio"], args.scala_epochs)[0]
-             for r in slim]
-    print(f"\nScala on digits, CPU, scala_vit_tiny at 32 px, {args.scala_epochs} epochs (lr {args.scala_lr}, "
-          f"warmup 3, Scala's first 3 epochs full width only), teacher {args.teacher}; top-1 (%) of the last "
+def slimmable_evidence(name: str, args: argparse.Namespace, work: Path) -> None:
+    """The slimmable model (ε = 1/4: widths 0.25/0.5/0.75/1 every step after the full-width warm-up) against each
+    width trained alone: the same model slice, recipe, teacher and epochs, full-width steps only."""
+    method = MODELS[name][0].name
+    slim = slimmable_run(name, args, work / name, 0.25, 1.0, 3)
+    alone = [slimmable_run(name, args, work / f"{name}_alone_{r['ratio']:g}", r["ratio"], r["ratio"],
+                           args.slimmable_epochs)[0] for r in slim]
+    print(f"\n{method} on digits, CPU, {name} at 32 px, {args.slimmable_epochs} epochs (lr {args.slimmable_lr}, "
+          f"warmup 3, {method}'s first 3 epochs full width only), teacher {args.teacher}; top-1 (%) of the last "
           f"epoch's model on 359 val images\n")
-    print("| ratio | width | params | Scala top-1 | trained alone | Δ |")
+    print(f"| ratio | width | params | {method} top-1 | trained alone | Δ |")
     print("|---|---|---|---|---|---|")
     for s, a in zip(slim, alone):
         print(f"| {s['ratio']:g} | {s['width']} | {s['params']:,} | {s['acc1']:.1f} | {a['acc1']:.1f} | "
               f"{s['acc1'] - a['acc1']:+.1f} |")
     walls = ", ".join(f"{a['wall_s']:.0f}" for a in alone)
-    print(f"\nwall time: Scala {slim[0]['wall_s']:.0f} s (one model, every width); trained alone "
+    print(f"\nwall time: {method} {slim[0]['wall_s']:.0f} s (one model, every width); trained alone "
           f"{sum(a['wall_s'] for a in alone):.0f} s in total ({walls})")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", default=None,
-                        help="tiny pretraining presets and/or scala_vit_tiny (default: all of them)")
+                        help="tiny pretraining and/or slimmable presets (default: all of them)")
     parser.add_argument("--pretrain_epochs", type=int, default=30)
     parser.add_argument("--probe_epochs", type=int, default=15)
     parser.add_argument("--pretrain_lr", type=float, default=1e-3, help="absolute lr of every method's pretraining")
     parser.add_argument("--pretrain_warmup", type=float, default=3, help="warmup epochs of every method")
     parser.add_argument("--probe_lr", type=float, default=1e-3)
-    parser.add_argument("--scala_epochs", type=int, default=30)
-    parser.add_argument("--scala_lr", type=float, default=2e-3)
+    parser.add_argument("--slimmable_epochs", type=int, default=30)
+    parser.add_argument("--slimmable_lr", type=float, default=2e-3)
     parser.add_argument("--teacher", default="",
-                        help="teacher checkpoint of D-iGPT and Scala, a 32-px classifier (default: trained here first)")
+                        help="teacher checkpoint of the methods that need one and of the slimmable models, a 32-px "
+                             "classifier (default: trained here first)")
     parser.add_argument("--work_dir", default="out/learning_evidence")
     args = parser.parse_args()
     work = ROOT / args.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    names = args.methods or sorted(n for n in [*PRETRAIN_MODELS, "scala_vit_tiny"] if n.endswith("_tiny"))
+    names = args.methods or sorted([*tiny_model_names("pretrain"), *tiny_model_names("slimmable")])
     for n in names:
-        if n not in PRETRAIN_MODELS and n != "scala_vit_tiny":
-            parser.error(f"unknown preset {n!r}; use tiny pretraining presets or scala_vit_tiny")
+        if n not in PRETRAIN_MODELS and n not in SLIMMABLE_MODELS:
+            parser.error(f"unknown preset {n!r}; use tiny pretraining or slimmable presets")
 
-    if any(n.startswith(("digpt", "scala")) for n in names) and not args.teacher:
+    if any(MODELS[n][0].needs_teacher or n in SLIMMABLE_MODELS for n in names) and not args.teacher:
         teacher = work / "teacher"
         run("main_finetune.py", *COMMON, "--model", "vit_tiny_patch4", "--input_size", 32, "--epochs", 15,
             "--batch_size", 32, "--blr", 5e-3, "--warmup_epochs", 1, "--layer_decay", 1, "--aa", "none",
@@ -123,7 +126,7 @@ def main() -> None:
         args.teacher = str(teacher / "checkpoint-best.pth")
     rows = []
     for name in [n for n in names if n in PRETRAIN_MODELS]:
-        flags = ["--teacher", args.teacher] if name.startswith("digpt") else []
+        flags = ["--teacher", args.teacher] if MODELS[name][0].needs_teacher else []
         out = work / name
         # One optimisation budget for every method: the recipes' blr rule gives 20× smaller lrs than XTRA's
         # absolute 1e-3 at batch 64, and their 30-40 warmup epochs would cover the whole run.
@@ -143,8 +146,8 @@ def main() -> None:
 
     if rows:
         print_pretrain_table(rows, args)
-    if "scala_vit_tiny" in names:
-        scala_evidence(args, work)
+    for name in [n for n in names if n in SLIMMABLE_MODELS]:
+        slimmable_evidence(name, args, work)
 
 
 def print_pretrain_table(rows: list[dict], args: argparse.Namespace) -> None:

@@ -9,9 +9,9 @@ the B/16 and H/14 models of every method, under DDP (a full copy on every GPU) a
 FSDP2 splits each tensor along its first dimension into N padded chunks, which is what is counted. Not counted:
 activations, DDP's gradient buckets (another gradient-sized buffer), the all-gathered blocks FSDP holds while
 one runs, and D-iGPT's frozen teacher, which is replicated on every GPU under both (its size is given apart).
-Methods without an H/14 preset get their B/16 preset with the encoder made H/14 (``*``): 1280-d, 32 blocks,
-16 heads, patch 14, 224 px (SAIM: 32 query blocks; D-iGPT: taps 16, 21, 26, 32, 8×8-patch segments); their
-decoders stay as in the preset.
+Each method file declares its two sizes (``Method.memory_sizes``); methods without an H/14 preset give their B/16
+preset with the encoder made H/14 (``*``): 1280-d, 32 blocks, 16 heads, patch 14, 224 px (SAIM: 32 query blocks;
+D-iGPT: taps 16, 21, 26, 32, 8×8-patch segments); their decoders stay as in the preset.
 
 Measured (``--measure`` presets, default the small ones): two ranks on this machine, a few training steps of the
 real model (engine-style: autocast, backward, clipping, fused AdamW) on random images. Per rank: the peak memory
@@ -35,31 +35,21 @@ import timm
 import torch
 
 import models
-from benchmarks.throughput import random_teacher
-from models.registry import create_model, model_names
+from models.registry import METHODS, create_model, model_names, stand_in_teacher
 from util.distributed import cleanup_distributed, init_distributed
 from util.parallel import parallelize, wrap_model
 from util.train_loop import OptimizerStep, adamw, autocast_context
 
 assert models  # importing the package registers every method
 
-H14 = dict(embed_dim=1280, depth=32, num_heads=16, patch_size=14, input_size=224)
-COUNTED = {  # method -> [(model, overrides)]: the B/16 preset, the H/14 preset or the B/16 preset widened (*)
-    "xtra": [("xtra_vit_base_patch16", {}), ("xtra_vit_huge_patch14", {})],
-    "saim": [("saim_vit_base_patch16", {}), ("saim_vit_base_patch16*", dict(H14, query_depth=32))],
-    "digpt": [("digpt_vit_base_patch16", {}),
-              ("digpt_vit_base_patch16*", dict(H14, enc_layers=(16, 21, 26, 32), segment_size=8))],
-    "mae": [("mae_vit_base_patch16", {}), ("mae_vit_huge_patch14", {})],
-    "scala": [("scala_deit_base_patch16", {}), ("scala_deit_base_patch16*", H14)],
-}
-MEASURED = ("xtra_vit_small_patch16", "saim_vit_small_patch16", "digpt_vit_small_patch16", "scala_deit_small_patch16")
+# the small presets (ViT-S/16, DeiT-S/16) of every method that has one
+MEASURED = sorted(n for n in [*model_names("pretrain"), *model_names("slimmable")] if n.endswith("_small_patch16"))
 MODES = {"DDP": [], "FSDP": ["--fsdp"], "FSDP + grad_ckpt": ["--fsdp", "--grad_ckpt"]}
 GPUS = (1, 8, 64)
 
 
 def build(name: str, **overrides) -> torch.nn.Module:
-    """A registered model by preset name (a trailing ``*`` is ignored); D-iGPT without its teacher unless given."""
-    name = name.rstrip("*")
+    """A registered model by preset name (without a teacher unless ``overrides`` give one)."""
     kind = "slimmable" if name in model_names("slimmable") else "pretrain"
     return create_model(name, kind, **({"nb_classes": 1000} if kind == "slimmable" else {}), **overrides)
 
@@ -80,14 +70,15 @@ def counted_table() -> str:
         teacher = sum(p.numel() for p in timm.create_model("vit_huge_patch14_clip_224", num_classes=0).parameters())
     lines = ["| method | model | params (trainable) | DDP | " + " | ".join(f"FSDP {n} GPU" for n in GPUS) + " |",
              "|---|---|---|---|" + "---|" * len(GPUS)]
-    for method, variants in COUNTED.items():
-        for name, overrides in variants:
+    for method in METHODS.values():
+        for name, overrides in method.memory_sizes:
             with torch.device("meta"):
                 model = build(name, **overrides)
             params = sum(p.numel() for p in model.parameters())
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             cells = [bytes_per_gpu(model, None)] + [bytes_per_gpu(model, n) for n in GPUS]
-            lines.append(f"| {method} | {name} | {params / 1e6:.0f}M ({trainable / 1e6:.0f}M) | " +
+            label = name + ("*" if overrides else "")  # the B/16 preset made H/14
+            lines.append(f"| {method.key} | {label} | {params / 1e6:.0f}M ({trainable / 1e6:.0f}M) | " +
                          " | ".join(f"{c / 2**30:.2f} GiB" for c in cells) + " |")
     lines.append(f"\nD-iGPT's official teacher (OpenCLIP ViT-H/14 image tower, {teacher / 1e6:.0f}M parameters) adds "
                  f"{teacher * 4 / 2**30:.2f} GiB in fp32 to every GPU under DDP and FSDP alike (frozen, not sharded).")
@@ -125,8 +116,7 @@ def worker(args: argparse.Namespace) -> None:
     device = dist_info.device
     torch.manual_seed(0)
     sampler = PeakSampler() if device.type == "cpu" else None
-    extra = {"teacher": args.teacher} if args.model.startswith("digpt") else {}
-    model = build(args.model, **extra).to(device)
+    model = build(args.model, **json.loads(args.overrides)).to(device)
     parallelize(model, dist_info, args.fsdp, args.grad_ckpt, args.amp)
     optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     optim_step = OptimizerStep(optimizer, args.amp, clip_grad=1.0, device=device)
@@ -167,7 +157,8 @@ def measure(name: str, flags: list[str], args: argparse.Namespace) -> list[dict]
            "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "benchmarks.memory", "--worker", "--model", name, "--batch_size", str(args.batch_size),
-           "--steps", str(args.steps), "--amp", args.amp, "--device", args.device, "--teacher", args.teacher, *flags]
+           "--steps", str(args.steps), "--amp", args.amp, "--device", args.device, "--overrides", args.overrides,
+           *flags]
     with tempfile.TemporaryDirectory() as results:
         proc = subprocess.run([*cmd, "--results", results], env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -190,7 +181,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
-    parser.add_argument("--teacher", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="{}", help=argparse.SUPPRESS)  # the model's settings (JSON)
     parser.add_argument("--fsdp", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--grad_ckpt", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--results", help=argparse.SUPPRESS)  # the worker's output directory
@@ -206,8 +197,8 @@ def main() -> None:
     print("| model | " + " | ".join(f"{m} peak MB | {m} img/s" for m in MODES) + " |")
     print("|---|" + "---|---|" * len(MODES))
     for name in args.measure:
-        # D-iGPT's teacher: a random classifier of the student's encoder shape (the forward is what costs)
-        args.teacher = random_teacher(name, "/tmp/memory_teacher.pth")["teacher"] if name.startswith("digpt") else ""
+        # a method's teacher: a random one of the right shape (its forward is what costs)
+        args.overrides = json.dumps(stand_in_teacher(name, "/tmp/memory_teacher.pth"))
         cells = []
         for flags in MODES.values():
             rows = measure(name, flags, args)

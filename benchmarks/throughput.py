@@ -1,6 +1,6 @@
 """Training-step throughput of every pretraining method, and of Scala at each width, against its plain-ViT limit.
 
-    python -m benchmarks.throughput                                   # CPU: every tiny preset, Scala at 4 widths
+    python -m benchmarks.throughput                                   # CPU: every tiny preset, slimmable at 4 widths
     python -m benchmarks.throughput --models xtra_vit_small_patch16 --batch_size 16
     python -m benchmarks.throughput --compile                         # + compiled and FlexAttention columns
     python -m benchmarks.throughput --models xtra_vit_base_patch16 scala_deit_base_patch16 --amp bf16 --compile
@@ -15,9 +15,9 @@ step). With --compile: the method step and the masked replay under torch.compile
 the masks as FlexAttention BlockMasks (compiled; FlexAttention has no backward on CPU, so that column is CUDA
 only). On CUDA the table adds peak memory and MFU from FLOPs counted with torch.utils.flop_counter.
 
-Scala rows (``<preset>@r``): the sub-network at width ratio r (forward of the sliced model in train mode, CE on
-both heads, backward, AdamW over the whole model) against the standalone timm distilled DeiT of that width,
-which the sub-network equals; ``<preset> (4-width step)``: one Scala training step (widths 1, 0.75, 0.5, 0.25,
+Slimmable rows (Scala, ``<preset>@r``): the sub-network at width ratio r (forward of the sliced model in train
+mode, CE on both heads, backward, AdamW over the whole model) against the standalone timm distilled DeiT of that
+width, which the sub-network equals; ``<preset> (4-width step)``: one Scala training step (widths 1, 0.75, 0.5, 0.25,
 their losses, one AdamW step) against training the four standalone DeiTs.
 """
 from __future__ import annotations
@@ -33,32 +33,27 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import models
-from models.checkpoint import encoder_record
 from models.masks import to_block_mask
-from models.registry import create_model, model_names
+from models.registry import create_model, model_names, stand_in_teacher, tiny_model_names
 from models.scala import SlimmableViT, width_losses
-from models.vit import VisionTransformer
-from util.checkpoint import save_atomic
 from util.train_loop import adamw, autocast_context
 
 assert models  # importing the package registers every method
-PRETRAIN_MODELS, SCALA_PRESETS = model_names("pretrain"), model_names("slimmable")
+PRETRAIN_MODELS, SLIMMABLE_MODELS = model_names("pretrain"), model_names("slimmable")
 
 PEAK_TFLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16
-SCALA_RATIOS = (0.25, 0.5, 0.75, 1.0)
+SLIMMABLE_RATIOS = (0.25, 0.5, 0.75, 1.0)
 
 
 def record_block_calls(model: torch.nn.Module, imgs: torch.Tensor) -> list[tuple[torch.nn.Module, tuple, dict]]:
-    """Every transformer block call of one forward, with its arguments (blocks = children of a ``*blocks``
-    ModuleList)."""
+    """Every transformer block call of one forward, with its arguments (blocks = the model's
+    ``transformer_blocks()``)."""
     calls, handles = [], []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and name.split(".")[-1].endswith("blocks"):
-            for blk in module:
-                handles.append(blk.register_forward_pre_hook(
-                    lambda m, args, kwargs: calls.append((m, tuple(a.detach() for a in args),
-                                                          {k: v.detach() if torch.is_tensor(v) else v
-                                                           for k, v in kwargs.items()})), with_kwargs=True))
+    for blk in model.transformer_blocks():
+        handles.append(blk.register_forward_pre_hook(
+            lambda m, args, kwargs: calls.append((m, tuple(a.detach() for a in args),
+                                                  {k: v.detach() if torch.is_tensor(v) else v
+                                                   for k, v in kwargs.items()})), with_kwargs=True))
     with torch.no_grad():
         model(imgs)
     for h in handles:
@@ -114,20 +109,9 @@ def mfu(flops: int, img_s: float, args: argparse.Namespace, device: torch.device
     return 100 * flops * img_s / args.batch_size / peak if peak else float("nan")
 
 
-def random_teacher(name: str, path: str) -> dict:
-    """D-iGPT's teacher for timing: a randomly initialised classifier with the student's encoder shape (its
-    forward is part of the method's step)."""
-    with torch.device("meta"):
-        config = dict(create_model(name).encoder.config)
-    vit = VisionTransformer(**{**config, "num_classes": 10, "global_pool": "token", "class_token": True})
-    save_atomic({"model": vit.state_dict(), **encoder_record(vit, "", None)}, path)
-    return {"teacher": path}
-
-
 def bench_pretrain(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(0)
-    extra = random_teacher(name, "/tmp/throughput_teacher.pth") if name.startswith("digpt") else {}
-    model = create_model(name, **extra).to(device)
+    model = create_model(name, **stand_in_teacher(name, "/tmp/throughput_teacher.pth")).to(device)
     img = model.encoder.patch_embed.img_size[0]
     imgs = torch.randn(args.batch_size, 3, img, img, device=device)
 
@@ -180,7 +164,7 @@ def standalone_deit(model: SlimmableViT, ratio: float) -> torch.nn.Module:
     return net.to(next(model.parameters()).device).train()
 
 
-def bench_scala(name: str, ratio: float | None, args: argparse.Namespace, device: torch.device) -> dict:
+def bench_slimmable(name: str, ratio: float | None, args: argparse.Namespace, device: torch.device) -> dict:
     """Scala at one width (``ratio``) or, with ``ratio=None``, one whole Scala step: the four widths 1, 0.75, 0.5,
     0.25 with their losses (no teacher: its forward is the same extra work in both), each backpropagated, then
     one AdamW step; its limit trains the four standalone DeiTs of those widths."""
@@ -196,7 +180,7 @@ def bench_scala(name: str, ratio: float | None, args: argparse.Namespace, device
             cls_logits, dist_logits = net(imgs)
         return F.cross_entropy(cls_logits.float(), labels) + F.cross_entropy(dist_logits.float(), labels)
 
-    def scala_forward() -> torch.Tensor:
+    def slimmable_forward() -> torch.Tensor:
         if ratio is not None:
             return ce(lambda x: model(x, ratio))
         losses = width_losses(model, imgs, labels, ratios)
@@ -214,10 +198,10 @@ def bench_scala(name: str, ratio: float | None, args: argparse.Namespace, device
         return ce(standalone[-1])
 
     opt = adamw(model.parameters(), lr=1e-4)
-    steps = {"method": train_step(scala_forward, opt),
+    steps = {"method": train_step(slimmable_forward, opt),
              "limit": train_step(limit_forward, adamw([p for n in standalone for p in n.parameters()], lr=1e-4))}
     if args.compile and ratio is not None:
-        steps["method_compiled"] = train_step(torch.compile(scala_forward), opt)
+        steps["method_compiled"] = train_step(torch.compile(slimmable_forward), opt)
     row = finish_row(f"{name}@{ratio:g}" if ratio is not None else f"{name} (4-width step)", model, steps, args,
                      device)
     row["params_M"] = model.num_params(ratio or 1.0) / 1e6
@@ -240,8 +224,9 @@ def finish_row(name: str, model: torch.nn.Module, steps: dict, args: argparse.Na
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=None,
-                        help="pretraining or Scala presets (default: every *_tiny preset)")
-    parser.add_argument("--scala_ratios", type=float, nargs="+", default=SCALA_RATIOS)
+                        help="pretraining or slimmable presets (default: every *_tiny preset)")
+    parser.add_argument("--slimmable_ratios", type=float, nargs="+", default=SLIMMABLE_RATIOS,
+                        help="widths of each slimmable preset's rows")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--iters", type=int, default=5, help="timed calls per round")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds; the best counts")
@@ -251,14 +236,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
-    names = args.models or sorted(n for n in [*PRETRAIN_MODELS, *SCALA_PRESETS] if n.endswith("_tiny"))
+    names = args.models or sorted([*tiny_model_names("pretrain"), *tiny_model_names("slimmable")])
     for n in names:
-        if n not in PRETRAIN_MODELS and n not in SCALA_PRESETS:
-            parser.error(f"unknown preset {n!r}; known: {', '.join(sorted([*PRETRAIN_MODELS, *SCALA_PRESETS]))}")
+        if n not in PRETRAIN_MODELS and n not in SLIMMABLE_MODELS:
+            parser.error(f"unknown preset {n!r}; known: {', '.join(sorted([*PRETRAIN_MODELS, *SLIMMABLE_MODELS]))}")
     rows = []
     for n in names:
-        rows += [bench_scala(n, r, args, device) for r in [*args.scala_ratios, None]] if n in SCALA_PRESETS \
-            else [bench_pretrain(n, args, device)]
+        rows += [bench_slimmable(n, r, args, device) for r in [*args.slimmable_ratios, None]] \
+            if n in SLIMMABLE_MODELS else [bench_pretrain(n, args, device)]
         print(f"done {n}", file=sys.stderr, flush=True)
     cols = ["model", "params_M", "method_img_s", "limit_img_s", "ratio", "flop_ratio", "masked_img_s", "mask_cost"]
     cols += ["method_compiled_img_s", "masked_compiled_img_s", "flex_compiled_img_s"] if args.compile else []

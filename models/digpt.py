@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, trunc_normal_
 
-from models.checkpoint import vit_shapes
+from models.checkpoint import encoder_record, vit_shapes
 from models.masks import block_ids, check_orders, random_orders, segment_causal_mask
 from models.registry import (
     TINY_CPU_BUDGET,
+    VIT_H14,
     Converted,
     Method,
     Preset,
@@ -42,6 +43,7 @@ from models.registry import (
 )
 from models.teacher import OPEN_CLIP_PREFIX, FrozenTeacher, load_teacher, teacher_tokens
 from models.vit import Attention, EncoderConfig, VisionTransformer, sincos_pos_embed_2d, upcast
+from util.checkpoint import save_atomic
 from util.settings import setting
 
 # The official teacher, OpenCLIP ViT-H/14 at 224 px, has 1024-d tokens (on a 16×16 grid).
@@ -378,6 +380,16 @@ def _init_xavier(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def stand_in_teacher(config: DiGPTConfig, path: str) -> dict:
+    """A randomly initialised classifier with the student's encoder shape, written to ``path``, as the teacher of
+    benchmarks and tests that run D-iGPT without a trained one (its forward is part of the method's step)."""
+    with torch.device("meta"):
+        encoder = dict(DiGPT(config).encoder.config)
+    vit = VisionTransformer(**{**encoder, "num_classes": 10, "global_pool": "token", "class_token": True})
+    save_atomic({"model": vit.state_dict(), **encoder_record(vit, "", None)}, path)
+    return {"teacher": path}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The official recipe: AdamW (0.9, 0.95), wd 0.05, effective batch 4096 = 32 GPUs × 128 (or 64 × accum 2),
 # lr = 1.5e-4 × 4096 / 256, 300 epochs with 40 warmup epochs, cosine to 0, RandomResizedCrop(0.2-1) + flip.
@@ -397,7 +409,11 @@ register_method(Method(
         "digpt_vit_base_patch16": Preset(
             "official D-iGPT ViT-B/16: 224 px, 2×2 segments of 7×7, taps 6/8/10/12, decoders 2 × 1024-d × 32 heads, "
             "teacher OpenCLIP ViT-H/14 (1024-d tokens on a 16×16 grid)"),
-    }))
+    },
+    stand_in_teacher=stand_in_teacher,
+    memory_sizes=(("digpt_vit_base_patch16", {}),
+                  ("digpt_vit_base_patch16", dict(VIT_H14, enc_layers=(16, 21, 26, 32), segment_size=8))),
+))
 
 
 # ---------------------------------------------------------------------------------------------------

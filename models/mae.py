@@ -172,7 +172,9 @@ register_method(Method(
                                         dict(embed_dim=1024, depth=24, num_heads=16)),
         "mae_vit_huge_patch14": Preset("MAE ViT-H/14 at 224 px; decoder 8 × 512-d",
                                        dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)),
-    }))
+    },
+    memory_sizes=(("mae_vit_base_patch16", {}), ("mae_vit_huge_patch14", {})),
+))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from models.masks import EncoderMask
-from models.vit import VisionTransformer
+from models.vit import VisionTransformer, vit_config
 from util.config import AugmentSettings, MixupSettings, shared_names
 
 
@@ -31,8 +31,10 @@ class PretrainingModel(nn.Module):
     * ``no_weight_decay()``: parameter names exempt from weight decay besides 1-D parameters and biases.
     * ``visualize(imgs)``: named image panels [B, 3, H, W] in normalised image space, for ``--visualize_every``.
     * ``check_settings(config, fsdp)``: refuse settings that cannot train (e.g. D-iGPT without a teacher), or
-      cannot train sharded (``fsdp``), before anything is built or written. Under FSDP every transformer block
-      (the elements of ModuleLists named ``*blocks``) must run through its own ``forward``.
+      cannot train sharded (``fsdp``), before anything is built or written.
+    * ``transformer_blocks()``: the blocks that FSDP shards one by one and ``--grad_ckpt`` recomputes; each must run
+      through its own ``forward`` (a hook or a checkpointed forward sees nothing of a block whose layers are
+      called directly). The default: the elements of every ModuleList whose name ends in ``blocks``.
     """
 
     encoder: VisionTransformer
@@ -41,6 +43,16 @@ class PretrainingModel(nn.Module):
     @classmethod
     def check_settings(cls, config, fsdp: bool = False) -> None:
         """Raise ValueError (one line) if a training run cannot start with ``config`` (sharded: ``fsdp``)."""
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The elements of every ModuleList named ``*blocks`` (an encoder's, a decoder's, SAIM's ``query_blocks``),
+        in module order, once each (a list shared by two names counts once)."""
+        seen: dict[int, nn.Module] = {}
+        for name, module in self.named_modules():
+            if isinstance(module, nn.ModuleList) and name.split(".")[-1].endswith("blocks"):
+                for blk in module:
+                    seen.setdefault(id(blk), blk)
+        return list(seen.values())
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -67,15 +79,28 @@ class Method:
     config_class: type                         # frozen dataclass: fields are flags, defaults the official recipe
     recipe: dict = field(default_factory=dict)  # defaults of the shared training settings
     presets: dict[str, Preset] = field(default_factory=dict)
+    # A method that trains from a frozen teacher (its ``teacher`` setting) gives (config, path) -> the settings
+    # overrides of a randomly initialised teacher of the right shape, written to ``path``: what benchmarks and
+    # tests run it with when no trained teacher is at hand.
+    stand_in_teacher: Callable[..., dict] | None = None
+    # The memory table's models (benchmarks/memory.py): the B/16 and the H/14 size as (preset, overrides); without
+    # an H/14 preset, the B/16 preset widened to H/14 by overrides (``VIT_H14``; shown with a trailing ``*``).
+    memory_sizes: tuple[tuple[str, dict], ...] = ()
 
     def config_names(self) -> set[str]:
         return {f.name for f in dataclasses.fields(self.config_class)}
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.stand_in_teacher is not None
 
 
 # The tiny presets' training budget: one CPU budget for every method on the digits (benchmarks/learning_evidence.py:
 # the methods' own blr rule gives 20× smaller lrs than XTRA's absolute 1e-3 at batch 64, and their 30-40 warmup
 # epochs would cover a whole CPU run).
 TINY_CPU_BUDGET = dict(input_size=32, batch_size=64, epochs=30, warmup_epochs=3, lr=1e-3)
+# The encoder of a B/16 preset made ViT-H/14, for the memory table of a method without an H/14 preset.
+VIT_H14 = dict(vit_config("vit_huge_patch14"), input_size=224)
 
 METHODS: dict[str, Method] = {}
 MODELS: dict[str, tuple[Method, Preset]] = {}  # model name -> (method, preset)
@@ -102,6 +127,11 @@ def register_method(method: Method) -> None:
 
 def model_names(kind: str) -> list[str]:
     return sorted(n for n, (m, _) in MODELS.items() if m.kind == kind)
+
+
+def tiny_model_names(kind: str) -> list[str]:
+    """The CPU-sized presets (``<key>_vit_tiny``) of ``kind``: what the tests and the benchmarks run by default."""
+    return [n for n in model_names(kind) if n.endswith("_tiny")]
 
 
 def lookup(name: str, kind: str) -> tuple[Method, Preset]:
@@ -131,6 +161,13 @@ def model_config(name: str, kind: str = "pretrain", **overrides):
 def create_model(name: str, kind: str = "pretrain", **overrides) -> nn.Module:
     """Build a registered model: its preset's settings with ``overrides`` (see :func:`model_config`)."""
     return lookup(name, kind)[0].model_class(model_config(name, kind, **overrides))
+
+
+def stand_in_teacher(name: str, path: str) -> dict:
+    """The settings overrides that run model ``name`` with a random teacher of the right shape (written to
+    ``path``) if its method needs a teacher, else none."""
+    method, _ = MODELS[name]
+    return method.stand_in_teacher(model_config(name, method.kind), path) if method.needs_teacher else {}
 
 
 def setting_owners(flag: str) -> list[str]:

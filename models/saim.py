@@ -26,6 +26,7 @@ from models.masks import check_orders, permutation_two_stream_masks, random_orde
 from models.pixels import mean_std, normalize, patchify, unpatchify
 from models.registry import (
     TINY_CPU_BUDGET,
+    VIT_H14,
     Converted,
     Method,
     Preset,
@@ -262,7 +263,9 @@ register_method(Method(
         "saim_vit_base_patch16": Preset(
             "the official saim_base with the README flags: ViT-B/16 at 224 px, 12 query blocks, MLP head, 9×9 blur "
             "(sigma 1), norm_pix_loss, L2; 175,424,256 trainable parameters"),
-    }))
+    },
+    memory_sizes=(("saim_vit_base_patch16", {}), ("saim_vit_base_patch16", dict(VIT_H14, query_depth=32))),
+))
 
 
 # ---------------------------------------------------------------------------------------------------

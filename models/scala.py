@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from models.checkpoint import vit_shapes
-from models.registry import Converted, Method, Preset, recorded, register_converter, register_method
+from models.registry import VIT_H14, Converted, Method, Preset, recorded, register_converter, register_method
 from models.vit import Block, EncoderConfig, VisionTransformer, resize_pos_embed
 from util.settings import setting
 
@@ -197,7 +197,9 @@ class SlimmableBlock(Block):
 
 class SlimmableViT(VisionTransformer):
     """Scala's slimmable DeiT (distilled by default). ``forward(x, ratio)``: in train mode the distilled model
-    returns ``(cls_logits, dist_logits)``, in eval mode their mean; the plain model returns the cls logits."""
+    returns ``(cls_logits, dist_logits)``, in eval mode their mean; the plain model returns the cls logits.
+    ``transformer_blocks()`` (of the ViT) are the sliced blocks, each slicing its weights inside its own forward,
+    so FSDP and ``--grad_ckpt`` wrap them as they do a plain ViT's."""
 
     def __init__(self, config: ScalaConfig):
         if config.nb_classes is None:
@@ -361,7 +363,9 @@ register_method(Method(
             "which its own parser rejects; --granularity 0.0625 is what it meant)",
             dict(embed_dim=768, num_heads=12, batch_size=128, epochs=300, blr=5e-4, warmup_epochs=5,
                  aa="rand-m4-mstd0.5-inc1")),
-    }))
+    },
+    memory_sizes=(("scala_deit_base_patch16", {}), ("scala_deit_base_patch16", VIT_H14)),
+))
 
 
 # ---------------------------------------------------------------------------------------------------

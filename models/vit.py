@@ -213,6 +213,10 @@ class VisionTransformer(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token"}
 
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The blocks FSDP shards one by one and ``--grad_ckpt`` recomputes (util/parallel.py)."""
+        return list(self.blocks)
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Layer ids for timm's ``param_groups_layer_decay``: embeddings 0, block i -> i + 1, the rest last."""

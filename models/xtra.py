@@ -316,7 +316,9 @@ register_method(Method(
             dict(input_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16, predictor_width=640,
                  predictor_heads=8, proj_hidden=5120, head_hidden=9408, drop_path=0.2, epochs=100,
                  warmup_epochs=3)),
-    }))
+    },
+    memory_sizes=(("xtra_vit_base_patch16", {}), ("xtra_vit_huge_patch14", {})),
+))
 
 
 # ---------------------------------------------------------------------------------------------------

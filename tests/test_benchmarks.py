@@ -1,5 +1,9 @@
 """python -m benchmarks.throughput runs from a clean checkout and prints its table (one quick round: no timing asserts)."""
+import models
+from models.registry import METHODS
 from tests.helpers import run_script
+
+assert models  # importing the package registers every method
 
 
 def table_rows(stdout: str) -> dict[str, dict[str, str]]:
@@ -11,7 +15,7 @@ def table_rows(stdout: str) -> dict[str, dict[str, str]]:
 
 def test_throughput_table_counts_the_methods_extra_arithmetic():
     proc = run_script("benchmarks.throughput", "--models", "xtra_vit_tiny", "saim_vit_tiny", "scala_vit_tiny",
-                      "--scala_ratios", "0.5", "1", "--batch_size", "4", "--iters", "1", "--rounds", "1",
+                      "--slimmable_ratios", "0.5", "1", "--batch_size", "4", "--iters", "1", "--rounds", "1",
                       "--warmup", "0", "--device", "cpu")
     rows = table_rows(proc.stdout)
     step = "scala_vit_tiny (4-width step)"
@@ -41,6 +45,8 @@ def test_memory_table_shows_fsdp_state_falling_as_one_over_n_and_measures_each_m
                       "--device", "cpu")
     counted, measured = _tables(proc.stdout)
     assert {"xtra_vit_huge_patch14", "mae_vit_huge_patch14", "scala_deit_base_patch16*"} <= counted.keys()
+    # every method's two sizes, as its method file declares them
+    assert sorted(row["method"] for row in counted.values()) == sorted(k for k in METHODS for _ in range(2))
     for name, row in counted.items():
         ddp, *fsdp = (float(row[c].split()[0]) for c in ("DDP", "FSDP 1 GPU", "FSDP 8 GPU", "FSDP 64 GPU"))
         assert fsdp[0] == ddp > 0, name
@@ -60,7 +66,7 @@ def test_memory_workers_results_parse_on_every_launch(monkeypatch):
     from tests.helpers import ROOT
 
     monkeypatch.chdir(ROOT)
-    args = argparse.Namespace(nproc=2, batch_size=2, steps=1, amp="off", device="cpu", teacher="")
+    args = argparse.Namespace(nproc=2, batch_size=2, steps=1, amp="off", device="cpu", overrides="{}")
     for _ in range(3):
         rows = measure("xtra_vit_tiny", [], args)
         assert [r["rank"] for r in rows] == [0, 1]

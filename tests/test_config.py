@@ -85,7 +85,7 @@ def test_each_methods_flags_accept_their_documented_values(key, tmp_path):
     method = METHODS[key]
     script = main_pretrain if method.kind == "pretrain" else main_slimmable
     base = ["--model", key, "--output_dir", str(tmp_path)]
-    if key == "digpt":
+    if method.needs_teacher:
         base += ["--teacher", _teacher(tmp_path)]
     hints = typing.get_type_hints(method.config_class)
     for f in dataclasses.fields(method.config_class):
@@ -155,7 +155,7 @@ def test_every_presets_settings_round_trip_through_args_json_into_a_resumed_run(
     resolve the same output_dir without any flag: the resumed run has the same settings."""
     method, _ = MODELS[name]
     script = main_pretrain if method.kind == "pretrain" else main_slimmable
-    extra = ["--teacher", _teacher(tmp_path)] if method.key == "digpt" else []
+    extra = ["--teacher", _teacher(tmp_path)] if method.needs_teacher else []
     first, _, _ = script.resolve_settings(["--model", name, "--seed", "7", "--output_dir", str(tmp_path), *extra])
     assert start_output(str(tmp_path), first.epochs, 0, first.as_dict())  # as the run writes it
     stored = json.loads((tmp_path / "args.json").read_text())

@@ -1,6 +1,7 @@
 """FSDP2 (--fsdp), activation checkpointing (--grad_ckpt) and sharded checkpoints, on the CPU with gloo and two
-ranks: the same losses as DDP, the same with and without recomputation, sharded resume after a kill (bit-identical)
-and with another number of ranks, consolidation for fine-tuning, and the README's multi-node recipe at tiny size.
+ranks: the same losses as DDP for every registered method, the same with and without recomputation, sharded resume
+after a kill (bit-identical) and with another number of ranks, consolidation for fine-tuning, the README's
+multi-node recipe at tiny size, and the blocks a model names through ``transformer_blocks()``.
 
 One torchrun launch runs every training run of the comparisons (tests/run_sequence.py), to pay its start-up once.
 """
@@ -14,14 +15,25 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.fsdp import FSDPModule
 
+import main_pretrain
+from models import registry
+from models.registry import Method, PretrainingModel, model_names, register_method, stand_in_teacher, tiny_model_names
+from models.vit import Block, EncoderConfig
 from tests.helpers import ROOT, read_log, run_script, run_sequence
 from util.checkpoint import POINTER
+from util.cli import run_cli
+from util.distributed import Dist
+from util.parallel import parallelize
 
 # Every run: synthetic images (a pure function of the index, so any split over ranks sees the same batches), a few
 # optimiser steps, clipping and accumulation on.
@@ -30,31 +42,34 @@ COMMON = ["--dataset", "synthetic", "--num_workers", "0", "--device", "cpu", "--
 PRETRAIN = [*COMMON, "--synthetic_size", "128", "--accum_iter", "2", "--clip_grad", "1.0", "--save_encoder", "true"]
 # 97 images: training drops the odd one; evaluation gives the ranks 49 and 48 images (4 and 3 batches)
 SUPERVISED = [*COMMON, "--synthetic_size", "97", "--aa", "none", "--reprob", "0", "--clip_grad", "1.0"]
-METHODS = ("xtra_vit_tiny", "saim_vit_tiny", "mae_vit_tiny", "digpt_vit_tiny")
+PRETRAIN_MODELS, SLIMMABLE_MODELS = tiny_model_names("pretrain"), tiny_model_names("slimmable")  # every method
 MODES = {"ddp": [], "fsdp": ["--fsdp"], "fsdp_ckpt": ["--fsdp", "--grad_ckpt"]}
 XTRA_EPOCHS = 3  # the XTRA runs also serve the resume tests
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """Every comparison run, two ranks: each pretraining method, fine-tuning and Scala under DDP, FSDP and FSDP +
-    activation checkpointing. D-iGPT's teacher is the XTRA encoder; Scala's, the DDP fine-tuned classifier."""
+    """Every comparison run, two ranks: each registered method's tiny preset and fine-tuning under DDP, FSDP and
+    FSDP + activation checkpointing. A method that needs a teacher gets its stand-in (a random one of the right
+    shape); the slimmable models' teacher is the DDP fine-tuned classifier."""
     root = tmp_path_factory.mktemp("fsdp")
     sequence = []
-    for model in METHODS:
+    for model in PRETRAIN_MODELS:
         epochs = XTRA_EPOCHS if model == "xtra_vit_tiny" else 2
-        extra = ["--teacher", root / "xtra_vit_tiny-ddp" / "encoder.pth"] if model.startswith("digpt") else []
+        teacher = stand_in_teacher(model, str(root / f"{model}-teacher.pth"))
+        extra = [word for name, value in teacher.items() for word in (f"--{name}", value)]
         for mode, flags in MODES.items():
             sequence.append(("main_pretrain", ["--model", model, *PRETRAIN, "--epochs", epochs, *extra, *flags,
                                                "--output_dir", root / f"{model}-{mode}"]))
     for mode, flags in MODES.items():
         sequence.append(("main_finetune", [*SUPERVISED, "--finetune", root / "xtra_vit_tiny-ddp" / "encoder.pth",
                                            "--epochs", 2, *flags, "--output_dir", root / f"finetune-{mode}"]))
-    for mode, flags in MODES.items():
-        sequence.append(("main_slimmable", [
-            "--model", "scala_vit_tiny", *SUPERVISED, "--epochs", 2, "--full_warm_epochs", 1, "--mixup", 0,
-            "--cutmix", 0, "--teacher", root / "finetune-ddp" / "checkpoint-last.pth", "--eval_ratios", 0.25, 1,
-            "--throughput_iters", 1, *flags, "--output_dir", root / f"scala-{mode}"]))
+    for model in SLIMMABLE_MODELS:
+        for mode, flags in MODES.items():
+            sequence.append(("main_slimmable", [
+                "--model", model, *SUPERVISED, "--epochs", 2, "--full_warm_epochs", 1, "--mixup", 0,
+                "--cutmix", 0, "--teacher", root / "finetune-ddp" / "checkpoint-last.pth", "--eval_ratios", 0.25, 1,
+                "--throughput_iters", 1, *flags, "--output_dir", root / f"{model}-{mode}"]))
     run_sequence(sequence, nproc=2, workdir=root)
     return root
 
@@ -72,7 +87,7 @@ def _assert_close(a: Path, b: Path, rel: float) -> None:
         assert abs(x - y) <= rel * max(abs(x), abs(y), 1e-12), f"{a.name} vs {b.name}: epoch {epoch} {key}: {x} {y}"
 
 
-@pytest.mark.parametrize("name", [*METHODS, "finetune", "scala"])
+@pytest.mark.parametrize("name", [*PRETRAIN_MODELS, "finetune", *SLIMMABLE_MODELS])
 def test_fsdp_gives_the_losses_of_ddp_and_activation_checkpointing_changes_nothing(runs, name):
     _assert_close(runs / f"{name}-ddp", runs / f"{name}-fsdp", rel=1e-5)
     assert _train_values(read_log(runs / f"{name}-fsdp")) == _train_values(read_log(runs / f"{name}-fsdp_ckpt"))
@@ -96,8 +111,9 @@ def test_fsdp_runs_write_sharded_checkpoints_atomically_named_by_a_pointer(runs)
     assert best["optimizer"] is None and all(not hasattr(t, "placements") for t in best["model"].values())
 
 
-def test_the_frozen_teacher_is_neither_sharded_nor_trained(runs):
-    directory = runs / "digpt_vit_tiny-fsdp" / "checkpoint-1.dcp"
+@pytest.mark.parametrize("model", [n for n in PRETRAIN_MODELS if registry.MODELS[n][0].needs_teacher])
+def test_the_frozen_teacher_is_neither_sharded_nor_trained(runs, model):
+    directory = runs / f"{model}-fsdp" / "checkpoint-1.dcp"
     keys = FileSystemReader(str(directory)).read_metadata().state_dict_metadata.keys()
     assert any(k.startswith("optim.state.") for k in keys) and not any("teacher" in k for k in keys)
 
@@ -205,7 +221,7 @@ def test_activation_checkpointing_without_fsdp_changes_nothing(tmp_path, model):
     """One process (no FSDP): the same per-epoch numbers with and without --grad_ckpt (Scala: sliced widths)."""
     script, extra = ("main_slimmable.py", [*SUPERVISED, "--full_warm_epochs", 0, "--mixup", 0, "--cutmix", 0,
                                            "--eval_ratios", 1, "--throughput_iters", 1]) \
-        if model.startswith("scala") else ("main_pretrain.py", PRETRAIN)
+        if model in model_names("slimmable") else ("main_pretrain.py", PRETRAIN)
     for flags in ([], ["--grad_ckpt"]):
         run_script(script, "--model", model, *extra, "--epochs", 1, *flags, "--output_dir", tmp_path / str(flags))
     assert _train_values(read_log(tmp_path / "[]")) == _train_values(read_log(tmp_path / "['--grad_ckpt']"))
@@ -250,3 +266,74 @@ def test_the_readme_multi_node_recipe_runs_at_tiny_size(tmp_path):
 def test_what_fsdp_cannot_do_is_refused_up_front(tmp_path, argv, message):
     proc = run_script(*argv, "--dataset", "digits", "--output_dir", tmp_path / "out", check=False)
     assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "out").exists(), proc.stderr
+
+
+class CountingBlock(Block):
+    """A block that counts its forward calls (a recomputed block runs twice per training step)."""
+
+    runs = 0
+
+    def forward(self, *args, **kwargs):
+        self.runs += 1
+        return super().forward(*args, **kwargs)
+
+
+class Layered(nn.Module):
+    """Blocks in a list named ``layers``, which no naming convention finds: only ``transformer_blocks()`` says."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([CountingBlock(16, 2) for _ in range(2)])
+        self.head = nn.Linear(16, 1)
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        return list(self.layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.layers:
+            x = blk(x)
+        return self.head(x).mean()
+
+
+def test_the_blocks_a_model_names_are_sharded_and_checkpointed_whatever_their_list_is_called():
+    model = Layered()
+    dist.init_process_group("gloo", store=dist.HashStore(), world_size=1, rank=0)
+    try:
+        line = parallelize(model, Dist(True, 0, 1, torch.device("cpu")), fsdp=True, grad_ckpt=True, amp="off")
+        assert line == "memory: activation checkpointing of 2 blocks; FSDP2 over 1 ranks, 2 blocks + root"
+        assert all(isinstance(blk, FSDPModule) for blk in model.layers) and isinstance(model, FSDPModule)
+        model(torch.randn(2, 5, 16)).backward()
+        assert [blk.runs for blk in model.layers] == [2, 2]  # forward, then recomputed in the backward pass
+    finally:
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class BlocklessConfig(EncoderConfig):
+    pass
+
+
+class Blockless(PretrainingModel):
+    """A pretraining model without transformer blocks."""
+
+    def __init__(self, config: BlocklessConfig):
+        super().__init__()
+        self.config = config
+        self.head = nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize("flags", [["--fsdp"], ["--grad_ckpt"], ["--fsdp", "--grad_ckpt"]])
+def test_fsdp_or_grad_ckpt_on_a_model_without_blocks_is_one_error_line(flags, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(registry, "METHODS", dict(registry.METHODS))
+    monkeypatch.setattr(registry, "MODELS", dict(registry.MODELS))
+    register_method(Method(key="blockless", name="Blockless", kind="pretrain", model_class=Blockless,
+                           config_class=BlocklessConfig))
+    monkeypatch.setattr(sys, "argv", ["main_pretrain.py", "--model", "blockless", "--device", "cpu", *flags,
+                                      "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main_pretrain.main)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert lines[0] == f"error: {' and '.join(flags)} cannot run on Blockless: it names no transformer blocks " \
+                       "(transformer_blocks())"
+    assert not (tmp_path / "out").exists() and not dist.is_initialized()

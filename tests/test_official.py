@@ -137,7 +137,7 @@ def test_converted_whole_model_computes_what_the_model_built_directly_computes(c
 def test_main_pretrain_resumes_a_converted_file_with_the_unrecorded_settings_given(converted, tmp_path):
     key, model, _, path = converted
     argv = ["--resume", str(path), "--output_dir", str(tmp_path), *FAST]
-    if key == "digpt":  # resolution only checks that the teacher exists
+    if METHODS[key].needs_teacher:  # resolution only checks that the teacher exists
         (tmp_path / "teacher.pth").write_bytes(b"")
         argv += ["--teacher", str(tmp_path / "teacher.pth")]
     if UNRECORDED[key]:
@@ -149,7 +149,7 @@ def test_main_pretrain_resumes_a_converted_file_with_the_unrecorded_settings_giv
     method = METHODS[key]
     assert s.model == key and s.source("embed_dim") == "checkpoint"
     config = s.of(method.config_class)
-    resumed = method.model_class(dataclasses.replace(config, teacher="") if key == "digpt" else config).eval()
+    resumed = method.model_class(dataclasses.replace(config, teacher="") if method.needs_teacher else config).eval()
     resumed.load_state_dict(ckpt["model"], strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -68,11 +68,11 @@ def render() -> str:
              "recipe, then the preset. `--help` of a script prints the same, for the chosen `--model` / `--probe`. "
              "Optional settings accept `none`; booleans accept a bare flag (`--compile`) or `true` / `false`.", ""]
 
+    shown = pretrain.PretrainSettings.model  # each script's default model
     parts += ["## main_pretrain.py", "",
-              "The shared groups, shown for `--model xtra_vit_tiny`; each method's own settings follow, with its "
+              f"The shared groups, shown for `--model {shown}`; each method's own settings follow, with its "
               "official defaults (`--model <method>`) and what each preset changes.", "",
-              group_table(pretrain.settings_parser("xtra_vit_tiny")[0],
-                          {"pretraining", "optimisation", "data", "run"}), ""]
+              group_table(pretrain.settings_parser(shown)[0], {"pretraining", "optimisation", "data", "run"}), ""]
     for key, method in registry.METHODS.items():
         if method.kind != "pretrain":
             continue
@@ -87,10 +87,10 @@ def render() -> str:
     parts += ["## main_finetune.py", "", group_table(finetune.settings_parser()[0]), ""]
     for probe in linprobe.RECIPES:
         parts += [f"## main_linprobe.py --probe {probe}", "", group_table(linprobe.settings_parser(probe)[0]), ""]
-    scala_names = registry.model_names("slimmable")
-    parts += ["## main_slimmable.py", "", "Shown for `--model scala_deit_small_patch16`.", "",
-              group_table(slimmable.settings_parser("scala_deit_small_patch16")[0]), "",
-              preset_table(slimmable, [n for n in scala_names if n != "scala"]), ""]
+    shown = slimmable.SlimmableSettings.model
+    parts += ["## main_slimmable.py", "", f"Shown for `--model {shown}`.", "",
+              group_table(slimmable.settings_parser(shown)[0]), "",
+              preset_table(slimmable, [n for n in registry.model_names("slimmable") if n not in registry.METHODS]), ""]
     return "\n".join(parts)
 
 
