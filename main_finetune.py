@@ -40,6 +40,7 @@ from util.cli import run_cli
 from util.config import PARALLEL_GROUP, SHARED_GROUPS, AugmentSettings, MixupSettings, OptimSettings, resolve_run
 from util.datasets import build_dataset, build_loader, build_transform, save_class_names
 from util.distributed import cleanup_distributed, init_distributed, print0
+from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, print_resolved, setting
@@ -116,12 +117,12 @@ def build_classifier(s: Settings, num_classes: int, init: dict | None, ckpt: dic
         preset = vit_config(s.model)
         clash = {k: (v, arch[k]) for k, v in preset.items() if k in arch and arch[k] != v}
         if clash:
-            raise ValueError(f"--model {s.model} does not match the checkpoint's encoder: {clash}")
+            raise UserError(f"--model {s.model} does not match the checkpoint's encoder: {clash}")
         arch = {**arch, **preset}
     if not arch:
-        raise ValueError("give --model (a ViT preset) or --finetune (a checkpoint that stores its architecture)")
+        raise UserError("give --model (a ViT preset) or --finetune (a checkpoint that stores its architecture)")
     if s.global_pool == "token" and not arch.get("class_token", True):
-        raise ValueError("--global_pool token needs a cls token, and this encoder has none; use --global_pool avg")
+        raise UserError("--global_pool token needs a cls token, and this encoder has none; use --global_pool avg")
     # fine-tuning trains the position table (MAE, SAIM), initialised from the checkpoint
     return VisionTransformer(**arch, pos_embed="learn", img_size=s.input_size, num_classes=num_classes,
                              global_pool=s.global_pool, fc_norm=s.global_pool == "avg", drop_path_rate=s.drop_path)
@@ -133,7 +134,7 @@ def main(argv: Sequence[str]) -> None:
     if s.print_config:
         return
     if s.eval and ckpt is None and init is None:
-        raise ValueError("--eval needs --resume (or --finetune) weights")
+        raise UserError("--eval needs --resume (or --finetune) weights")
     dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp and not s.eval)
     device = dist_info.device
     seed_everything(s.seed)

@@ -32,6 +32,7 @@ from util.cli import run_cli
 from util.config import SHARED_GROUPS, AugmentSettings, OptimSettings, resolve_run
 from util.datasets import build_dataset, build_loader, build_transform, save_class_names
 from util.distributed import cleanup_distributed, init_distributed, print0
+from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
 from util.parallel import wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, print_resolved, setting
@@ -131,7 +132,7 @@ def probe_mask(s: Settings, stored: EncoderMask | None) -> EncoderMask | None:
         return None
     k = s.probe_block_size or (stored.block_size if isinstance(stored, BlockCausal) else None)
     if not k:
-        raise ValueError("--probe_mask block_causal needs --probe_block_size (the checkpoint does not say)")
+        raise UserError("--probe_mask block_causal needs --probe_block_size (the checkpoint does not say)")
     return BlockCausal(k)
 
 
@@ -158,7 +159,7 @@ def main(argv: Sequence[str]) -> None:
     if s.print_config:
         return
     if s.eval and ckpt is None:
-        raise ValueError("--eval needs --resume (a probe checkpoint)")
+        raise UserError("--eval needs --resume (a probe checkpoint)")
     dist_info = init_distributed(s.device, s.dist_url)
     device = dist_info.device
     seed_everything(s.seed)

@@ -60,6 +60,7 @@ from util.config import (
 )
 from util.datasets import build_dataset, build_loader, build_transform, save_class_names
 from util.distributed import cleanup_distributed, init_distributed, is_main_process, print0
+from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, print_resolved, setting
@@ -193,7 +194,7 @@ def main(argv: Sequence[str]) -> None:
                                                   s.synthetic_size)
     num_classes = s.nb_classes or len((train_set or val_set).classes)
     if teacher is not None and teacher.num_classes != num_classes:
-        raise ValueError(f"teacher predicts {teacher.num_classes} classes, the data has {num_classes}")
+        raise UserError(f"teacher predicts {teacher.num_classes} classes, the data has {num_classes}")
     scala = dataclasses.replace(s.of(ScalaConfig), nb_classes=num_classes)
     model = SlimmableViT(scala)
     eval_ratios = evaluation_ratios(s.eval_ratios, model)

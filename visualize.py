@@ -21,6 +21,7 @@ from models.checkpoint import load_checkpoint, model_from_checkpoint, vit_state_
 from models.vit import VisionTransformer
 from util.cli import run_cli
 from util.datasets import build_dataset, build_transform
+from util.errors import UserError
 from util.images import first_images, normalize, save_panels
 from util.settings import Group, SettingsParser, resolve, setting
 
@@ -43,7 +44,7 @@ class VisualizeSettings:
 def cls_attention_maps(vit: VisionTransformer, imgs: torch.Tensor) -> torch.Tensor:
     """Attention of the cls token to every patch in the last block, averaged over heads: [B, 1, G, G]."""
     if vit.cls_token is None:
-        raise ValueError("attention maps need an encoder with a cls token")
+        raise UserError("attention maps need an encoder with a cls token")
     last = vit.blocks[-1]
     h = vit.get_intermediate_layers(imgs, [len(vit.blocks) - 2])[0] if len(vit.blocks) > 1 else vit.embed(imgs)
     B, N, C = h.shape
@@ -58,7 +59,7 @@ def main(argv: Sequence[str]) -> None:
     groups = [Group("visualisation", VisualizeSettings)]
     s = resolve(groups, [("command line", SettingsParser("visualize.py", __doc__.split("\n")[0], groups).parse(argv))])
     if not s.checkpoint:
-        raise ValueError("give --checkpoint")
+        raise UserError("give --checkpoint")
     ckpt = load_checkpoint(s.checkpoint)
     device = torch.device(s.device)
     input_size = ckpt["vit_config"]["img_size"]
@@ -73,7 +74,7 @@ def main(argv: Sequence[str]) -> None:
         save_panels({"input": imgs, "cls_attention": normalize(maps)}, s.output)
         return
     if ckpt.get("vit_prefix") != "encoder.":
-        raise ValueError(f"{s.checkpoint} is not a pretraining checkpoint; use --attn_maps for classifiers")
+        raise UserError(f"{s.checkpoint} is not a pretraining checkpoint; use --attn_maps for classifiers")
     model = model_from_checkpoint(ckpt)
     model.load_state_dict(ckpt["model"])
     save_panels(model.to(device).eval().visualize(imgs), s.output)

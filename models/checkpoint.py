@@ -24,6 +24,7 @@ from models.vit import VisionTransformer, resize_pos_embed
 from util.checkpoint import load_file, resume_path
 from util.config import RunSettings
 from util.distributed import print0
+from util.errors import UserError
 from util.settings import coerce, preparse
 
 WRAPPER_PREFIXES = ("module.", "_forward_module.", "_orig_mod.", "model.")  # DDP, Lightning, compile, DeepSpeed
@@ -93,14 +94,14 @@ def encoder_num_heads(width: int, records: dict, given: int | None, what: str) -
     else ``--num_heads``; both, when they disagree, or neither is an error."""
     found = recorded_heads(records, width)
     if given is not None and found is not None and given != found:
-        raise ValueError(f"{what} records {found} attention heads for its {width}-wide encoder, but --num_heads "
+        raise UserError(f"{what} records {found} attention heads for its {width}-wide encoder, but --num_heads "
                          f"is {given}")
     heads = given if given is not None else found
     if heads is None:
-        raise ValueError(f"{what} does not record how many attention heads its {width}-wide encoder has (no model "
+        raise UserError(f"{what} does not record how many attention heads its {width}-wide encoder has (no model "
                          "name or hyper-parameters in the file): give --num_heads")
     if width % heads:
-        raise ValueError(f"{heads} attention heads do not divide the {width}-wide encoder of {what}")
+        raise UserError(f"{heads} attention heads do not divide the {width}-wide encoder of {what}")
     return heads
 
 
@@ -111,7 +112,7 @@ def vit_shapes(sd: dict) -> dict:
     n_patch = sd["pos_embed"].shape[1] - int("cls_token" in sd) - int("dist_token" in sd)
     side = math.isqrt(n_patch)
     if side * side != n_patch:
-        raise ValueError(f"pos_embed holds {n_patch} patch positions, not a square grid")
+        raise UserError(f"pos_embed holds {n_patch} patch positions, not a square grid")
     return {"img_size": side * patch, "patch_size": patch, "in_chans": in_chans, "embed_dim": dim,
             "depth": 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
             "mlp_ratio": sd["blocks.0.mlp.fc1.weight"].shape[0] / dim, "qkv_bias": "blocks.0.attn.qkv.bias" in sd}
@@ -160,7 +161,7 @@ def normalize_checkpoint(ckpt: dict, path: str = "", num_heads: int | None = Non
     if found is None:
         config = infer_vit_config(sd)
         if config is None:
-            raise ValueError(f"{what}: not a checkpoint of this project, not a timm ViT, and no converter "
+            raise UserError(f"{what}: not a checkpoint of this project, not a timm ViT, and no converter "
                              f"({', '.join(CONVERTERS) or 'none registered'}) recognises its keys")
         config["num_heads"] = encoder_num_heads(config["embed_dim"], records, num_heads, what)
         return {"model": sd, "model_name": None, "converted_from": "timm", "epoch": -1, "vit_config": config,
@@ -233,7 +234,7 @@ def load_encoder_weights(model: VisionTransformer, ckpt: dict) -> dict[str, list
     cfg = ckpt["vit_config"]
     clash = {k: (cfg[k], model.config[k]) for k in ARCH_KEYS if k in cfg and cfg[k] != model.config[k]}
     if clash:
-        raise ValueError(f"the checkpoint's encoder differs from the model (checkpoint, model): {clash}")
+        raise UserError(f"the checkpoint's encoder differs from the model (checkpoint, model): {clash}")
     sd = vit_state_dict(ckpt)
     own = model.state_dict()
     if "pos_embed" in sd:
@@ -252,7 +253,7 @@ def load_encoder_weights(model: VisionTransformer, ckpt: dict) -> dict[str, list
     result = model.load_state_dict(sd, strict=False)
     bad = [k for k in result.missing_keys if not k.startswith(FRESH_KEYS)]
     if bad:
-        raise ValueError(f"checkpoint does not fit the model: missing {sorted(bad)[:8]}"
+        raise UserError(f"checkpoint does not fit the model: missing {sorted(bad)[:8]}"
                          f"{' ...' if len(bad) > 8 else ''} (architecture differs?)")
     print0(f"loaded encoder weights: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
     return {"missing": result.missing_keys, "unexpected": result.unexpected_keys}
@@ -272,9 +273,9 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     not loaded)."""
     name, stored = ckpt.get("model_name"), ckpt.get("model_config")
     if name not in MODELS or stored is None:
-        raise ValueError(f"the checkpoint does not record a registered model (model_name {name!r})")
+        raise UserError(f"the checkpoint does not record a registered model (model_name {name!r})")
     if ckpt.get("unrecorded"):
-        raise ValueError(f"the checkpoint does not record {', '.join(ckpt['unrecorded'])} of its {name} model")
+        raise UserError(f"the checkpoint does not record {', '.join(ckpt['unrecorded'])} of its {name} model")
     method = MODELS[name][0]
     hints = typing.get_type_hints(method.config_class)
     return method.model_class(method.config_class(**{k: coerce(v, hints[k]) for k, v in stored.items()

@@ -29,6 +29,7 @@ from models.registry import CONVERTERS, MODELS
 from models.vit import VisionTransformer, timm_kwargs
 from util.checkpoint import consolidate, load_file, save_atomic, sharded_dir
 from util.cli import run_cli
+from util.errors import UserError
 from util.settings import OneLineParser
 
 assert models  # importing the package registers the converters
@@ -66,7 +67,7 @@ def check_loadable(ckpt: dict) -> str:
             model_from_checkpoint(ckpt).load_state_dict(ckpt["model"], strict=True)
             loaded += f" and the whole {ckpt['model_name']} model"
     except (RuntimeError, TypeError, KeyError) as e:
-        raise ValueError(f"the converted checkpoint does not load: {' '.join(str(e).split())[:400]}") from None
+        raise UserError(f"the converted checkpoint does not load: {' '.join(str(e).split())[:400]}") from None
     return loaded
 
 
@@ -86,11 +87,11 @@ def write_verified(ckpt: dict, output: str) -> str:
 def main(argv: Sequence[str]) -> None:
     s = get_parser().parse_args(argv)
     if os.path.exists(s.output) and not s.force:
-        raise ValueError(f"{s.output} exists (use --force to overwrite)")
+        raise UserError(f"{s.output} exists (use --force to overwrite)")
     if s.source:
         raw = load_file(s.input)
         if not CONVERTERS[s.source].detect(official_state_dict(raw), file_records(raw)):
-            raise ValueError(f"{s.input} does not look like an official {s.source} checkpoint")
+            raise UserError(f"{s.input} does not look like an official {s.source} checkpoint")
         ckpt = normalize_checkpoint(raw, s.input, s.num_heads)
         check_loadable(ckpt)
         loaded = write_verified(ckpt, s.output)
@@ -100,7 +101,7 @@ def main(argv: Sequence[str]) -> None:
                else ""))
     elif s.consolidate:
         if sharded_dir(s.input) is None:
-            raise ValueError(f"{s.input} is not a sharded checkpoint (a checkpoint-<epoch>.dcp directory or the "
+            raise UserError(f"{s.input} is not a sharded checkpoint (a checkpoint-<epoch>.dcp directory or the "
                              "checkpoint-last.json that names one)")
         ckpt = consolidate(s.input)
         loaded = write_verified(ckpt, s.output)

@@ -44,6 +44,7 @@ from models.registry import (
 from models.teacher import OPEN_CLIP_PREFIX, FrozenTeacher, load_teacher, teacher_tokens
 from models.vit import Attention, EncoderConfig, VisionTransformer, sincos_pos_embed_2d, upcast
 from util.checkpoint import save_atomic
+from util.errors import UserError
 from util.settings import setting
 
 # The official teacher, OpenCLIP ViT-H/14 at 224 px, has 1024-d tokens (on a 16×16 grid).
@@ -216,10 +217,10 @@ class DiGPT(PretrainingModel):
     @classmethod
     def check_settings(cls, config: DiGPTConfig, fsdp: bool = False) -> None:
         if not config.teacher:
-            raise ValueError("D-iGPT learns from a teacher's features: give --teacher (and --teacher_weights)")
+            raise UserError("D-iGPT learns from a teacher's features: give --teacher (and --teacher_weights)")
         if not config.teacher.startswith(OPEN_CLIP_PREFIX) and not config.teacher_weights \
                 and not os.path.isfile(config.teacher):
-            raise ValueError(f"teacher checkpoint not found: {config.teacher}")
+            raise UserError(f"teacher checkpoint not found: {config.teacher}")
 
     def init_weights(self) -> None:
         """Official init: xavier-uniform Linears (zero bias), unit LayerNorms, queries N(0, 0.02) truncated,
@@ -237,10 +238,10 @@ class DiGPT(PretrainingModel):
     def set_teacher(self, teacher: FrozenTeacher | None) -> None:
         if teacher is not None:
             if teacher.embed_dim != self.teacher_dim:
-                raise ValueError(f"teacher features are {teacher.embed_dim}-d but the model predicts "
+                raise UserError(f"teacher features are {teacher.embed_dim}-d but the model predicts "
                                  f"{self.teacher_dim}-d (set teacher_dim)")
             if teacher.grid_size != self.teacher_grid:
-                raise ValueError(f"teacher grid is {teacher.grid_size}×{teacher.grid_size} but the model expects "
+                raise UserError(f"teacher grid is {teacher.grid_size}×{teacher.grid_size} but the model expects "
                                  f"{self.teacher_grid} (set teacher_grid)")
             p = next(iter(self.parameters()))
             teacher = teacher.to(device=p.device)
@@ -447,7 +448,7 @@ def _official_convert(sd: dict, records: dict) -> Converted:
         for i in norms:  # the official list repeats one LayerNorm module: all copies must agree
             for p in ("weight", "bias"):
                 if not torch.equal(sd[f"{memory_src}_enc_norm.{i}.{p}"], sd[f"{memory_src}_enc_norm.0.{p}"]):
-                    raise ValueError(f"{memory_src}_enc_norm.{i} differs from .0: not an official D-iGPT checkpoint")
+                    raise UserError(f"{memory_src}_enc_norm.{i} differs from .0: not an official D-iGPT checkpoint")
         for p in ("weight", "bias"):
             out[f"{ours}_feat_norm.{p}"] = sd[f"{memory_src}_enc_norm.0.{p}"]
             out[f"{ours}_enc2dec.{p}"] = sd[f"{memory_src}_enc2dec.{p}"]

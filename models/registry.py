@@ -17,6 +17,7 @@ import torch.nn as nn
 from models.masks import EncoderMask
 from models.vit import VisionTransformer, vit_config
 from util.config import AugmentSettings, MixupSettings, shared_names
+from util.errors import UserError
 
 
 class PretrainingModel(nn.Module):
@@ -136,7 +137,7 @@ def tiny_model_names(kind: str) -> list[str]:
 
 def lookup(name: str, kind: str) -> tuple[Method, Preset]:
     if name not in MODELS or MODELS[name][0].kind != kind:
-        raise ValueError(f"unknown {kind} model {name!r}; known: {', '.join(model_names(kind))}")
+        raise UserError(f"unknown {kind} model {name!r}; known: {', '.join(model_names(kind))}")
     return MODELS[name]
 
 

@@ -36,6 +36,7 @@ from models.registry import (
     register_method,
 )
 from models.vit import Block, EncoderConfig, VisionTransformer, upcast
+from util.errors import UserError
 from util.settings import setting
 
 
@@ -177,7 +178,7 @@ class SAIM(PretrainingModel):
     @classmethod
     def check_settings(cls, config: SAIMConfig, fsdp: bool = False) -> None:
         if fsdp and config.fuse_streams:  # paired_blocks reads two blocks' weights outside their forward
-            raise ValueError("--fuse_streams cannot run with --fsdp (it calls the blocks' layers directly, where "
+            raise UserError("--fuse_streams cannot run with --fsdp (it calls the blocks' layers directly, where "
                              "FSDP gathers a block's weights only in its forward); use one of them")
 
     def forward_predictions(self, imgs: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -297,7 +298,7 @@ def _sigma_of(kernel: torch.Tensor) -> float:
     c = (k1.numel() - 1) // 2
     sigma = round(math.sqrt(-1 / (2 * math.log(float(k1[c + 1] / k1[c])))), 6)  # the file holds float32 values
     if not torch.allclose(gaussian_kernel2d(k1.numel(), sigma), kernel[0, 0].float(), atol=1e-6):
-        raise ValueError("the official gaussian_blur.weight is not a normalised Gaussian kernel")
+        raise UserError("the official gaussian_blur.weight is not a normalised Gaussian kernel")
     return sigma
 
 

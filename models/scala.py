@@ -32,6 +32,7 @@ from timm.layers import trunc_normal_
 from models.checkpoint import vit_shapes
 from models.registry import VIT_H14, Converted, Method, Preset, recorded, register_converter, register_method
 from models.vit import Block, EncoderConfig, VisionTransformer, resize_pos_embed
+from util.errors import UserError
 from util.settings import setting
 
 
@@ -420,7 +421,7 @@ def convert_official(sd: dict[str, torch.Tensor], records: dict) -> Converted:
     (s, l, ε) from the recorded flags (they become the defaults of evaluation and resume)."""
     shapes = vit_shapes(sd)
     if shapes["in_chans"] != 3 or not shapes["qkv_bias"]:
-        raise ValueError("not a Scala layout: RGB input and qkv biases expected")
+        raise UserError("not a Scala layout: RGB input and qkv biases expected")
     settings = dict(input_size=shapes["img_size"], patch_size=shapes["patch_size"], embed_dim=shapes["embed_dim"],
                     depth=shapes["depth"], mlp_ratio=shapes["mlp_ratio"], nb_classes=sd["head.weight"].shape[0],
                     distilled="dist_token" in sd)
@@ -432,7 +433,7 @@ def convert_official(sd: dict[str, torch.Tensor], records: dict) -> Converted:
         ref = SlimmableViT(ScalaConfig(**settings, num_heads=1)).state_dict()
     wrong = sorted(set(ref) ^ set(sd)) + [k for k in ref if k in sd and ref[k].shape != sd[k].shape]
     if wrong:
-        raise ValueError(f"official Scala state dict does not fit the inferred architecture: {wrong[:8]}")
+        raise UserError(f"official Scala state dict does not fit the inferred architecture: {wrong[:8]}")
     return Converted(dict(sd), "slimmable", settings)
 
 

@@ -24,6 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_
 from models.checkpoint import load_vit, official_state_dict
 from models.vit import upcast
 from util.checkpoint import load_file
+from util.errors import UserError
 
 OPEN_CLIP_PREFIX = "open_clip:"
 
@@ -112,7 +113,7 @@ def load_teacher(teacher: str, weights: str | None = None) -> FrozenTeacher:
     if weights is not None:
         return _load_timm(teacher, weights)
     if not os.path.isfile(teacher) and timm.is_model(teacher):
-        raise ValueError(f"teacher {teacher!r} is a timm model name: give its weights file too (nothing is "
+        raise UserError(f"teacher {teacher!r} is a timm model name: give its weights file too (nothing is "
                          "downloaded)")
     vit, _ = load_vit(teacher)  # FileNotFoundError / ValueError for a missing or foreign file
     return FrozenTeacher(vit, "vit", vit.config["img_size"], vit.grid_size, vit.embed_dim,
@@ -123,12 +124,12 @@ def _read_state_dict(path: str) -> dict:
     """Tensors of a local weights file (torch or safetensors), wrappers and DDP-style prefixes removed."""
     if path.endswith(".safetensors"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"teacher weights not found: {path}")
+            raise UserError(f"teacher weights not found: {path}")
         from safetensors.torch import load_file as load_safetensors
         try:
             return load_safetensors(path)
         except Exception as e:  # truncated or not a safetensors file
-            raise ValueError(f"cannot read teacher weights {path}: {type(e).__name__}: {e}") from None
+            raise UserError(f"cannot read teacher weights {path}: {type(e).__name__}: {e}") from None
     return official_state_dict(load_file(path))
 
 
@@ -136,12 +137,12 @@ def _load_strict(module: nn.Module, state_dict: dict, what: str) -> None:
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:  # the official D-iGPT loads non-strictly and can silently keep a random teacher
-        raise ValueError(f"weights do not fit teacher {what}: {' '.join(str(e).split())[:500]}") from None
+        raise UserError(f"weights do not fit teacher {what}: {' '.join(str(e).split())[:500]}") from None
 
 
 def _load_timm(name: str, weights: str) -> FrozenTeacher:
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {name!r} (see timm.list_models())")
+        raise UserError(f"unknown timm model {name!r} (see timm.list_models())")
     state_dict = _read_state_dict(weights)
     classifier = timm.models.get_pretrained_cfg_value(name, "classifier") or "head"
     classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
@@ -162,17 +163,17 @@ def _load_open_clip(arch: str, weights: str | None) -> FrozenTeacher:
     try:
         import open_clip  # optional dependency, only for CLIP teachers
     except ImportError:
-        raise ValueError("open_clip teachers need the open_clip_torch package (pip install open_clip_torch)") from None
+        raise UserError("open_clip teachers need the open_clip_torch package (pip install open_clip_torch)") from None
     if arch not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {arch!r}; known: {', '.join(open_clip.list_models())}")
+        raise UserError(f"unknown open_clip architecture {arch!r}; known: {', '.join(open_clip.list_models())}")
     if weights is None:
-        raise ValueError(f"open_clip teacher {arch!r} needs a local weights file (nothing is downloaded)")
+        raise UserError(f"open_clip teacher {arch!r} needs a local weights file (nothing is downloaded)")
     state_dict = _read_state_dict(weights)
     if any(k.startswith("visual.") for k in state_dict):  # a full CLIP checkpoint: keep the image tower
         state_dict = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
     visual = open_clip.create_model(arch, pretrained=None).visual
     if not hasattr(visual, "forward_intermediates") or getattr(visual, "attn_pool", None) is not None:
-        raise ValueError(f"open_clip {arch!r}: only plain ViT image towers give per-token features")
+        raise UserError(f"open_clip {arch!r}: only plain ViT image towers give per-token features")
     _load_strict(visual, state_dict, f"open_clip:{arch}")
     img_size, grid = visual.image_size[0], visual.grid_size[0]
     dim = visual.proj.shape[1] if visual.proj is not None else visual.ln_post.normalized_shape[0]

@@ -34,6 +34,7 @@ from models.registry import (
     register_method,
 )
 from models.vit import Block, EncoderConfig, VisionTransformer, _init_linear_and_norm, resize_pos_embed, upcast
+from util.errors import UserError
 from util.settings import setting
 
 
@@ -341,16 +342,16 @@ def _probe(sd: dict, records: dict) -> tuple[dict, dict]:
                   final_norm=bool(recorded(records, "cls_norm_enc_output")))
     if "k.weight" in head:  # attentive pooling
         if "linear.weight" not in head:
-            raise ValueError("official XTRA attentive probe with an output BatchNorm: not supported")
+            raise UserError("official XTRA attentive probe with an output BatchNorm: not supported")
         heads = recorded(records, "attentive_pooling_num_heads")
         if heads is None:
-            raise ValueError("the official XTRA probe file does not record attentive_pooling_num_heads")
+            raise UserError("the official XTRA probe file does not record attentive_pooling_num_heads")
         ours = {"head.query": head["cls_token"], "head.k.weight": head["k.weight"], "head.v.weight": head["v.weight"],
                 "head.linear.weight": head["linear.weight"], "head.linear.bias": head["linear.bias"],
                 **{f"head.bn.{k[3:]}": v for k, v in head.items() if k.startswith("bn.")}}
         return ours, dict(common, probe="attentive", probe_heads=int(heads), num_queries=head["cls_token"].shape[1])
     if "1.weight" not in head:  # the linear probe without the output BatchNorm is not this project's head
-        raise ValueError("official XTRA linear probe without its BatchNorm (cls_out_bn false): not supported")
+        raise UserError("official XTRA linear probe without its BatchNorm (cls_out_bn false): not supported")
     ours = {"head.linear.weight": head["1.weight"], "head.linear.bias": head["1.bias"],
             **{f"head.bn.{k[2:]}": v for k, v in head.items() if k.startswith("0.")}}
     return ours, dict(common, probe="linear", pool="avg")
@@ -374,7 +375,7 @@ def convert_official(sd: dict, records: dict) -> Converted:
         settings["block_size"] = 1
     if not any(k.startswith(_PRETRAIN_PARTS) for k in sd):
         if "block_size" not in settings:
-            raise ValueError("an official XTRA encoder file that does not record its block size (enc_block_size) "
+            raise UserError("an official XTRA encoder file that does not record its block size (enc_block_size) "
                              "cannot be probed with its block-causal mask")
         grid = settings["input_size"] // settings["patch_size"]
         placeholders = {"predictor_heads": 1, "num_pred_heads": 1} if grid // settings["block_size"] > 1 else {}

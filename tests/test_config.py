@@ -20,6 +20,7 @@ from models.xtra import XTRAConfig
 from tests.helpers import ROOT, run_script
 from util.checkpoint import start_output
 from util.config import RUN_LOCAL, OptimSettings
+from util.errors import UserError
 from util.settings import SettingsError
 
 
@@ -194,3 +195,38 @@ def test_nothing_outside_the_entry_scripts_reads_or_writes_an_args_namespace():
         if re.search(r"(?<![`\w])args\.(?!json)[a-z_]+|(:|->) *argparse\.Namespace|vars\(args\)", text):
             offenders.append(path.name)
     assert offenders == []
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("main_pretrain.py", ["--model", "xtra_vit_tiny", "--dataset", "digits", "--epochs", "1", "--resume",
+                          "--output_dir", "{out}"]),
+    ("main_pretrain.py", ["--model", "xtra_vit_tiny", "--dataset", "digits", "--epochs", "1", "--output_dir"]),
+    ("main_finetune.py", ["--dataset", "digits", "--output_dir", "{out}", "--finetune"]),
+    ("main_linprobe.py", ["--dataset", "digits", "--finetune", "--output_dir", "{out}"]),
+    ("main_finetune.py", ["--dataset", "digits", "--num_heads", "--output_dir", "{out}"]),
+    ("main_slimmable.py", ["--dataset", "digits", "--output_dir", "{out}", "--resume"]),
+])
+def test_a_flag_without_its_value_is_one_error_line_before_anything_is_read(tmp_path, monkeypatch, script, argv):
+    monkeypatch.chdir(tmp_path)  # a bare --output_dir must not leave the default ./output_dir behind either
+    out = tmp_path / "out"
+    proc = run_script(script, *[a.format(out=out) for a in argv], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and "expected one argument" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bug_keeps_its_traceback_and_only_user_errors_become_one_line(tmp_path, monkeypatch):
+    """A ValueError from the project's own code (here a shape error inside the loss) is not the user's fault: it
+    propagates with its traceback instead of becoming an `error:` line; a UserError does become one."""
+
+    def broken_epoch(*args, **kwargs):
+        torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(5, dtype=torch.long))
+
+    monkeypatch.setattr(main_pretrain, "train_one_epoch", broken_epoch)
+    argv = ["--model", "xtra_vit_tiny", "--dataset", "digits", "--num_workers", "0", "--epochs", "1",
+            "--output_dir", str(tmp_path / "bug")]
+    with pytest.raises(ValueError, match="batch_size") as raised:
+        run_script("main_pretrain.py", *argv, check=False)
+    assert not isinstance(raised.value, UserError) and raised.traceback[-1].name != "run_cli"
+    proc = run_script("main_pretrain.py", *argv[:-1], str(tmp_path / "bug"), "--epochs", "0", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --epochs must be at least 1")

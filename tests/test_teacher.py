@@ -14,6 +14,7 @@ import models  # noqa: F401
 from models.registry import create_model
 from models.teacher import FrozenTeacher, load_teacher, teacher_tokens
 from models.vit import VisionTransformer
+from util.errors import UserError
 
 HAS_OPEN_CLIP = importlib.util.find_spec("open_clip") is not None
 
@@ -97,7 +98,7 @@ def test_clip_renormalisation_of_the_imagenet_mean_image():
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError):
         load_teacher(str(tmp_path / "missing.pth"))
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"definitely not a checkpoint")
@@ -111,7 +112,7 @@ def test_clear_errors(tmp_path):
         load_teacher("test_vit", str(bad_st))
     with pytest.raises(ValueError, match="unknown timm model"):  # the name is checked before the file
         load_teacher("no_such_vit_xyz", str(tmp_path / "missing.pth"))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UserError):
         load_teacher("test_vit", str(tmp_path / "missing.pth"))
     with pytest.raises(ValueError, match="give its weights file"):
         load_teacher("test_vit")

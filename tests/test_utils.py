@@ -13,6 +13,7 @@ from tests.helpers import run_script
 from util import misc
 from util.checkpoint import load_file, save_atomic, save_checkpoint, training_state
 from util.datasets import DigitsDataset, ShardSampler
+from util.errors import UserError
 from util.images import normalize, unnormalize
 from util.lr_sched import Schedule, adjust_learning_rate
 from util.misc import rng_state, set_rng_state
@@ -48,7 +49,7 @@ def test_checkpoint_retention_and_weights_only(tmp_path):
 
 
 def test_unreadable_checkpoints_give_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not found"):
+    with pytest.raises(UserError, match="not found"):
         load_file(str(tmp_path / "missing.pth"))
     (tmp_path / "bad.pth").write_bytes(b"\x00garbage")
     with pytest.raises(ValueError, match="cannot read checkpoint"):
@@ -84,7 +85,7 @@ def test_digits_split_is_fixed_and_disjoint():
 
 def test_non_finite_loss_stops_naming_the_step():
     check_finite(torch.tensor(1.0), 0, 0)
-    with pytest.raises(FloatingPointError, match="epoch 2, step 7"):
+    with pytest.raises(UserError, match="epoch 2, step 7"):
         check_finite(torch.tensor(float("nan")), 2, 7)
 
 

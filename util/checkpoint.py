@@ -52,7 +52,7 @@ def sharded_dir(path: str) -> str | None:
             with open(path) as f:
                 return os.path.join(os.path.dirname(path), json.load(f)["checkpoint"])
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"cannot read checkpoint pointer {path}: {type(e).__name__}: {e}") from None
+            raise UserError(f"cannot read checkpoint pointer {path}: {type(e).__name__}: {e}") from None
     return None
 
 
@@ -105,19 +105,19 @@ def load_file(path: str, weights: bool = True) -> dict:
     directory = sharded_dir(path)
     if directory is not None:
         if not os.path.isfile(os.path.join(directory, META)):
-            raise FileNotFoundError(f"checkpoint not found: {directory} (named by {path})")
+            raise UserError(f"checkpoint not found: {directory} (named by {path})")
         meta = {**load_file(os.path.join(directory, META)), "sharded_dir": directory}
         return {**meta, "model": sharded_weights(directory)} if weights else meta
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise UserError(f"checkpoint not found: {path}")
     try:
         # official MAE/DeiT/Scala files pickle their flags as an argparse.Namespace: allow that one class
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, or pickled objects that weights_only refuses
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     if not isinstance(ckpt, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
+        raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt
 
 
@@ -350,7 +350,7 @@ def _load_sharded(directory: str, path: str, model: nn.Module, optimizer: torch.
     shapes = [f"{k}: {tuple(stored[k].size)} vs {tuple(v.shape)}" for k, v in model_sd.items()
               if k in stored and tuple(stored[k].size) != tuple(v.shape)]
     if missing or unexpected or shapes:
-        raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+        raise UserError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                          f"shapes differ {shapes[:5]}")
     _dcp_load(state, directory, alone=not is_dist())
     if optimizer is not None:
@@ -367,13 +367,13 @@ def resume(ckpt: dict, path: str, model: nn.Module, optimizer: torch.optim.Optim
     if "sharded_dir" in ckpt and ckpt.get("model") is None:
         _load_sharded(ckpt["sharded_dir"], path, model, optimizer)
     elif is_sharded(model):
-        raise ValueError(f"{path} is a single-file checkpoint; --fsdp resumes sharded checkpoints only (continue "
+        raise UserError(f"{path} is a single-file checkpoint; --fsdp resumes sharded checkpoints only (continue "
                          "this run without --fsdp)")
     else:
         try:
             model.load_state_dict(ckpt["model"], strict=True)
         except RuntimeError as e:  # another model's checkpoint, or other settings
-            raise ValueError(f"{path} does not fit this model: {' '.join(str(e).split())[:300]}") from None
+            raise UserError(f"{path} does not fit this model: {' '.join(str(e).split())[:300]}") from None
         if optimizer is not None and ckpt.get("optimizer"):
             optimizer.load_state_dict(ckpt["optimizer"])
     if optimizer is not None and optim_step is not None:

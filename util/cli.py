@@ -5,15 +5,17 @@ import sys
 from typing import Callable, Sequence
 
 from util.distributed import cleanup_distributed, is_main_process
+from util.errors import UserError
 
 
 def run_cli(main: Callable[[Sequence[str]], None]) -> None:
-    """Run ``main(sys.argv[1:])``; bad input (unknown or foreign flags, impossible settings, missing files, corrupt
-    checkpoints, unknown names) ends with one 'error: ...' line and exit code 2 instead of a traceback."""
+    """Run ``main(sys.argv[1:])``. Input the user can fix (a :class:`UserError`: unknown or foreign flags,
+    impossible settings, missing files, corrupt checkpoints, unreadable data, a diverged run) ends with one
+    ``error: ...`` line and exit code 2; any other exception is a bug and keeps its traceback."""
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        if not getattr(e, "every_rank", False) or is_main_process():  # the same error on every rank: said once
+    except UserError as e:
+        if not e.every_rank or is_main_process():  # the same error on every rank: said once
             print(f"error: {e}", file=sys.stderr, flush=True)
         cleanup_distributed()
         raise SystemExit(2) from None

@@ -14,6 +14,7 @@ from torchvision.datasets import ImageFolder
 
 from util.config import AugmentSettings
 from util.distributed import get_rank, get_world_size, print0
+from util.errors import UserError
 
 DIGITS_VAL_FRACTION = 0.2  # fixed split of scikit-learn's 1797 digits: 1438 train / 359 val
 
@@ -86,7 +87,7 @@ class ImageFiles(ImageFolder):
                     return self.transform(Image.new("RGB", (8, 8))), -1
                 continue
             return self.transform(img), target
-        raise ValueError(f"no readable image under {self.root}")
+        raise UserError(f"no readable image under {self.root}")
 
     def unreadable_paths(self) -> list[str]:
         return [self.samples[j][0] for j in self.unreadable.nonzero().flatten().tolist()]
@@ -159,11 +160,11 @@ def build_dataset(dataset: str, split: str, transform, input_size: int, data_pat
         return TransformedDataset(DigitsDataset(split, input_size), transform)
     root = os.path.join(data_path, split)
     if not data_path or not os.path.isdir(root):
-        raise FileNotFoundError(f"--data_path must contain a '{split}' folder (ImageFolder layout); "
+        raise UserError(f"--data_path must contain a '{split}' folder (ImageFolder layout); "
                                 f"not found: {root or '(no --data_path given)'}")
     images = ImageFiles(root, transform, train=split == "train")
     if len(images) == 0:
-        raise ValueError(f"no images found under {root}")
+        raise UserError(f"no images found under {root}")
     print0(f"{split}: {len(images)} images, {len(images.classes)} classes from {root}")
     return images
 
@@ -196,7 +197,7 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, is_train: 
         sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
                                      seed=seed, drop_last=True)
         if len(sampler) < batch_size:
-            raise ValueError(f"{len(dataset)} training images are fewer than one batch of {batch_size} "
+            raise UserError(f"{len(dataset)} training images are fewer than one batch of {batch_size} "
                              f"per process × {get_world_size()} processes")
     else:
         sampler = ShardSampler(len(dataset)) if shard_eval else range(len(dataset))

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from util.errors import UserError
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -54,7 +56,7 @@ def init_distributed(device: str, dist_url: str = "env://", process_group: bool 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available (use --device cpu)")
+        raise UserError("--device cuda requested but CUDA is not available (use --device cpu)")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -11,6 +11,7 @@ import torch
 
 from util.config import OptimSettings
 from util.distributed import all_reduce_sum, full, launch_world_size, local, print0, unwrap
+from util.errors import UserError
 from util.lr_sched import Schedule, adjust_learning_rate
 from util.misc import MetricLogger, SmoothedValue, forked_rng
 
@@ -66,8 +67,8 @@ class OptimizerStep:
         max_norm = self.clip_grad if self.clip_grad else math.inf
         norm = full(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else torch.zeros(())
         if self.scaler is None and not torch.isfinite(norm):  # fp16: the scaler skips such steps by itself
-            raise FloatingPointError(f"non-finite gradient norm ({norm.item()}): the update was not applied; "
-                                     "stopping all ranks (try a lower lr, --clip_grad, or --amp off)")
+            raise UserError(f"non-finite gradient norm ({norm.item()}): the update was not applied; stopping all "
+                            "ranks (try a lower lr, --clip_grad, or --amp off)", every_rank=True)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -98,13 +99,14 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int, dataset=None, max_un
                           float(unreadable.sum()) if unreadable is not None else 0.0], device=loss.device)
     nonfinite, bad_images = all_reduce_sum(flags).tolist()
     if nonfinite > 0:
-        raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; "
-                                 "stopping all ranks (try --amp bf16/off, a lower lr or --clip_grad)")
+        raise UserError(f"non-finite loss on {int(nonfinite)} rank(s) at epoch {epoch}, step {step} (rank 0: "
+                        f"{loss.item()}); stopping all ranks (try --amp bf16/off, a lower lr or --clip_grad)",
+                        every_rank=True)
     if bad_images > max_unreadable:
         paths = dataset.unreadable_paths()
         listed = ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else "")
-        raise ValueError(f"{int(bad_images)} unreadable training images, more than --max_unreadable allows "
-                         f"({max_unreadable}); on this rank: {listed}")
+        raise UserError(f"{int(bad_images)} unreadable training images, more than --max_unreadable allows "
+                        f"({max_unreadable}); on rank 0: {listed or 'none'}", every_rank=True)
 
 
 @torch.no_grad()
@@ -121,9 +123,9 @@ def verify_update(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], t
     weights = [local(p) for p in raw.parameters() if p.is_floating_point()]
     finite = torch.stack([torch.isfinite(t).all() for t in [loss.detach(), *weights]]).all()
     if all_reduce_sum((~finite).float().reshape(1)).item() > 0:
-        raise FloatingPointError(f"the weights after epoch {epoch} are non-finite or give a non-finite loss on its "
-                                 "last batch: nothing of that epoch was written and the last checkpoint stays the "
-                                 "last good one (try a lower lr, --clip_grad, or --amp off)")
+        raise UserError(f"the weights after epoch {epoch} are non-finite or give a non-finite loss on its last "
+                        "batch: nothing of that epoch was written and the last checkpoint stays the last good one "
+                        "(try a lower lr, --clip_grad, or --amp off)", every_rank=True)
 
 
 @dataclass(frozen=True)
