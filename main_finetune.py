@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
-from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay
 from timm.utils import ModelEmaV3
@@ -30,6 +29,7 @@ from models.registry import setting_owners
 from models.vit import VIT_PRESETS, VisionTransformer, vit_config
 from util.checkpoint import (
     commit_epoch,
+    evaluate_only,
     finish_run,
     resume,
     start_output,
@@ -37,8 +37,16 @@ from util.checkpoint import (
     weights_only_state,
 )
 from util.cli import run_cli
-from util.config import PARALLEL_GROUP, SHARED_GROUPS, AugmentSettings, MixupSettings, OptimSettings, resolve_run
-from util.datasets import build_dataset, build_loader, build_transform, save_class_names
+from util.config import (
+    PARALLEL_GROUP,
+    SHARED_GROUPS,
+    AugmentSettings,
+    DataSettings,
+    MixupSettings,
+    OptimSettings,
+    resolve_run,
+)
+from util.datasets import build_loader, make_mixup, save_class_names, supervised_datasets
 from util.distributed import cleanup_distributed, init_distributed, print0
 from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
@@ -139,11 +147,7 @@ def main(argv: Sequence[str]) -> None:
     device = dist_info.device
     seed_everything(s.seed)
 
-    train_tf = build_transform(s.input_size, True, s.crop_scale, s.crop_ratio, augment=s.of(AugmentSettings))
-    eval_tf = build_transform(s.input_size, False, crop_pct=s.crop_pct)
-    train_set = None if s.eval else build_dataset(s.dataset, "train", train_tf, s.input_size, s.data_path,
-                                                  s.synthetic_size)
-    val_set = build_dataset(s.dataset, "val", eval_tf, s.input_size, s.data_path, s.synthetic_size)
+    train_set, val_set = supervised_datasets(s.of(DataSettings), s.input_size, s.of(AugmentSettings), not s.eval)
     num_classes = s.nb_classes or len((train_set or val_set).classes)
     model = build_classifier(s, num_classes, init, ckpt)
     if ckpt is None and init is not None:
@@ -155,16 +159,9 @@ def main(argv: Sequence[str]) -> None:
     val_loader = build_loader(val_set, s.batch_size, s.num_workers, is_train=False, pin_memory=pin,
                               shard_eval=s.dist_eval)
     if s.eval:
-        if ckpt is not None:
-            resume(ckpt, ckpt_path, model)
-        evaluate(model, val_loader, device, s.amp)
-        cleanup_distributed()
-        return
+        return evaluate_only(ckpt, ckpt_path, model, lambda: evaluate(model, val_loader, device, s.amp))
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
-    mixup = s.of(MixupSettings)
-    mixup_fn = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, cutmix_minmax=s.cutmix_minmax, prob=s.mixup_prob,
-                     switch_prob=s.mixup_switch_prob, mode=s.mixup_mode, label_smoothing=s.smoothing,
-                     num_classes=num_classes) if mixup.enabled() else None
+    mixup_fn = make_mixup(s.of(MixupSettings), num_classes)
     criterion = (SoftTargetCrossEntropy() if mixup_fn is not None else
                  LabelSmoothingCrossEntropy(s.smoothing) if s.smoothing > 0 else torch.nn.CrossEntropyLoss())
 
@@ -175,7 +172,7 @@ def main(argv: Sequence[str]) -> None:
     optimizer = adamw(groups, lr=loop.schedule.lr, betas=tuple(s.betas))
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, device)
     model_ema = ModelEmaV3(model, decay=s.model_ema_decay) if s.model_ema else None
-    start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
+    start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
     if model_ema is not None and "model_ema" in extra:
         model_ema.module.load_state_dict(extra["model_ema"])
     if not start_output(s.output_dir, s.epochs, start_epoch, s.as_dict()):  # validated: the first write
@@ -183,7 +180,7 @@ def main(argv: Sequence[str]) -> None:
     save_class_names(train_set, s.output_dir)
 
     model_ddp = wrap_model(model, dist_info, s.compile)
-    log_writer = make_log_writer(s.output_dir if s.log_dir is None else s.log_dir)
+    log_writer = make_log_writer(s.output_dir, s.log_dir)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{n_params / 1e6:.2f}M trainable parameters; start training for {s.epochs} epochs")
     best = extra.get("best_acc1", 0.0)

@@ -23,14 +23,15 @@ from models.registry import setting_owners
 from models.vit import VisionTransformer
 from util.checkpoint import (
     commit_epoch,
+    evaluate_only,
     finish_run,
     resume,
     start_output,
     training_state,
 )
 from util.cli import run_cli
-from util.config import SHARED_GROUPS, AugmentSettings, OptimSettings, resolve_run
-from util.datasets import build_dataset, build_loader, build_transform, save_class_names
+from util.config import SHARED_GROUPS, AugmentSettings, DataSettings, OptimSettings, resolve_run
+from util.datasets import build_loader, save_class_names, supervised_datasets
 from util.distributed import cleanup_distributed, init_distributed, print0
 from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
@@ -164,12 +165,8 @@ def main(argv: Sequence[str]) -> None:
     device = dist_info.device
     seed_everything(s.seed)
 
-    augment = s.of(AugmentSettings) if s.probe == "attentive" else None
-    train_tf = build_transform(s.input_size, True, s.crop_scale, s.crop_ratio, augment=augment)
-    eval_tf = build_transform(s.input_size, False, crop_pct=s.crop_pct)
-    train_set = None if s.eval else build_dataset(s.dataset, "train", train_tf, s.input_size, s.data_path,
-                                                  s.synthetic_size)
-    val_set = build_dataset(s.dataset, "val", eval_tf, s.input_size, s.data_path, s.synthetic_size)
+    augment = s.of(AugmentSettings) if s.probe == "attentive" else None  # the linear probe: crop and flip only
+    train_set, val_set = supervised_datasets(s.of(DataSettings), s.input_size, augment, not s.eval)
     num_classes = s.nb_classes or len((train_set or val_set).classes)
     model, backbone = build_probe(s, init, num_classes)
     model.to(device)
@@ -191,18 +188,15 @@ def main(argv: Sequence[str]) -> None:
         optimizer = adamw(groups, lr=loop.schedule.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, device)
     if s.eval:
-        resume(ckpt, ckpt_path, model)
-        evaluate(model, val_loader, device, s.amp)
-        cleanup_distributed()
-        return
-    start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
+        return evaluate_only(ckpt, ckpt_path, model, lambda: evaluate(model, val_loader, device, s.amp))
+    start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
     if not start_output(s.output_dir, s.epochs, start_epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
     save_class_names(train_set, s.output_dir)
 
     model_ddp = wrap_model(model, dist_info, s.compile)
-    log_writer = make_log_writer(s.output_dir if s.log_dir is None else s.log_dir)
+    log_writer = make_log_writer(s.output_dir, s.log_dir)
     criterion = torch.nn.CrossEntropyLoss()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{s.probe} probe: {n_params} trainable parameters; mask: {'on' if model.mask is not None else 'off'}")

@@ -102,12 +102,12 @@ def main(argv: Sequence[str]) -> None:
     optimizer = adamw(param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay()),
                       lr=loop.schedule.lr, betas=tuple(s.betas))
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, dist_info.device)
-    start_epoch, _ = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
+    start_epoch, _ = resume(ckpt, ckpt_path, model, optimizer, optim_step)
     if not start_output(s.output_dir, s.epochs, start_epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
 
     model_ddp = wrap_model(model, dist_info, s.compile)
-    log_writer = make_log_writer(s.output_dir if s.log_dir is None else s.log_dir)
+    log_writer = make_log_writer(s.output_dir, s.log_dir)
     print0(f"start training for {s.epochs} epochs from epoch {start_epoch}")
     start = time.time()
     for epoch in range(start_epoch, s.epochs):

@@ -22,7 +22,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from timm.data import Mixup
 from timm.optim import param_groups_weight_decay
 
 import models
@@ -40,6 +39,7 @@ from models.scala import ScalaConfig, SlimmableViT
 from models.teacher import load_teacher
 from util.checkpoint import (
     commit_epoch,
+    evaluate_only,
     finish_run,
     resume,
     save_atomic,
@@ -53,12 +53,13 @@ from util.config import (
     PARALLEL_GROUP,
     SHARED_GROUPS,
     AugmentSettings,
+    DataSettings,
     MixupSettings,
     OptimSettings,
     resolve_run,
     resumed_model,
 )
-from util.datasets import build_dataset, build_loader, build_transform, save_class_names
+from util.datasets import build_loader, make_mixup, save_class_names, supervised_datasets
 from util.distributed import cleanup_distributed, init_distributed, is_main_process, print0
 from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
@@ -187,11 +188,7 @@ def main(argv: Sequence[str]) -> None:
     device = dist_info.device
     seed_everything(s.seed)
 
-    train_tf = build_transform(s.input_size, True, s.crop_scale, s.crop_ratio, augment=s.of(AugmentSettings))
-    eval_tf = build_transform(s.input_size, False, crop_pct=s.crop_pct)
-    val_set = build_dataset(s.dataset, "val", eval_tf, s.input_size, s.data_path, s.synthetic_size)
-    train_set = None if s.eval else build_dataset(s.dataset, "train", train_tf, s.input_size, s.data_path,
-                                                  s.synthetic_size)
+    train_set, val_set = supervised_datasets(s.of(DataSettings), s.input_size, s.of(AugmentSettings), not s.eval)
     num_classes = s.nb_classes or len((train_set or val_set).classes)
     if teacher is not None and teacher.num_classes != num_classes:
         raise UserError(f"teacher predicts {teacher.num_classes} classes, the data has {num_classes}")
@@ -216,22 +213,20 @@ def main(argv: Sequence[str]) -> None:
                       lr=loop.schedule.lr, betas=tuple(s.betas))
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, device)
     if s.eval:
-        resume(ckpt, ckpt_path, model)
-        evaluate_ratios(model, eval_ratios, val_loader, device, s)
-        if s.export and is_main_process():
-            export(model, s.export_ratio, s.export)
-        cleanup_distributed()
-        return
-    start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step) if ckpt else (0, {})
+        def evaluate_and_export() -> None:
+            evaluate_ratios(model, eval_ratios, val_loader, device, s)
+            if s.export and is_main_process():
+                export(model, s.export_ratio, s.export)
+
+        return evaluate_only(ckpt, ckpt_path, model, evaluate_and_export)
+    start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
     if not start_output(s.output_dir, s.epochs, start_epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
     save_class_names(train_set, s.output_dir)
-    mixup_fn = Mixup(mixup_alpha=s.mixup, cutmix_alpha=s.cutmix, cutmix_minmax=s.cutmix_minmax, prob=s.mixup_prob,
-                     switch_prob=s.mixup_switch_prob, mode=s.mixup_mode, label_smoothing=s.smoothing,
-                     num_classes=num_classes) if s.of(MixupSettings).enabled() else None
+    mixup_fn = make_mixup(s.of(MixupSettings), num_classes)
     model_ddp = wrap_model(model, dist_info, s.compile)
-    log_writer = make_log_writer(s.output_dir if s.log_dir is None else s.log_dir)
+    log_writer = make_log_writer(s.output_dir, s.log_dir)
     print0(f"{s.model}: {model.num_params(s.largest_ratio) / 1e6:.2f}M parameters at r={s.largest_ratio}; "
            f"widths {model.width_space.grid()}; teacher {s.teacher or 'none'}; {s.epochs} epochs "
            f"({s.full_warm_epochs} full-width only)")

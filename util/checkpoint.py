@@ -33,7 +33,15 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from util.distributed import get_rank, get_world_size, is_dist, is_main_process, is_sharded, print0
+from util.distributed import (
+    cleanup_distributed,
+    get_rank,
+    get_world_size,
+    is_dist,
+    is_main_process,
+    is_sharded,
+    print0,
+)
 from util.errors import UserError
 from util.misc import rng_state, set_rng_state
 from util.parallel import full_state_dict
@@ -359,11 +367,13 @@ def _load_sharded(directory: str, path: str, model: nn.Module, optimizer: torch.
         set_model_state_dict(model, state["model"])
 
 
-def resume(ckpt: dict, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+def resume(ckpt: dict | None, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
            optim_step=None) -> tuple[int, dict]:
     """Continue from a loaded training checkpoint: model (strict), optimizer and scaler (when given), the model's
     own generators and this rank's RNG state. Returns (first epoch to run, the checkpoint's ``extra``). A sharded
     checkpoint loads into a sharded or a plain model; a single-file one into a plain model only."""
+    if ckpt is None:  # a fresh run
+        return 0, {}
     if "sharded_dir" in ckpt and ckpt.get("model") is None:
         _load_sharded(ckpt["sharded_dir"], path, model, optimizer)
     elif is_sharded(model):
@@ -389,3 +399,11 @@ def resume(ckpt: dict, path: str, model: nn.Module, optimizer: torch.optim.Optim
     start_epoch = ckpt["epoch"] + 1
     print0(f"resumed from {path} (epoch {ckpt['epoch']}), continuing at epoch {start_epoch}")
     return start_epoch, ckpt.get("extra", {})
+
+
+def evaluate_only(ckpt: dict | None, path: str, model: nn.Module, evaluate: Callable[[], object]) -> None:
+    """An ``--eval`` run: ``model`` with the checkpoint's weights (as built when there is none), ``evaluate()``,
+    then the process group is torn down."""
+    resume(ckpt, path, model)
+    evaluate()
+    cleanup_distributed()

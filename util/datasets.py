@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 
-from util.config import AugmentSettings
+from util.config import AugmentSettings, DataSettings, MixupSettings
 from util.distributed import get_rank, get_world_size, print0
 from util.errors import UserError
 
@@ -167,6 +167,28 @@ def build_dataset(dataset: str, split: str, transform, input_size: int, data_pat
         raise UserError(f"no images found under {root}")
     print0(f"{split}: {len(images)} images, {len(images.classes)} classes from {root}")
     return images
+
+
+def supervised_datasets(data: DataSettings, input_size: int, augment: AugmentSettings | None,
+                        train: bool) -> tuple[Dataset | None, Dataset]:
+    """(training split, validation split) of a supervised run: the training split only when ``train`` (not for
+    evaluation alone), with the crop-and-flip transform plus, with ``augment``, timm's supervised recipe; the
+    validation split with the evaluation transform."""
+    def split(name: str, transform) -> Dataset:
+        return build_dataset(data.dataset, name, transform, input_size, data.data_path, data.synthetic_size)
+
+    train_set = split("train", build_transform(input_size, True, data.crop_scale, data.crop_ratio,
+                                               augment=augment)) if train else None
+    return train_set, split("val", build_transform(input_size, False, crop_pct=data.crop_pct))
+
+
+def make_mixup(mixup: MixupSettings, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix with label smoothing, or None when both are off."""
+    if not mixup.enabled():
+        return None
+    return Mixup(mixup_alpha=mixup.mixup, cutmix_alpha=mixup.cutmix, cutmix_minmax=mixup.cutmix_minmax,
+                 prob=mixup.mixup_prob, switch_prob=mixup.mixup_switch_prob, mode=mixup.mixup_mode,
+                 label_smoothing=mixup.smoothing, num_classes=num_classes)
 
 
 def save_class_names(dataset: Dataset, output_dir: str) -> None:

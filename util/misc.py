@@ -138,8 +138,10 @@ def log_step(log_writer, epoch: float, **scalars: float | torch.Tensor) -> None:
             log_writer.add_scalar(name, value.item() if isinstance(value, torch.Tensor) else value, int(epoch * 1000))
 
 
-def make_log_writer(log_dir: str):
-    """TensorBoard writer on rank 0 (None elsewhere or for an empty ``log_dir``)."""
+def make_log_writer(output_dir: str, log_dir: str | None):
+    """TensorBoard writer on rank 0 into ``log_dir`` (None: ``output_dir``); None on other ranks or for an empty
+    directory."""
+    log_dir = output_dir if log_dir is None else log_dir
     if not is_main_process() or not log_dir:
         return None
     from torch.utils.tensorboard import SummaryWriter  # imported lazily: tensorboard is slow to import
