@@ -1,5 +1,5 @@
 """Official checkpoints of any shape: a file in each method's official layout, of a size no preset has (width 48,
-3 heads, depth 3), goes through ``python -m util.convert`` and the entry scripts (--resume, --finetune,
+3 heads, depth 3), goes through ``python -m models.convert`` and the entry scripts (--resume, --finetune,
 main_linprobe.py, --eval) and computes what the model built directly computes. The official layout is written by
 inverse mappings kept here, independent of the converters."""
 import argparse
@@ -180,7 +180,7 @@ def test_a_missing_head_count_is_one_error_line_and_nothing_is_written(converted
     key, _, official, _ = converted
     if key != "xtra":
         pytest.skip("one method is enough for the command line")
-    proc = run_script("util.convert", "--from", "xtra", str(official), str(tmp_path / "out.pth"), check=False)
+    proc = run_script("models.convert", "--from", "xtra", str(official), str(tmp_path / "out.pth"), check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "give --num_heads" in proc.stderr
     assert not list(tmp_path.iterdir())
     proc = run_script("main_finetune.py", "--finetune", official, "--output_dir", tmp_path / "ft", *FAST,
@@ -195,7 +195,7 @@ def test_an_unloadable_conversion_is_refused(tmp_path):
     official["predictor.blocks.0.attn.proj.weight"] = torch.zeros(24, 20)  # a torn file: shapes that do not fit
     torch.save({"state_dict": official, "hyper_parameters": {"enc_num_heads": 3, "predictor_num_heads": 2}},
                tmp_path / "bad.ckpt")
-    proc = run_script("util.convert", "--from", "xtra", tmp_path / "bad.ckpt", tmp_path / "out.pth", check=False)
+    proc = run_script("models.convert", "--from", "xtra", tmp_path / "bad.ckpt", tmp_path / "out.pth", check=False)
     assert proc.returncode == 2 and "does not load" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt"]
 
