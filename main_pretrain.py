@@ -47,7 +47,10 @@ assert models  # importing the package registers every method
 class PretrainSettings:
     model: str = setting("xtra_vit_tiny", "registered model: " + ", ".join(model_names("pretrain")))
     visualize_every: int = setting(0, "write a PNG of inputs / targets / predictions every N epochs (0 = off)")
-    save_encoder: bool = setting(True, "also write encoder.pth: the encoder as a plain timm ViT state dict")
+    save_encoder: bool = setting(
+        True, "also write encoder.pth next to each numbered checkpoint: a dict of model (the encoder's weights, "
+        "timm key names), vit_config, vit_prefix and encoder_mask, as --finetune, the probes and --teacher read "
+        "it (a plain timm state dict: python -m models.convert --export_timm)")
 
 
 def settings_parser(model: str) -> tuple[SettingsParser, Layers]:

@@ -55,9 +55,13 @@ def cls_attention_maps(vit: VisionTransformer, imgs: torch.Tensor) -> torch.Tens
     return maps.reshape(B, 1, vit.grid_size, vit.grid_size)
 
 
+def settings_parser() -> SettingsParser:
+    return SettingsParser("visualize.py", __doc__.split("\n")[0], [Group("visualisation", VisualizeSettings)])
+
+
 def main(argv: Sequence[str]) -> None:
-    groups = [Group("visualisation", VisualizeSettings)]
-    s = resolve(groups, [("command line", SettingsParser("visualize.py", __doc__.split("\n")[0], groups).parse(argv))])
+    parser = settings_parser()
+    s = resolve(parser.groups, [("command line", parser.parse(argv))])
     if not s.checkpoint:
         raise UserError("give --checkpoint")
     ckpt = load_checkpoint(s.checkpoint)

@@ -1,9 +1,9 @@
 """Convert official checkpoints to this project's format, or export an encoder as a plain timm ViT state dict.
 
-    python -m util.convert --from xtra  xtra_b16.ckpt  xtra_b16.pth     # official -> ours (loads everywhere)
-    python -m util.convert --from mae  mae_custom.pth  mae.pth --num_heads 8   # a file that records no head count
-    python -m util.convert --export_timm out/checkpoint-last.pth encoder_timm.pth
-    python -m util.convert --consolidate out/checkpoint-last.json model.pth   # sharded (--fsdp) -> one file
+    python -m models.convert --from xtra  xtra_b16.ckpt  xtra_b16.pth     # official -> ours (loads everywhere)
+    python -m models.convert --from mae  mae_custom.pth  mae.pth --num_heads 8   # a file that records no head count
+    python -m models.convert --export_timm out/checkpoint-last.pth encoder_timm.pth
+    python -m models.convert --consolidate out/checkpoint-last.json model.pth   # sharded (--fsdp) -> one file
 
 The architecture is read from the file (tensor shapes and what it records); a head count it does not record comes
 from --num_heads. The converted file is written only after it has been loaded back as this project loads it
@@ -36,7 +36,7 @@ assert models  # importing the package registers the converters
 
 
 def get_parser() -> OneLineParser:
-    parser = OneLineParser(prog="python -m util.convert", description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser = OneLineParser(prog="python -m models.convert", description=__doc__.split("\n")[0], allow_abbrev=False)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--from", dest="source", choices=sorted(CONVERTERS),
                       help="official checkpoint of this method -> this project's format")

@@ -42,7 +42,14 @@ from models.registry import (
     register_method,
 )
 from models.teacher import OPEN_CLIP_PREFIX, FrozenTeacher, load_teacher, teacher_tokens
-from models.vit import Attention, EncoderConfig, VisionTransformer, sincos_pos_embed_2d, upcast
+from models.vit import (
+    Attention,
+    EncoderConfig,
+    VisionTransformer,
+    sincos_pos_embed_2d,
+    take_carried_buffer,
+    upcast,
+)
 from util.checkpoint import save_atomic
 from util.errors import UserError
 from util.settings import setting
@@ -195,6 +202,7 @@ class DiGPT(PretrainingModel):
         self.encoder.fc_norm.requires_grad_(False)  # unused in pretraining: frozen so DDP sees no idle parameter
         self.register_buffer("mask", segment_causal_mask(self.num_segments - 1, c.segment_size ** 2),
                              persistent=False)
+        # computed, not saved; a state dict that carries it (a converted official file) sets it exactly
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(c.decoder_dim, grid, 1)[None],
                              persistent=False)
 
@@ -246,6 +254,12 @@ class DiGPT(PretrainingModel):
             p = next(iter(self.parameters()))
             teacher = teacher.to(device=p.device)
         object.__setattr__(self, "_teacher", teacher)  # not a submodule: stays out of state_dict/parameters
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        take_carried_buffer(self, "decoder_pos_embed", state_dict, prefix, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -435,7 +449,8 @@ def _official_convert(sd: dict, records: dict) -> Converted:
     visible-segment decoder ("kd_blocks") that of ``ar_enc_*``. The architecture comes from the shapes (the
     segment size from the stored mask buffer, the teacher width from the heads); the tapped blocks and the
     decoder head count from what the file records or the official constructors' values. The mapping below keeps
-    that wiring, so converted weights compute what the released model computes."""
+    that wiring, so converted weights compute what the released model computes. The decoders' sin-cos table
+    ``decoder_pos_embed`` is kept as the file holds it; the model loads it instead of its computed one."""
     out = {}
     for k, v in sd.items():
         if k.startswith(("cls_token", "pos_embed", "patch_embed.", "blocks.")):
@@ -476,6 +491,9 @@ def _official_convert(sd: dict, records: dict) -> Converted:
                     teacher_dim=sd["ar_pred.weight"].shape[0])
     if "mask" in sd:  # the official segment-causal buffer covers G² - s² + 1 tokens
         settings["segment_size"] = math.isqrt(grid * grid + 1 - sd["mask"].shape[-1])
+    table = sd.get("decoder_pos_embed")
+    if table is not None and table.shape == (1, grid * grid + 1, settings["decoder_dim"]):  # the model's shape
+        out["decoder_pos_embed"] = table  # kept as the official code computed it (up to 2 ulp from ours)
     placeholders = {}
     layers = recorded(records, "enc_layers") or OFFICIAL_TAPS.get(shapes["depth"])
     if layers is not None and len(layers) == taps:

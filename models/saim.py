@@ -35,7 +35,7 @@ from models.registry import (
     register_converter,
     register_method,
 )
-from models.vit import Block, EncoderConfig, VisionTransformer, upcast
+from models.vit import Block, EncoderConfig, VisionTransformer, take_carried_buffer, upcast
 from util.errors import UserError
 from util.settings import setting
 
@@ -51,12 +51,19 @@ def gaussian_kernel2d(kernel_size: int, sigma: float) -> torch.Tensor:
 class GaussianBlur(nn.Module):
     """Depthwise Gaussian blur with ZERO padding (the official ``GaussianConv2d``): borders are pulled toward 0,
     the dataset-mean colour in normalised space. The kernel is rebuilt from (kernel_size, sigma), so it is a
-    non-persistent buffer; the official ``gaussian_blur.weight`` is dropped by the converter."""
+    non-persistent buffer. A state dict that carries ``weight`` (a converted official file: the official code
+    builds the kernel in float32, 1-4 ulp from ours) sets it exactly instead."""
 
     def __init__(self, kernel_size: int, sigma: float, channels: int = 3):
         super().__init__()
         self.register_buffer("weight", gaussian_kernel2d(kernel_size, sigma).expand(channels, 1, -1, -1).clone(),
                              persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        take_carried_buffer(self, "weight", state_dict, prefix, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight.to(x.dtype), padding=self.weight.shape[-1] // 2, groups=x.shape[1])
@@ -307,8 +314,9 @@ def convert_official(sd: dict, records: dict) -> Converted:
 
     Pretraining files: ``encoder.*`` (incl. ``encoder.norm`` = the query-stream norm), ``query_blocks.*``,
     ``prediction_head.*``; the architecture from the shapes (query depth, head type, blur kernel size and its sigma,
-    which the stored kernel determines), the rest from the recorded flags (share_weight, norm_pix_loss). The
-    Gaussian kernel is rebuilt from its size and sigma, so ``gaussian_blur.weight`` is dropped. Fine-tuned files
+    which the stored kernel determines), the rest from the recorded flags (share_weight, norm_pix_loss). The stored
+    kernel itself is kept as ``gaussian_blur.weight``, which the model loads instead of its computed one
+    (:class:`GaussianBlur`), so targets equal the official ones bit for bit. Fine-tuned files
     are timm ViT classifiers (global pool + fc_norm when they hold ``fc_norm.*``, else the cls token after
     ``norm``)."""
     sd = _fuse_qkv(sd)
@@ -329,6 +337,9 @@ def convert_official(sd: dict, records: dict) -> Converted:
         settings["gaussian_sigma"] = float(recorded(records, "gaussian_sigma") or _sigma_of(sd["gaussian_blur.weight"]))
     out = {("" if k.startswith(("query_blocks.", "prediction_head.")) else "encoder.") + k: v
            for k, v in sd.items() if k != "gaussian_blur.weight"}
+    kernel = sd.get("gaussian_blur.weight")
+    if kernel is not None and kernel.shape == (3, 1, kernel.shape[-1], kernel.shape[-1]):  # the model's shape
+        out["gaussian_blur.weight"] = kernel
     return Converted(out, "pretrain", settings)
 
 

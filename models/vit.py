@@ -67,6 +67,23 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def take_carried_buffer(module: nn.Module, name: str, state_dict: dict, prefix: str, error_msgs: list) -> None:
+    """For ``module._load_from_state_dict``: a non-persistent buffer (a table or kernel the model computes from its
+    settings) takes the value a state dict carries under its key, bit for bit, instead of the computed one. Official
+    files hold such buffers as their own code computed them, a few ulp from ours; a state dict without the key
+    leaves the computed value. The key is removed, so strict loading does not report it as unexpected."""
+    value = state_dict.pop(prefix + name, None)
+    if value is None:
+        return
+    buffer = getattr(module, name)
+    if value.shape != buffer.shape:
+        error_msgs.append(f"size mismatch for {prefix}{name}: the state dict's shape is {tuple(value.shape)}, the "
+                          f"model's {tuple(buffer.shape)}")
+        return
+    with torch.no_grad():
+        buffer.copy_(value)
+
+
 def resize_pos_embed(pos: torch.Tensor, num_patches: int, num_prefix_tokens: int) -> torch.Tensor:
     """A [1, prefix + N, D] position table for ``num_patches`` tokens on a square grid: unchanged when it already
     fits, else its patch rows resampled bicubically (timm), prefix rows kept."""

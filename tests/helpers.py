@@ -26,7 +26,7 @@ def threads() -> int:
 
 def run_script(script: str, *args: str, nproc: int = 0, timeout: int = 300, check: bool = True,
                subprocess_run: bool = False) -> subprocess.CompletedProcess:
-    """Run ``script`` (an entry script ``x.py`` or a module ``util.convert`` / ``benchmarks.x``) as a user would,
+    """Run ``script`` (an entry script ``x.py`` or a module ``models.convert`` / ``benchmarks.x``) as a user would,
     from the repository root, with ``threads()`` threads (one per process under torchrun).
 
     Under torchrun (``nproc``) or with ``subprocess_run`` it is a new interpreter. Otherwise it runs in this process
@@ -48,7 +48,7 @@ def run_script(script: str, *args: str, nproc: int = 0, timeout: int = 300, chec
 
 def _in_process(script: str, argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     name = script[:-3] if script.endswith(".py") else script
-    module = importlib.import_module("models.convert" if name == "util.convert" else name)  # util.convert forwards
+    module = importlib.import_module(name)
     out, err, saved_argv, saved_threads = io.StringIO(), io.StringIO(), sys.argv, torch.get_num_threads()
     code = 0
     sys.argv = [script, *argv]

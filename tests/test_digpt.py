@@ -388,6 +388,30 @@ def test_converter_matches_reference_forward(tmp_path):
         conv.convert(bad, {})
 
 
+def test_converted_file_keeps_its_decoder_position_table(tmp_path):
+    """The official table and ours differ by up to 2 ulp: a file that carries ``decoder_pos_embed`` sets the
+    model's table bit for bit; a file without it leaves the computed one."""
+    sd = official_state_dict(TINY)
+    table = sd["decoder_pos_embed"].clone()
+    table[0, 1::3] = torch.nextafter(table[0, 1::3], torch.full_like(table[0, 1::3], 2.0))  # 1 ulp off ours
+    sd["decoder_pos_embed"] = table
+    path = tmp_path / "official.pth"
+    torch.save({"model": sd, "epoch": 299, "args": {"enc_layers": [2, 3, 4], "decoder_num_heads": 4}}, path)
+    ckpt = load_checkpoint(str(path), num_heads=4)
+    model = create_model("digpt_vit_tiny", **TINY_TEACHER)
+    computed = model.decoder_pos_embed.clone()
+    assert not torch.equal(computed, table)
+    model.load_state_dict(ckpt["model"], strict=True)
+    assert torch.equal(model.decoder_pos_embed, table) and "decoder_pos_embed" not in model.state_dict()
+
+    del sd["decoder_pos_embed"]  # a file without the table converts, and the model computes it
+    converted = CONVERTERS["digpt"].convert(sd, {"enc_layers": [2, 3, 4], "decoder_num_heads": 4})
+    assert "decoder_pos_embed" not in converted.state_dict
+    fresh = create_model("digpt_vit_tiny", **TINY_TEACHER)
+    fresh.load_state_dict(converted.state_dict, strict=True)
+    assert torch.equal(fresh.decoder_pos_embed, computed)
+
+
 # -- builder, flags, teacher wiring, visualisation ------------------------------------------------------
 def write_vit_checkpoint(path, **kw) -> VisionTransformer:
     torch.manual_seed(1)

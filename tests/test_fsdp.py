@@ -121,7 +121,7 @@ def test_the_frozen_teacher_is_neither_sharded_nor_trained(runs, model):
 def test_consolidated_checkpoint_equals_ddp_weights_and_fine_tunes(runs, tmp_path):
     src = runs / "xtra_vit_tiny-fsdp"
     out = tmp_path / "xtra.pth"
-    proc = run_script("util.convert", "--consolidate", src / POINTER, out)
+    proc = run_script("models.convert", "--consolidate", src / POINTER, out)
     assert "loads the encoder" in proc.stdout and "whole xtra_vit_tiny model" in proc.stdout
     merged = torch.load(out, weights_only=True)
     ddp = torch.load(runs / "xtra_vit_tiny-ddp" / "checkpoint-last.pth", weights_only=True)
@@ -129,13 +129,13 @@ def test_consolidated_checkpoint_equals_ddp_weights_and_fine_tunes(runs, tmp_pat
     assert merged["model"].keys() == ddp["model"].keys()
     for k, v in ddp["model"].items():
         torch.testing.assert_close(merged["model"][k], v, rtol=1e-4, atol=1e-5)
-    assert run_script("util.convert", "--consolidate", out, tmp_path / "again.pth", check=False).returncode == 2
+    assert run_script("models.convert", "--consolidate", out, tmp_path / "again.pth", check=False).returncode == 2
     # --finetune reads the consolidated file, and the sharded directory directly (the same weights)
     for init in (out, src / "checkpoint-2.dcp"):
         run_script("main_finetune.py", *SUPERVISED, "--finetune", init, "--epochs", 1,
                    "--output_dir", tmp_path / f"ft-{init.suffix}")
     assert read_log(tmp_path / "ft-.pth") == read_log(tmp_path / "ft-.dcp")
-    run_script("util.convert", "--export_timm", src / "checkpoint-2.dcp", tmp_path / "timm.pth")
+    run_script("models.convert", "--export_timm", src / "checkpoint-2.dcp", tmp_path / "timm.pth")
 
 
 def test_a_sharded_classifier_evaluates_in_one_process_as_its_run_did(runs):

@@ -1,9 +1,11 @@
 """Official checkpoints of any shape: a file in each method's official layout, of a size no preset has (width 48,
-3 heads, depth 3), goes through ``python -m util.convert`` and the entry scripts (--resume, --finetune,
+3 heads, depth 3), goes through ``python -m models.convert`` and the entry scripts (--resume, --finetune,
 main_linprobe.py, --eval) and computes what the model built directly computes. The official layout is written by
 inverse mappings kept here, independent of the converters."""
 import argparse
 import dataclasses
+import re
+import shlex
 
 import pytest
 import torch
@@ -18,7 +20,8 @@ from models import convert
 from models.checkpoint import load_checkpoint, load_encoder_weights, model_from_checkpoint
 from models.registry import METHODS
 from models.scala import ScalaConfig, SlimmableViT
-from tests.helpers import FAST, run_script
+from models.vit import VisionTransformer
+from tests.helpers import FAST, ROOT, run_script
 from util.settings import SettingsError
 
 SIZE = dict(input_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, drop_path=0.0)
@@ -180,7 +183,7 @@ def test_a_missing_head_count_is_one_error_line_and_nothing_is_written(converted
     key, _, official, _ = converted
     if key != "xtra":
         pytest.skip("one method is enough for the command line")
-    proc = run_script("util.convert", "--from", "xtra", str(official), str(tmp_path / "out.pth"), check=False)
+    proc = run_script("models.convert", "--from", "xtra", str(official), str(tmp_path / "out.pth"), check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "give --num_heads" in proc.stderr
     assert not list(tmp_path.iterdir())
     proc = run_script("main_finetune.py", "--finetune", official, "--output_dir", tmp_path / "ft", *FAST,
@@ -195,7 +198,7 @@ def test_an_unloadable_conversion_is_refused(tmp_path):
     official["predictor.blocks.0.attn.proj.weight"] = torch.zeros(24, 20)  # a torn file: shapes that do not fit
     torch.save({"state_dict": official, "hyper_parameters": {"enc_num_heads": 3, "predictor_num_heads": 2}},
                tmp_path / "bad.ckpt")
-    proc = run_script("util.convert", "--from", "xtra", tmp_path / "bad.ckpt", tmp_path / "out.pth", check=False)
+    proc = run_script("models.convert", "--from", "xtra", tmp_path / "bad.ckpt", tmp_path / "out.pth", check=False)
     assert proc.returncode == 2 and "does not load" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.ckpt"]
 
@@ -215,8 +218,9 @@ def _official_attentive_logits(feats: torch.Tensor, head: dict, heads: int) -> t
     return F.linear(pooled, head["classifier.linear.weight"], head["classifier.linear.bias"])
 
 
-def test_official_xtra_attentive_probe_evaluates_its_own_head(tmp_path):
-    model = _direct("xtra")
+def official_xtra_probe(model) -> tuple[dict, dict]:
+    """An official XTRA probe file (Lightning: encoder + attentive head, 4 heads, 2 queries, last 2 blocks) of
+    ``model``'s encoder, and its head's tensors."""
     g = torch.Generator().manual_seed(3)
     head = {"classifier.cls_token": torch.randn(1, 2, 48, generator=g) * 0.5,
             "classifier.k.weight": torch.randn(48, 48, generator=g) * 0.2,
@@ -228,8 +232,13 @@ def test_official_xtra_attentive_probe_evaluates_its_own_head(tmp_path):
     encoder = {k: v for k, v in to_official("xtra", model).items() if k.startswith("enc.")}
     records = {"enc_num_heads": 3, "enc_block_size": 2, "cls_n_last_blocks": 2, "cls_avgpool_layers": True,
                "attentive_pooling_num_heads": 4, "attentive_pooling_num_queries": 2}
-    torch.save({"state_dict": {f"model.{k}": v for k, v in {**encoder, **head}.items()}, "hyper_parameters": records},
-               tmp_path / "probe.ckpt")
+    return {"state_dict": {f"model.{k}": v for k, v in {**encoder, **head}.items()}, "hyper_parameters": records}, head
+
+
+def test_official_xtra_attentive_probe_evaluates_its_own_head(tmp_path):
+    model = _direct("xtra")
+    probe_file, head = official_xtra_probe(model)
+    torch.save(probe_file, tmp_path / "probe.ckpt")
     s, init, ckpt, path = main_linprobe.resolve_settings(["--eval", "--resume", str(tmp_path / "probe.ckpt"),
                                                           "--output_dir", "", *FAST])
     assert (s.probe, s.probe_heads, s.num_queries, s.n_last_blocks) == ("attentive", 4, 2, 2)
@@ -284,3 +293,62 @@ def test_init_from_an_official_scala_file_and_the_plain_layout(tmp_path):
     with pytest.raises(SettingsError, match="not a Scala checkpoint"):
         main_slimmable.resolve_settings(["--eval", "--resume", str(tmp_path / "scala.pth"), "--num_heads", "3",
                                          "--output_dir", "", *FAST])
+
+
+# ---- the table of released checkpoints in docs/checkpoints.md ------------------------------------------------
+def _released_table() -> list[dict]:
+    """The rows of docs/checkpoints.md's table of released checkpoints, as {column: cell}; ``file`` and
+    ``command`` hold the cell's (first) backticked text."""
+    text = (ROOT / "docs" / "checkpoints.md").read_text()
+    table = text[text.index("### Released checkpoints"):].split("\n\n| method |", 1)[1]
+    lines = ("| method |" + table).split("\n\n")[0].splitlines()
+    columns = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(columns, (c.strip() for c in line.strip().strip("|").split(" | ")))) for line in lines[2:]]
+    for row in rows:
+        for column in ("file", "command"):
+            row[column] = re.search(r"`([^`]+)`", row[column]).group(1)
+    return rows
+
+
+def _official_layout_file(method: str, kind: str, name: str) -> dict:
+    """A small file in the official layout of a released checkpoint (width 48, 3 heads, 3 blocks, 32 px)."""
+    vit = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3)
+    if kind == "classifier" and method == "SAIM":  # separate q/k/v, cls-token classifier
+        sd = {k: v for k, v in to_official("saim", _direct("saim")).items()
+              if not k.startswith(("query_blocks.", "prediction_head.", "gaussian_blur."))}
+        return {"model": {**sd, "head.weight": torch.zeros(10, 48), "head.bias": torch.zeros(10)}}
+    if kind == "classifier":  # D-iGPT's and MAE's fine-tuned files: timm ViTs, global pool + fc_norm
+        return {"model": VisionTransformer(**vit, num_classes=10, global_pool="avg", fc_norm=True).state_dict()}
+    if kind == "encoder":  # MAE's mae_pretrain_vit_*.pth
+        return {"model": VisionTransformer(**vit, num_classes=0, global_pool="token").state_dict()}
+    if kind == "slimmable":
+        return {"model": SlimmableViT(ScalaConfig(**SIZE, nb_classes=10)).state_dict(), "epoch": 99}
+    if kind == "probe":
+        return official_xtra_probe(_direct("xtra"))[0]
+    key = {"XTRA": "xtra", "SAIM": "saim", "D-iGPT": "digpt", "MAE": "mae"}[method]
+    sd = to_official(key, _direct(key))
+    if key == "xtra":  # Lightning (B/16) or DeepSpeed (H/14)
+        return {"state_dict": {f"model.{k}": v for k, v in sd.items()},
+                "hyper_parameters": {"enc_num_heads": 3, "predictor_num_heads": 2}} if name.endswith(".ckpt") \
+            else {"module": sd}
+    return {"model": sd, "epoch": 99}
+
+
+def test_every_released_checkpoint_command_parses_on_a_file_of_its_layout(tmp_path):
+    """Each command of the table, with the file replaced by a small one in the same official layout and the head
+    counts by the small file's (3), parses and resolves (the checkpoint converted) under --print_config."""
+    rows = _released_table()
+    assert {r["method"] for r in rows} == {"XTRA", "SAIM", "D-iGPT", "MAE", "Scala"}
+    for row in rows:
+        path = tmp_path / row["file"]
+        torch.save(_official_layout_file(row["method"], row["kind"], path.name), path)
+        words = shlex.split(row["command"])
+        start = next(i for i, w in enumerate(words) if w.endswith(".py"))
+        assert words[0] in ("python", "torchrun") and row["file"] in words, row["command"]
+        argv = [str(path) if w == path.name else w for w in words[start + 1:]]
+        for flag in ("--num_heads", "--probe_heads"):
+            if flag in argv:
+                argv[argv.index(flag) + 1] = "3"
+        proc = run_script(words[start], *argv, "--print_config", check=False)
+        assert proc.returncode == 0, f"{row['command']}\n{proc.stderr[-2000:]}"
+        assert "[command line]" in proc.stdout

@@ -372,15 +372,56 @@ def test_converted_pretraining_checkpoint_matches_official_forward(fuse):
 
 def test_converter_linear_head_and_share_weight_variants():
     cfg = {**TINY_CFG, "query_depth": 1}
-    converted = CONVERTERS["saim"].convert(_official_pretrain_sd(cfg, head="LINEAR"), {})
+    official = _official_pretrain_sd(cfg, head="LINEAR")
+    converted = CONVERTERS["saim"].convert(official, {})
     assert converted.settings["prediction_head"] == "linear" and converted.settings["query_depth"] == 1
-    assert "gaussian_blur.weight" not in converted.state_dict
+    assert converted.state_dict["gaussian_blur.weight"] is official["gaussian_blur.weight"]  # kept as the file has it
     model = create_model("saim_vit_tiny", prediction_head="linear", query_depth=1)
     model.load_state_dict(converted.state_dict, strict=True)
     # share_weight: the official state dict repeats blocks.* under query_blocks.*, as ours does
     shared = create_model("saim_vit_tiny", share_weight=True)
     assert {k for k in shared.state_dict() if k.startswith("query_blocks.")} == \
         {k.replace("encoder.blocks.", "query_blocks.") for k in shared.state_dict() if k.startswith("encoder.blocks.")}
+
+
+def test_converted_file_keeps_its_blur_kernel_and_float64_targets_equal_the_official_ones(tmp_path):
+    """The official code builds the kernel in float32 (ours: float64, then rounded; 1-4 ulp apart for 9×9, sigma 1).
+    A converted file carries the official kernel and the model uses it bit for bit, so float64 targets are the
+    official ones exactly."""
+    from models.checkpoint import load_checkpoint, model_from_checkpoint
+
+    cfg = {**TINY_CFG, "gaussian_kernel_size": 9, "gaussian_sigma": 1.0}
+    official = _official_pretrain_sd(cfg)
+    kernel = official["gaussian_blur.weight"]
+    assert not torch.equal(GaussianBlur(9, 1.0).weight, kernel)  # the computed kernel differs by a few ulp
+    torch.save({"model": official, "epoch": 799, "args": {"norm_pix_loss": True}}, tmp_path / "official.pth")
+    run_script("models.convert", "--from", "saim", tmp_path / "official.pth", tmp_path / "ours.pth",
+               "--num_heads", "4")
+    ckpt = load_checkpoint(str(tmp_path / "ours.pth"))
+    model = model_from_checkpoint(ckpt)
+    model.load_state_dict(ckpt["model"], strict=True)
+    assert model.gaussian_blur.weight.dtype == torch.float32 and torch.equal(model.gaussian_blur.weight, kernel)
+    assert "gaussian_blur.weight" not in model.state_dict()  # still computed for this project's own checkpoints
+
+    model.double()
+    imgs = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    # the official forward_loss target in float64: its float32 buffer cast by .double(), zero-padded depthwise conv,
+    # MAE's patchify, per-patch (t - mean) / (var + 1e-6) ** .5
+    t = F.conv2d(imgs, kernel.double(), padding=4, groups=3)
+    t = t.reshape(2, 3, 8, 4, 8, 4).permute(0, 2, 4, 3, 5, 1).reshape(2, 64, 48)
+    t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
+    assert torch.equal(model.targets(imgs), t)
+
+
+def test_a_file_without_the_blur_kernel_converts_to_a_model_without_blur():
+    official = {k: v for k, v in _official_pretrain_sd(TINY_CFG).items() if k != "gaussian_blur.weight"}
+    converted = CONVERTERS["saim"].convert(official, {})
+    assert converted.settings["gaussian_kernel_size"] == 0 and "gaussian_blur.weight" not in converted.state_dict
+    model = SAIM(SAIMConfig(**converted.settings, num_heads=4))
+    model.load_state_dict(converted.state_dict, strict=True)
+    assert isinstance(model.gaussian_blur, torch.nn.Identity)
+    with pytest.raises(RuntimeError, match="size mismatch for gaussian_blur.weight"):  # a carried buffer must fit
+        toy().load_state_dict({**toy().state_dict(), "gaussian_blur.weight": torch.ones(3, 1, 5, 5)})
 
 
 @pytest.mark.parametrize("pool", ["avg", "token"])

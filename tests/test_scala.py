@@ -54,7 +54,8 @@ def tiny(dtype=torch.float64, seed=0, std=0.3, **kw):
 
 
 def reference_slices(sd, r, first, full_dim=D):
-    """Spec §1.3, written out independently: d = int(r·D) channels (first or last), qkv as one contiguous
+    """The official sub-network's slices (the Scala-pytorch models_scala.py forward), written out independently:
+    d = int(r·D) channels (first or last), qkv as one contiguous
     block of 3d rows, MLP hidden int(r·4D), classifier biases untouched."""
     d, hd = int(r * full_dim), int(r * 4 * full_dim)
 

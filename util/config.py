@@ -127,7 +127,9 @@ class RunSettings:
     device: str = setting("auto", "cpu, cuda or auto (cuda when available)")
     seed: int = setting(0, "random seed (each rank adds its rank)")
     resume: str = setting("", "checkpoint to continue from (model, optimiser, epoch, RNG, settings)")
-    auto_resume: bool = setting(True, "continue from output_dir/checkpoint-last.pth when it exists")
+    auto_resume: bool = setting(True, "continue from output_dir's last checkpoint when there is one: "
+                                       "checkpoint-last.pth, or checkpoint-last.json of a sharded (--fsdp) run "
+                                       "(the newer if both exist)")
     save_freq: int = setting(20, "also keep checkpoint-<epoch>.pth every N epochs (and at the last epoch)")
     keep_last: int = setting(0, "keep only the K newest numbered checkpoints (0 = all)")
     print_freq: int = setting(20, "progress line every N steps")
