@@ -18,7 +18,7 @@ from timm.utils import ModelEmaV3
 
 import models
 from engine_finetune import evaluate, train_one_epoch
-from models.checkpoint import (
+from models.formats import (
     ARCH_KEYS,
     encoder_record,
     load_checkpoint,
@@ -27,15 +27,6 @@ from models.checkpoint import (
 )
 from models.registry import setting_owners
 from models.vit import VIT_PRESETS, VisionTransformer, vit_config
-from util.checkpoint import (
-    commit_epoch,
-    evaluate_only,
-    finish_run,
-    resume,
-    start_output,
-    training_state,
-    weights_only_state,
-)
 from util.cli import run_cli
 from util.config import (
     PARALLEL_GROUP,
@@ -53,6 +44,15 @@ from util.misc import make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, print_resolved, setting
 from util.train_loop import OptimizerStep, adamw, make_loop
+from util.train_state import (
+    commit_epoch,
+    evaluate_only,
+    finish_run,
+    resume,
+    start_output,
+    training_state,
+    weights_only_state,
+)
 
 assert models  # importing the package registers the official-checkpoint converters
 

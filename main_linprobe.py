@@ -16,19 +16,11 @@ from timm.optim import Lars
 
 import models
 from engine_finetune import evaluate, train_one_epoch
-from models.checkpoint import encoder_record, load_checkpoint, load_encoder_weights, resumed_checkpoint
+from models.formats import encoder_record, load_checkpoint, load_encoder_weights, resumed_checkpoint
 from models.masks import BlockCausal, EncoderMask, encoder_mask_from_dict
 from models.probes import AttentivePoolingHead, LinearHead, Probe
 from models.registry import setting_owners
 from models.vit import VisionTransformer
-from util.checkpoint import (
-    commit_epoch,
-    evaluate_only,
-    finish_run,
-    resume,
-    start_output,
-    training_state,
-)
 from util.cli import run_cli
 from util.config import SHARED_GROUPS, AugmentSettings, DataSettings, OptimSettings, resolve_run
 from util.datasets import build_loader, save_class_names, supervised_datasets
@@ -38,6 +30,14 @@ from util.misc import make_log_writer, seed_everything
 from util.parallel import wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, print_resolved, setting
 from util.train_loop import OptimizerStep, adamw, make_loop
+from util.train_state import (
+    commit_epoch,
+    evaluate_only,
+    finish_run,
+    resume,
+    start_output,
+    training_state,
+)
 
 assert models  # importing the package registers the official-checkpoint converters
 

@@ -20,16 +20,8 @@ from timm.optim import param_groups_weight_decay
 
 import models
 from engine_pretrain import train_one_epoch
-from models.checkpoint import encoder_record, plain_config, resumed_checkpoint
+from models.formats import encoder_record, plain_config, resumed_checkpoint
 from models.registry import lookup, model_names, setting_owners
-from util.checkpoint import (
-    commit_epoch,
-    finish_run,
-    is_due,
-    resume,
-    start_output,
-    training_state,
-)
 from util.cli import run_cli
 from util.config import PARALLEL_GROUP, SHARED_GROUPS, OptimSettings, resolve_run, resumed_model
 from util.datasets import build_dataset, build_loader, build_transform
@@ -39,6 +31,14 @@ from util.misc import forked_rng, make_log_writer, seed_everything
 from util.parallel import full_state_dict, parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, print_resolved, setting
 from util.train_loop import OptimizerStep, adamw, make_loop
+from util.train_state import (
+    commit_epoch,
+    finish_run,
+    is_due,
+    resume,
+    start_output,
+    training_state,
+)
 
 assert models  # importing the package registers every method
 

@@ -27,7 +27,7 @@ from timm.optim import param_groups_weight_decay
 import models
 from engine_finetune import evaluate
 from engine_slimmable import train_one_epoch
-from models.checkpoint import (
+from models.formats import (
     encoder_record,
     load_checkpoint,
     load_encoder_weights,
@@ -37,17 +37,6 @@ from models.checkpoint import (
 from models.registry import lookup, model_names, setting_owners
 from models.scala import ScalaConfig, SlimmableViT
 from models.teacher import load_teacher
-from util.checkpoint import (
-    commit_epoch,
-    evaluate_only,
-    finish_run,
-    resume,
-    save_atomic,
-    start_output,
-    training_state,
-    weights_only_state,
-    write_json_line,
-)
 from util.cli import run_cli
 from util.config import (
     PARALLEL_GROUP,
@@ -66,6 +55,17 @@ from util.misc import make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, print_resolved, setting
 from util.train_loop import OptimizerStep, adamw, autocast_context, make_loop
+from util.train_state import (
+    commit_epoch,
+    evaluate_only,
+    finish_run,
+    resume,
+    save_atomic,
+    start_output,
+    training_state,
+    weights_only_state,
+    write_json_line,
+)
 
 assert models  # importing the package registers the presets
 

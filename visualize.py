@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 
 import models
-from models.checkpoint import load_checkpoint, model_from_checkpoint, vit_state_dict
+from models.formats import load_checkpoint, model_from_checkpoint, vit_state_dict
 from models.vit import VisionTransformer
 from util.cli import run_cli
 from util.datasets import build_dataset, build_transform
 from util.errors import UserError
-from util.images import first_images, normalize, save_panels
+from util.images import first_images, imagenet_normalize, save_panels
 from util.settings import Group, SettingsParser, resolve, setting
 
 assert models  # importing the package registers the methods
@@ -75,7 +75,7 @@ def main(argv: Sequence[str]) -> None:
         vit.load_state_dict(vit_state_dict(ckpt))
         maps = F.interpolate(cls_attention_maps(vit, imgs), size=imgs.shape[-2:], mode="nearest")
         maps = maps / maps.amax(dim=(2, 3), keepdim=True)
-        save_panels({"input": imgs, "cls_attention": normalize(maps)}, s.output)
+        save_panels({"input": imgs, "cls_attention": imagenet_normalize(maps)}, s.output)
         return
     if ckpt.get("vit_prefix") != "encoder.":
         raise UserError(f"{s.checkpoint} is not a pretraining checkpoint; use --attn_maps for classifiers")

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 import models
-from models.checkpoint import encoder_record, plain_config
+from models.formats import encoder_record, plain_config
 from models.registry import MODELS, create_model, model_names, tiny_model_names
-from util.checkpoint import save_atomic
+from util.train_state import save_atomic
 
 assert models  # importing the package registers every method
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ import os
 from typing import Sequence
 
 import models
-from models.checkpoint import (
+from models.formats import (
     file_records,
     load_checkpoint,
     model_from_checkpoint,
@@ -27,10 +27,10 @@ from models.checkpoint import (
 )
 from models.registry import CONVERTERS, MODELS
 from models.vit import VisionTransformer, timm_kwargs
-from util.checkpoint import consolidate, load_file, save_atomic, sharded_dir
 from util.cli import run_cli
 from util.errors import UserError
 from util.settings import OneLineParser
+from util.train_state import consolidate, load_file, save_atomic, sharded_dir
 
 assert models  # importing the package registers the converters
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, trunc_normal_
 
-from models.checkpoint import encoder_record, vit_shapes
+from models.formats import encoder_record, vit_shapes
 from models.masks import block_ids, check_orders, random_orders, segment_causal_mask
 from models.registry import (
     TINY_CPU_BUDGET,
@@ -50,9 +50,9 @@ from models.vit import (
     take_carried_buffer,
     upcast,
 )
-from util.checkpoint import save_atomic
 from util.errors import UserError
 from util.settings import setting
+from util.train_state import save_atomic
 
 # The official teacher, OpenCLIP ViT-H/14 at 224 px, has 1024-d tokens (on a 16×16 grid).
 OFFICIAL_TEACHER_DIM = 1024

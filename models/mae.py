@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from models.checkpoint import vit_shapes
-from models.pixels import mean_std, normalize, patchify, unpatchify
+from models.formats import vit_shapes
+from models.pixels import norm_pix, norm_pix_stats, patchify, unpatchify
 from models.registry import (
     TINY_CPU_BUDGET,
     Converted,
@@ -129,7 +129,7 @@ class MAE(PretrainingModel):
         target = patchify(imgs, self.patch_size)
         mask = (restore >= self.num_keep).to(target.dtype)  # 1 where the patch was removed
         if self.norm_pix_loss:
-            target = normalize(target)
+            target = norm_pix(target)
         per_patch = (pred - target).square().mean(dim=-1)
         loss = (per_patch * mask).sum() / mask.sum()
         return loss, {"pred": pred, "target": target, "mask": mask}
@@ -146,7 +146,7 @@ class MAE(PretrainingModel):
         patches = patchify(imgs.float(), self.patch_size)
         pred = out["pred"].float()
         if self.norm_pix_loss:
-            mean, std = mean_std(patches)
+            mean, std = norm_pix_stats(patches)
             pred = pred * std + mean
         mask = out["mask"][..., None].float()
         p = self.patch_size

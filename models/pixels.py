@@ -23,13 +23,13 @@ def unpatchify(x: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Ten
     return torch.einsum("nhwpqc->nchpwq", x).reshape(B, channels, side * patch_size, side * patch_size)
 
 
-def mean_std(values: torch.Tensor, eps: float = NORM_PIX_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+def norm_pix_stats(values: torch.Tensor, eps: float = NORM_PIX_EPS) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and sqrt(unbiased variance + eps) over the last axis (one unit: a patch or a block, channels
     pooled), both [..., 1]."""
     return values.mean(dim=-1, keepdim=True), (values.var(dim=-1, keepdim=True) + eps).sqrt()
 
 
-def normalize(values: torch.Tensor, eps: float = NORM_PIX_EPS) -> torch.Tensor:
+def norm_pix(values: torch.Tensor, eps: float = NORM_PIX_EPS) -> torch.Tensor:
     """Each unit (last axis) minus its mean, divided by sqrt(unbiased variance + eps)."""
-    mean, std = mean_std(values, eps)
+    mean, std = norm_pix_stats(values, eps)
     return (values - mean) / std

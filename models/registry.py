@@ -185,7 +185,7 @@ class Converted:
     ``kind``: 'pretrain' (the method's whole pretraining model), 'encoder' (its encoder alone, VisionTransformer
     keys), 'classifier' (a ViT classifier, VisionTransformer keys), 'probe' (a probe of main_linprobe.py:
     ``backbone.*`` + ``head.*``) or 'slimmable' (Scala). ``settings``: the method's settings the file fixes (tensor
-    shapes, recorded hyper-parameters); the encoder's head count is left to ``models.checkpoint``. ``placeholders``:
+    shapes, recorded hyper-parameters); the encoder's head count is left to ``models.formats``. ``placeholders``:
     settings the whole model needs but the file does not fix (e.g. decoder head counts), with values that only
     serve to build it on the meta device; they must be given to rebuild the whole model. ``probe``: the probe
     settings of a probe file."""

@@ -21,9 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from models.checkpoint import vit_shapes
+from models.formats import vit_shapes
 from models.masks import check_orders, permutation_two_stream_masks, random_orders
-from models.pixels import mean_std, normalize, patchify, unpatchify
+from models.pixels import norm_pix, norm_pix_stats, patchify, unpatchify
 from models.registry import (
     TINY_CPU_BUDGET,
     VIT_H14,
@@ -218,7 +218,7 @@ class SAIM(PretrainingModel):
         with torch.autocast(imgs.device.type, enabled=False):
             t = patchify(self.gaussian_blur(upcast(imgs)), self.patch_size)
             if self.norm_pix_loss:
-                t = normalize(t)
+                t = norm_pix(t)
         return t
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -246,7 +246,7 @@ class SAIM(PretrainingModel):
         blurred = self.gaussian_blur(imgs.float())
         pred = out["pred"].float()
         if self.norm_pix_loss:
-            mean, std = mean_std(patchify(blurred, self.patch_size))
+            mean, std = norm_pix_stats(patchify(blurred, self.patch_size))
             pred = pred * std + mean
         return {"input": imgs, "target": blurred, "prediction": unpatchify(pred, self.patch_size)}
 

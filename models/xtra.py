@@ -20,9 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from models.checkpoint import vit_shapes
+from models.formats import vit_shapes
 from models.masks import BlockCausal, block_causal_mask
-from models.pixels import mean_std, normalize
+from models.pixels import norm_pix, norm_pix_stats
 from models.registry import (
     TINY_CPU_BUDGET,
     Converted,
@@ -267,7 +267,7 @@ class XTRA(PretrainingModel):
         preds, target, order = self.predict(imgs, perm_index)
         t = upcast(target.flatten(2))
         if self.norm_pix_loss:
-            t = normalize(t)  # per block (channels pooled), not per patch
+            t = norm_pix(t)  # per block (channels pooled), not per patch
         return self.prediction_loss(preds, t), {"pred": preds, "target": t, "block_order": order}
 
     def forward(self, imgs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -282,7 +282,7 @@ class XTRA(PretrainingModel):
         t = target.flatten(2).float()
         pred = preds[:, 0].float()
         if self.norm_pix_loss:
-            mean, std = mean_std(t)
+            mean, std = norm_pix_stats(t)
             pred = pred * std.roll(-1, 1) + mean.roll(-1, 1)  # position s predicts the block at s+1
         seq = torch.cat([t[:, :1], pred[:, :-1]], dim=1)
         raster = torch.empty_like(seq)

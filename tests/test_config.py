@@ -18,10 +18,10 @@ from models.registry import METHODS, MODELS, model_names
 from models.saim import SAIMConfig
 from models.xtra import XTRAConfig
 from tests.helpers import ROOT, run_script
-from util.checkpoint import start_output
 from util.config import RUN_LOCAL, OptimSettings
 from util.errors import UserError
 from util.settings import SettingsError
+from util.train_state import start_output
 
 
 def _teacher(tmp_path: Path) -> str:

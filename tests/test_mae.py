@@ -12,7 +12,7 @@ from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import PatchEmbed
 
 import models  # noqa: F401  (registers the methods)
-from models.checkpoint import file_records, load_checkpoint, official_state_dict
+from models.formats import file_records, load_checkpoint, official_state_dict
 from models.mae import MAE, MAEConfig
 from models.registry import CONVERTERS, create_model
 from models.vit import sincos_pos_embed_2d

@@ -17,7 +17,7 @@ import main_pretrain
 import main_slimmable
 import models  # noqa: F401  (registers the methods)
 from models import convert
-from models.checkpoint import load_checkpoint, load_encoder_weights, model_from_checkpoint
+from models.formats import load_checkpoint, load_encoder_weights, model_from_checkpoint
 from models.registry import METHODS
 from models.scala import ScalaConfig, SlimmableViT
 from models.vit import VisionTransformer

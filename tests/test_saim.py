@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import main_pretrain
-from models.checkpoint import encoder_record, load_encoder_weights
+from models.formats import encoder_record, load_encoder_weights
 from models.masks import permutation_two_stream_masks, random_orders
 from models.pixels import patchify, unpatchify
 from models.registry import CONVERTERS, create_model, lookup, model_config
@@ -388,7 +388,7 @@ def test_converted_file_keeps_its_blur_kernel_and_float64_targets_equal_the_offi
     """The official code builds the kernel in float32 (ours: float64, then rounded; 1-4 ulp apart for 9×9, sigma 1).
     A converted file carries the official kernel and the model uses it bit for bit, so float64 targets are the
     official ones exactly."""
-    from models.checkpoint import load_checkpoint, model_from_checkpoint
+    from models.formats import load_checkpoint, model_from_checkpoint
 
     cfg = {**TINY_CFG, "gaussian_kernel_size": 9, "gaussian_sigma": 1.0}
     official = _official_pretrain_sd(cfg)
@@ -426,7 +426,7 @@ def test_a_file_without_the_blur_kernel_converts_to_a_model_without_blur():
 
 @pytest.mark.parametrize("pool", ["avg", "token"])
 def test_converted_finetuned_checkpoint_matches_official_classifier(tmp_path, pool):
-    from models.checkpoint import load_vit
+    from models.formats import load_vit
 
     cfg = dict(img_size=32, patch_size=8, embed_dim=192, depth=2, num_heads=3, query_depth=2, gaussian_kernel_size=3,
                gaussian_sigma=0.5)
@@ -461,7 +461,7 @@ def test_converted_finetuned_checkpoint_matches_official_classifier(tmp_path, po
 
 
 def test_official_file_loads_through_load_vit(tmp_path):
-    from models.checkpoint import load_vit
+    from models.formats import load_vit
 
     official = _official_pretrain_sd(TINY_CFG)
     # an official file with its flags (argparse.Namespace) and a model name that does not fix the head count

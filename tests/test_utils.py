@@ -7,17 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
-from models.checkpoint import encoder_record
+from models.formats import encoder_record
 from models.vit import VisionTransformer
 from tests.helpers import run_script
 from util import misc
-from util.checkpoint import load_file, save_atomic, save_checkpoint, training_state
 from util.datasets import DigitsDataset, ShardSampler
 from util.errors import UserError
-from util.images import normalize, unnormalize
+from util.images import imagenet_normalize, imagenet_unnormalize
 from util.lr_sched import Schedule, adjust_learning_rate
 from util.misc import rng_state, set_rng_state
 from util.train_loop import OptimizerStep, check_finite
+from util.train_state import load_file, save_atomic, save_checkpoint, training_state
 
 
 def schedule(**kw):
@@ -106,7 +106,7 @@ def test_accumulation_steps_only_every_k_micro_batches():
 def test_plain_timm_vit_checkpoint_loads_with_inferred_architecture(tmp_path, global_pool):
     import timm
 
-    from models.checkpoint import load_vit
+    from models.formats import load_vit
     theirs = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=7,
                                global_pool=global_pool).eval()
     # an MAE-style file: DDP-prefixed weights and the flags (whose model name tells the head count)
@@ -120,9 +120,9 @@ def test_plain_timm_vit_checkpoint_loads_with_inferred_architecture(tmp_path, gl
 
 def test_attention_maps_of_any_vit_checkpoint_are_drawn(tmp_path):
     """visualize.py --attn_maps: a plain ViT classifier file gives a grid of input and cls-attention columns; the
-    maps go through the same normalisation round trip as images (normalize is unnormalize's inverse on [0, 1])."""
+    maps go through the same normalisation round trip as images (imagenet_normalize is imagenet_unnormalize's inverse on [0, 1])."""
     x = torch.rand(2, 3, 8, 8)
-    torch.testing.assert_close(unnormalize(normalize(x)), x)
+    torch.testing.assert_close(imagenet_unnormalize(imagenet_normalize(x)), x)
     vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=10)
     save_atomic({"model": vit.state_dict(), **encoder_record(vit, "", None)}, str(tmp_path / "vit.pth"))
     out = tmp_path / "attn.png"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import main_pretrain
 import models  # noqa: F401  (registers presets)
 from models.masks import BlockCausal, block_causal_mask
-from models.pixels import normalize
+from models.pixels import norm_pix
 from models.registry import CONVERTERS, create_model, lookup, model_config
 from models.vit import Attention
 from models.xtra import XTRA, XTRAConfig, create_random_permutations
@@ -147,12 +147,12 @@ def test_prediction_at_block_b_depends_only_on_blocks_up_to_b(kw):
 def test_per_block_normalisation_values():
     alt = (torch.arange(3 * 64 * 64) % 2 * 2.0)[None, None]  # 0, 2, 0, 2, ...
     assert alt.mean() == 1 and math.isclose(alt.var().item(), 12288 / 12287, rel_tol=1e-6)
-    t = normalize(alt)
+    t = norm_pix(alt)
     torch.testing.assert_close(t.abs(), torch.full_like(t, 0.99995888), rtol=0, atol=1e-7)
-    const = normalize(torch.full((1, 1, 192), 3.0))
+    const = norm_pix(torch.full((1, 1, 192), 3.0))
     assert torch.equal(const, torch.zeros_like(const))
     # N(0,1) pixels, n = 12288 per block: mean square of the normalised block = (n-1)/n · v/(v+1e-6) ≈ 0.999918
-    gauss = normalize(torch.randn(1, 64, 12288, generator=torch.Generator().manual_seed(0)))
+    gauss = norm_pix(torch.randn(1, 64, 12288, generator=torch.Generator().manual_seed(0)))
     assert abs(gauss.double().pow(2).mean().item() - 0.999918) < 1e-6
 
 
@@ -272,7 +272,7 @@ def test_pseudo_random_forward_equals_order_mask_on_unpermuted_tokens():
     token_perm, order = model.token_perms[i], model.block_perms[i]
     _, out = model.forward_with_outputs(imgs, perm_index=i)
     assert torch.equal(out["block_order"], order)
-    torch.testing.assert_close(out["target"], normalize(model.patchify(imgs).flatten(2))[:, order])
+    torch.testing.assert_close(out["target"], norm_pix(model.patchify(imgs).flatten(2))[:, order])
     # reference: tokens in raster order under the order's mask, then grouped per block in that order
     mask = _order_mask(order, 4, 2)
     h, _ = model.encoder.forward_blocks(model.encoder.embed(imgs), mask=mask)
@@ -304,7 +304,7 @@ def test_pseudo_random_choice_uses_its_own_generator():
 def test_resume_continues_the_order_sequence(tmp_path):
     """The order choice's generator is saved with the checkpoint, so a resumed run draws the orders that an
     uninterrupted run would have drawn next."""
-    from util.checkpoint import load_file, resume, resume_path, save_checkpoint, training_state
+    from util.train_state import load_file, resume, resume_path, save_checkpoint, training_state
 
     model = small(pseudo_random=True, perm_seed=3).train()
     imgs = torch.randn(1, 3, 32, 32)
@@ -489,7 +489,7 @@ def test_converter_reads_any_shape_and_asks_for_what_the_file_does_not_record():
 
 @pytest.mark.parametrize("wrap", ["lightning", "deepspeed"])
 def test_official_file_loads_through_load_vit(tmp_path, wrap):
-    from models.checkpoint import load_vit
+    from models.formats import load_vit
 
     model = create_model("xtra_vit_tiny")
     official = _official_state_dict(model)

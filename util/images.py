@@ -6,20 +6,20 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.utils import make_grid, save_image
 
 
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _imagenet_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, 3, 1, 1),
             torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(1, 3, 1, 1))
 
 
-def unnormalize(x: torch.Tensor) -> torch.Tensor:
+def imagenet_unnormalize(x: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised images -> [0, 1]."""
-    mean, std = _mean_std(x.device)
+    mean, std = _imagenet_mean_std(x.device)
     return (x * std + mean).clamp(0, 1)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
+def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
     """[0, 1] images (or maps, broadcast to 3 channels) -> ImageNet-normalised, as panels take them."""
-    mean, std = _mean_std(x.device)
+    mean, std = _imagenet_mean_std(x.device)
     return (x - mean) / std
 
 
@@ -29,6 +29,6 @@ def first_images(dataset, n: int, device: torch.device) -> torch.Tensor:
 
 def save_panels(panels: dict[str, torch.Tensor], path: str) -> None:
     """One row per image, one column per panel ([B, 3 or 1, H, W] each, ImageNet-normalised)."""
-    rows = torch.stack([unnormalize(p.float().expand(-1, 3, -1, -1)) for p in panels.values()], dim=1)
+    rows = torch.stack([imagenet_unnormalize(p.float().expand(-1, 3, -1, -1)) for p in panels.values()], dim=1)
     save_image(make_grid(rows.flatten(0, 1), nrow=len(panels), padding=2, pad_value=1.0), path)
     print(f"wrote {path} (columns: {', '.join(panels)})")

@@ -29,7 +29,7 @@ class BlockStructured(Protocol):
     def transformer_blocks(self) -> list[nn.Module]: ...
 
 
-def checkpoint_blocks(blocks: list[nn.Module]) -> None:
+def recompute_blocks(blocks: list[nn.Module]) -> None:
     """Activation checkpointing (non-reentrant) of every block: its activations are recomputed in the backward
     pass instead of being stored. The block stays the same module (same parameter names, same hooks); only its
     ``forward`` runs under ``torch.utils.checkpoint`` while gradients are enabled.
@@ -77,7 +77,7 @@ def parallelize(model: nn.Module, dist_info: Dist, fsdp: bool, grad_ckpt: bool, 
                             "blocks (transformer_blocks())")
     done = []
     if grad_ckpt:
-        checkpoint_blocks(blocks)
+        recompute_blocks(blocks)
         done.append(f"activation checkpointing of {len(blocks)} blocks")
     if fsdp:
         shard(model, blocks, dist_info, amp)

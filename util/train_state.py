@@ -3,7 +3,7 @@
 A training checkpoint holds ``model`` (state dict), ``optimizer``, ``scaler``, ``epoch``, ``args`` (the run's
 resolved settings), ``rng`` (python/numpy/torch states, one entry per rank), ``generators`` (states of the
 model's own ``torch.Generator``s) and ``extra`` (best accuracy, EMA weights, ...). What the model *is* (encoder
-architecture, registered model name and settings) is added by the caller from ``models.checkpoint``.
+architecture, registered model name and settings) is added by the caller from ``models.formats``.
 
 A sharded model (FSDP2) is saved with ``torch.distributed.checkpoint`` instead: ``checkpoint-<epoch>.dcp/`` holds
 every rank's shards of the model and optimiser (DCP's files) and ``meta.pt``, the rest of the dict above; the small
