@@ -35,6 +35,7 @@ from util.config import (
     DataSettings,
     MixupSettings,
     OptimSettings,
+    print_settings,
     resolve_run,
 )
 from util.datasets import build_loader, make_mixup, save_class_names, supervised_datasets
@@ -42,7 +43,7 @@ from util.distributed import cleanup_distributed, init_distributed, print0
 from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
-from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, print_resolved, setting
+from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
 from util.train_loop import OptimizerStep, adamw, make_loop
 from util.train_state import (
     commit_epoch,
@@ -59,6 +60,7 @@ assert models  # importing the package registers the official-checkpoint convert
 # The argparse defaults of MAE's main_finetune.py (none of its FINETUNE.md per-size recipes: ViT-B trains 100 epochs
 # at blr 5e-4, layer decay 0.65; ViT-L/H 50 epochs at blr 1e-3, layer decay 0.75, drop path 0.2 / 0.3).
 RECIPE = dict(batch_size=64, epochs=50, blr=1e-3, min_lr=1e-6, warmup_epochs=5, warmup_lr=0.0, weight_decay=0.05)
+RECIPE_GLOBAL_BATCH = 1024  # every FINETUNE.md recipe of MAE: 32 GPUs × 32 (ViT-H: 64 × 16)
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,7 @@ def build_classifier(s: Settings, num_classes: int, init: dict | None, ckpt: dic
 
 def main(argv: Sequence[str]) -> None:
     s, init, ckpt, ckpt_path = resolve_settings(argv)
-    print_resolved(s, "main_finetune.py: resolved settings")
+    print_settings(s, "main_finetune.py: resolved settings", RECIPE_GLOBAL_BATCH)
     if s.print_config:
         return
     if s.eval and ckpt is None and init is None:

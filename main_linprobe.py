@@ -22,13 +22,13 @@ from models.probes import AttentivePoolingHead, LinearHead, Probe
 from models.registry import setting_owners
 from models.vit import VisionTransformer
 from util.cli import run_cli
-from util.config import SHARED_GROUPS, AugmentSettings, DataSettings, OptimSettings, resolve_run
+from util.config import SHARED_GROUPS, AugmentSettings, DataSettings, OptimSettings, print_settings, resolve_run
 from util.datasets import build_loader, save_class_names, supervised_datasets
 from util.distributed import cleanup_distributed, init_distributed, print0
 from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
 from util.parallel import wrap_model
-from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, print_resolved, setting
+from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
 from util.train_loop import OptimizerStep, adamw, make_loop
 from util.train_state import (
     commit_epoch,
@@ -80,6 +80,8 @@ class AttentiveProbeSettings:
 
 # MAE's linear probe (LARS, blr 0.1, wd 0, 90 epochs) and XTRA's attentive probe (AdamW β (0.9, 0.95), wd 0.1,
 # 100 epochs, warmup 10 from lr/10, cosine to 1e-5, clip 3; blr 6.25e-5 = lr 1e-3 at batch 4096).
+RECIPE_GLOBAL_BATCH = {"linear": 16384,  # MAE's FINETUNE.md: 32 GPUs × 512
+                       "attentive": 4096}  # XTRA's probe configs: 4 GPUs × 1024
 RECIPES = {
     "linear": dict(batch_size=512, epochs=90, blr=0.1, min_lr=0.0, warmup_epochs=10, warmup_lr=0.0,
                    weight_decay=0.0, n_last_blocks=1, optimizer="lars", betas=(0.9, 0.95)),
@@ -156,7 +158,7 @@ def build_probe(s: Settings, init: dict, num_classes: int) -> tuple[Probe, Visio
 
 def main(argv: Sequence[str]) -> None:
     s, init, ckpt, ckpt_path = resolve_settings(argv)
-    print_resolved(s, f"main_linprobe.py --probe {s.probe}: resolved settings")
+    print_settings(s, f"main_linprobe.py --probe {s.probe}: resolved settings", RECIPE_GLOBAL_BATCH[s.probe])
     if s.print_config:
         return
     if s.eval and ckpt is None:

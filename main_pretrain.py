@@ -21,15 +21,15 @@ from timm.optim import param_groups_weight_decay
 import models
 from engine_pretrain import train_one_epoch
 from models.formats import encoder_record, plain_config, resumed_checkpoint
-from models.registry import lookup, model_names, setting_owners
+from models.registry import lookup, model_names, official_global_batch, setting_owners
 from util.cli import run_cli
-from util.config import PARALLEL_GROUP, SHARED_GROUPS, OptimSettings, resolve_run, resumed_model
+from util.config import PARALLEL_GROUP, SHARED_GROUPS, OptimSettings, print_settings, resolve_run, resumed_model
 from util.datasets import build_dataset, build_loader, build_transform
 from util.distributed import cleanup_distributed, init_distributed, is_main_process, print0
 from util.images import first_images, save_panels
 from util.misc import forked_rng, make_log_writer, seed_everything
 from util.parallel import full_state_dict, parallelize, wrap_model
-from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, print_resolved, setting
+from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
 from util.train_loop import OptimizerStep, adamw, make_loop
 from util.train_state import (
     commit_epoch,
@@ -84,7 +84,8 @@ def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, str]:
 def main(argv: Sequence[str]) -> None:
     s, ckpt, ckpt_path = resolve_settings(argv)
     method, preset = lookup(s.model, "pretrain")
-    print_resolved(s, f"main_pretrain.py --model {s.model} ({method.name}: {preset.description})")
+    print_settings(s, f"main_pretrain.py --model {s.model} ({method.name}: {preset.description})",
+                   official_global_batch(s.model))
     if s.print_config:
         return
     config = s.of(method.config_class)

@@ -34,7 +34,7 @@ from models.formats import (
     plain_config,
     resumed_checkpoint,
 )
-from models.registry import lookup, model_names, setting_owners
+from models.registry import lookup, model_names, official_global_batch, setting_owners
 from models.scala import ScalaConfig, SlimmableViT
 from models.teacher import load_teacher
 from util.cli import run_cli
@@ -45,6 +45,7 @@ from util.config import (
     DataSettings,
     MixupSettings,
     OptimSettings,
+    print_settings,
     resolve_run,
     resumed_model,
 )
@@ -53,7 +54,7 @@ from util.distributed import cleanup_distributed, init_distributed, is_main_proc
 from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
-from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, print_resolved, setting
+from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, setting
 from util.train_loop import OptimizerStep, adamw, autocast_context, make_loop
 from util.train_state import (
     commit_epoch,
@@ -177,7 +178,7 @@ def export(model: SlimmableViT, ratio: float, path: str) -> None:
 
 def main(argv: Sequence[str]) -> None:
     s, ckpt, ckpt_path = resolve_settings(argv)
-    print_resolved(s, f"main_slimmable.py --model {s.model}: resolved settings")
+    print_settings(s, f"main_slimmable.py --model {s.model}: resolved settings", official_global_batch(s.model))
     if s.print_config:
         return
     # the encoder to start from; a resumed run has its own weights

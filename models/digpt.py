@@ -417,7 +417,8 @@ register_method(Method(
         "digpt_vit_tiny": Preset(
             "CPU-sized D-iGPT: 32 px, patch 4, 64-d, depth 4, 2×2 segments of 4×4, taps 2/3/4",
             dict(TINY_CPU_BUDGET, patch_size=4, embed_dim=64, depth=4, num_heads=4, segment_size=4,
-                 enc_layers=(2, 3, 4), decoder_dim=64, decoder_depth=2, decoder_heads=4)),
+                 enc_layers=(2, 3, 4), decoder_dim=64, decoder_depth=2, decoder_heads=4),
+            global_batch=TINY_CPU_BUDGET["batch_size"]),
         "digpt_vit_small_patch16": Preset(
             "not an official preset: ViT-S/16 at 224 px, taps 6/8/10/12, decoders 2 × 512-d × 16 heads, the base "
             "recipe", dict(embed_dim=384, num_heads=6, decoder_dim=512, decoder_heads=16)),
@@ -428,6 +429,7 @@ register_method(Method(
     stand_in_teacher=stand_in_teacher,
     memory_sizes=(("digpt_vit_base_patch16", {}),
                   ("digpt_vit_base_patch16", dict(VIT_H14, enc_layers=(16, 21, 26, 32), segment_size=8))),
+    global_batch=4096,  # the official pretraining: an effective batch of 4096, as MAE's
 ))
 
 

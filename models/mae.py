@@ -166,7 +166,8 @@ register_method(Method(
     presets={
         "mae_vit_tiny": Preset("CPU-sized MAE: 32 px, patch 4, 64-d encoder of 2 blocks, decoder 1 × 64-d",
                                dict(TINY_CPU_BUDGET, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_dim=64,
-                                    decoder_depth=1, decoder_heads=4)),
+                                    decoder_depth=1, decoder_heads=4),
+                               global_batch=TINY_CPU_BUDGET["batch_size"]),
         "mae_vit_base_patch16": Preset("MAE ViT-B/16 at 224 px; decoder 8 × 512-d"),
         "mae_vit_large_patch16": Preset("MAE ViT-L/16 at 224 px; decoder 8 × 512-d",
                                         dict(embed_dim=1024, depth=24, num_heads=16)),
@@ -174,6 +175,7 @@ register_method(Method(
                                        dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16)),
     },
     memory_sizes=(("mae_vit_base_patch16", {}), ("mae_vit_huge_patch14", {})),
+    global_batch=4096,  # PRETRAIN.md of the official repository: 8 nodes × 8 GPUs × 64
 ))
 
 

@@ -69,6 +69,7 @@ class Preset:
 
     description: str
     settings: dict = field(default_factory=dict)
+    global_batch: int | None = None  # images per optimiser update of the preset's own recipe; None: the method's
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class Method:
     config_class: type                         # frozen dataclass: fields are flags, defaults the official recipe
     recipe: dict = field(default_factory=dict)  # defaults of the shared training settings
     presets: dict[str, Preset] = field(default_factory=dict)
+    global_batch: int | None = None  # the official recipe's images per optimiser update, over all GPUs
     # A method that trains from a frozen teacher (its ``teacher`` setting) gives (config, path) -> the settings
     # overrides of a randomly initialised teacher of the right shape, written to ``path``: what benchmarks and
     # tests run it with when no trained teacher is at hand.
@@ -139,6 +141,12 @@ def lookup(name: str, kind: str) -> tuple[Method, Preset]:
     if name not in MODELS or MODELS[name][0].kind != kind:
         raise UserError(f"unknown {kind} model {name!r}; known: {', '.join(model_names(kind))}")
     return MODELS[name]
+
+
+def official_global_batch(name: str) -> int | None:
+    """The global batch the recipe of model ``name`` was defined with (its preset's, else its method's)."""
+    method, preset = MODELS[name]
+    return preset.global_batch or method.global_batch
 
 
 def split_settings(method: Method, values: dict) -> tuple[dict, dict]:

@@ -264,7 +264,7 @@ register_method(Method(
         "saim_vit_tiny": Preset(
             "CPU-sized SAIM: 32 px, patch 4, width 64, 2 content + 2 query blocks, 3×3 blur (sigma 0.5)",
             dict(TINY_CPU_BUDGET, patch_size=4, embed_dim=64, depth=2, num_heads=4, query_depth=2,
-                 gaussian_kernel_size=3, gaussian_sigma=0.5)),
+                 gaussian_kernel_size=3, gaussian_sigma=0.5), global_batch=TINY_CPU_BUDGET["batch_size"]),
         "saim_vit_small_patch16": Preset(
             "not an official preset: ViT-S/16 at 224 px, 12 query blocks, the base recipe",
             dict(embed_dim=384, num_heads=6)),
@@ -273,6 +273,7 @@ register_method(Method(
             "(sigma 1), norm_pix_loss, L2; 175,424,256 trainable parameters"),
     },
     memory_sizes=(("saim_vit_base_patch16", {}), ("saim_vit_base_patch16", dict(VIT_H14, query_depth=32))),
+    global_batch=2048,  # the official README's pretraining: 32 GPUs × 64
 ))
 
 

@@ -357,15 +357,17 @@ register_method(Method(
                 weight_decay=0.05, crop_pct=0.875, aa="rand-m1-mstd0.5-inc1", mixup=0.8, cutmix=1.0),
     presets={
         "scala_vit_tiny": Preset("CPU-sized Scala: 32 px, patch 4, 64-d, 2 blocks, 4 heads",
-                                 dict(input_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4)),
+                                 dict(input_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4),
+                                 global_batch=256),  # one process of the recipe's 256
         "scala_deit_small_patch16": Preset("Scala-S: distilled DeiT-S/16 at 224 px, 13 widths 0.25..1"),
         "scala_deit_base_patch16": Preset(
             "Scala-B: distilled DeiT-B/16 at 224 px, 13 widths 0.25..1 (the official run.sh passes --discrete_ratio, "
             "which its own parser rejects; --granularity 0.0625 is what it meant)",
             dict(embed_dim=768, num_heads=12, batch_size=128, epochs=300, blr=5e-4, warmup_epochs=5,
-                 aa="rand-m4-mstd0.5-inc1")),
+                 aa="rand-m4-mstd0.5-inc1"), global_batch=512),  # the official Scala-B run: 4 GPUs × 128
     },
     memory_sizes=(("scala_deit_base_patch16", {}), ("scala_deit_base_patch16", VIT_H14)),
+    global_batch=1024,  # the official Scala-S run (run.sh): 4 GPUs × 256
 ))
 
 

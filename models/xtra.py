@@ -305,7 +305,7 @@ register_method(Method(
             "CPU-sized XTRA (32 px, patch 4, 4×4 blocks of 2×2 patches): pretrains on the digits in seconds",
             dict(TINY_CPU_BUDGET, patch_size=4, embed_dim=64, depth=2, num_heads=4, block_size=2,
                  predictor_depth=1, predictor_width=64, predictor_heads=4, proj_hidden=128, head_hidden=256,
-                 drop_path=0.0)),
+                 drop_path=0.0), global_batch=TINY_CPU_BUDGET["batch_size"]),
         "xtra_vit_small_patch16": Preset(
             "not an official preset: ViT-S/16 at 256 px with the B/16 recipe, predictor 8×384",
             dict(embed_dim=384, num_heads=6, predictor_width=384, proj_hidden=1536, head_hidden=3072)),
@@ -319,6 +319,9 @@ register_method(Method(
                  warmup_epochs=3)),
     },
     memory_sizes=(("xtra_vit_base_patch16", {}), ("xtra_vit_huge_patch14", {})),
+    # the released B/16 and H/14 runs: 72 GPUs × 29 (the configs of the official repository; "bs2k" in the B/16
+    # checkpoint's name); the lr is absolute, so another global batch keeps lr 1e-3 unless --lr says otherwise
+    global_batch=2088,
 ))
 
 

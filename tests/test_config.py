@@ -230,3 +230,56 @@ def test_a_bug_keeps_its_traceback_and_only_user_errors_become_one_line(tmp_path
     assert not isinstance(raised.value, UserError) and raised.traceback[-1].name != "run_cli"
     proc = run_script("main_pretrain.py", *argv[:-1], str(tmp_path / "bug"), "--epochs", "0", check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --epochs must be at least 1")
+
+
+def test_global_batch_sets_accum_iter_for_the_launched_ranks(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")  # what torchrun announces before the process group exists
+    s, _, _ = main_pretrain.resolve_settings(["--model", "xtra_vit_base_patch16", "--global_batch", "2088"])
+    assert (s.batch_size, s.accum_iter, s.source("accum_iter")) == (29, 9, "--global_batch")
+    s, _, _ = main_pretrain.resolve_settings(["--model", "mae_vit_base_patch16", "--global_batch", "4096"])
+    assert s.accum_iter == 8 and s.of(OptimSettings).peak_lr(8) == pytest.approx(1.5e-4 * 4096 / 256)
+    with pytest.raises(SettingsError, match="64 per rank × 8 ranks = 512: the nearest valid values are 2048 and 2560"):
+        main_pretrain.resolve_settings(["--model", "xtra_vit_base_patch16", "--global_batch", "2088",
+                                        "--batch_size", "64"])
+    with pytest.raises(SettingsError, match="--accum_iter 2 contradicts --global_batch 4096"):
+        main_pretrain.resolve_settings(["--model", "mae_vit_base_patch16", "--global_batch", "4096",
+                                        "--accum_iter", "2"])
+
+
+@pytest.mark.parametrize("script,argv,shown,note", [
+    ("main_pretrain.py", ["--model", "xtra_vit_base_patch16", "--batch_size", "64"],
+     "global batch 512 = 64 per rank × accum_iter 1 × 8 ranks; lr 1.000e-03 (absolute)",
+     "the recipe's global batch is 2088, this run's is 512; the lr is absolute and was not rescaled"),
+    ("main_pretrain.py", ["--model", "mae_vit_base_patch16", "--global_batch", "4096"],
+     "global batch 4096 = 64 per rank × accum_iter 8 × 8 ranks; lr 2.400e-03 (blr 1.500e-04 × 4096 / 256)", None),
+    ("main_pretrain.py", ["--model", "saim_vit_base_patch16"],
+     "global batch 512 = 64 per rank × accum_iter 1 × 8 ranks",
+     "the recipe's global batch is 2048, this run's is 512; the lr follows the global batch (blr rule); "
+     "--global_batch 2048 sets accum_iter 4 to match it"),
+    ("main_finetune.py", ["--model", "vit_base_patch16", "--batch_size", "32", "--global_batch", "1024"],
+     "global batch 1024 = 32 per rank × accum_iter 4 × 8 ranks", None),
+    ("main_linprobe.py", ["--finetune", "{encoder}", "--probe", "linear", "--global_batch", "16384"],
+     "global batch 16384 = 512 per rank × accum_iter 4 × 8 ranks", None),
+    ("main_slimmable.py", ["--model", "scala_deit_small_patch16", "--batch_size", "128", "--global_batch", "1024"],
+     "global batch 1024 = 128 per rank × accum_iter 1 × 8 ranks", None),
+])
+def test_print_config_shows_the_global_batch_and_how_it_compares_with_the_recipe(tmp_path, monkeypatch, script,
+                                                                                   argv, shown, note):
+    encoder = tmp_path / "pre" / "encoder.pth"
+    if "{encoder}" in argv:
+        run_script("main_pretrain.py", "--model", "mae_vit_tiny", "--dataset", "digits", "--num_workers", "0",
+                   "--epochs", "1", "--output_dir", tmp_path / "pre")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # what torchrun announces before the process group exists
+    proc = run_script(script, *[a.format(encoder=encoder) for a in argv], "--dataset", "digits", "--print_config")
+    assert shown in proc.stdout
+    assert (note in proc.stdout) if note else ("note: the recipe's global batch" not in proc.stdout)
+
+
+def test_a_run_with_global_batch_trains_with_the_derived_accumulation(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("main_pretrain.py", "--model", "xtra_vit_tiny", "--dataset", "digits", "--num_workers", "0",
+                      "--epochs", "1", "--batch_size", "32", "--global_batch", "64", "--output_dir", out)
+    stored = json.loads((out / "args.json").read_text())
+    assert (stored["global_batch"], stored["accum_iter"]) == (64, 2)
+    assert "global batch 64 = 32 per rank × accum_iter 2 × 1 ranks" in proc.stdout
+    assert "note:" not in proc.stdout  # the tiny preset's own recipe is one process of 64

@@ -14,6 +14,7 @@ from typing import Literal, Sequence
 
 import torch
 
+from util.distributed import launch_world_size
 from util.lr_sched import Schedule
 from util.settings import (
     Group,
@@ -21,8 +22,10 @@ from util.settings import (
     Settings,
     SettingsError,
     SettingsParser,
+    is_main_launch,
     parse_command_line,
     preparse,
+    print_resolved,
     resolve,
     setting,
 )
@@ -52,8 +55,10 @@ class OptimSettings:
     batch_size: int = setting(64, "per-process batch size")
     epochs: int = setting(100, "training epochs")
     accum_iter: int = setting(1, "gradient accumulation micro-steps per optimiser update")
-    lr: float | None = setting(None, "absolute peak lr; none: blr × effective batch / 256")
-    blr: float = setting(1e-3, "base lr, scaled by the effective batch (batch_size × accum_iter × ranks) / 256")
+    global_batch: int | None = setting(None, "images per optimiser update over all ranks; sets accum_iter = "
+                                             "global_batch / (ranks × batch_size) at start; none: --accum_iter")
+    lr: float | None = setting(None, "absolute peak lr; none: blr × global batch / 256")
+    blr: float = setting(1e-3, "base lr, scaled by the global batch (batch_size × accum_iter × ranks) / 256")
     min_lr: float = setting(0.0, "floor of the half-cycle cosine")
     warmup_epochs: float = setting(5.0, "linear warmup length in epochs")
     warmup_lr: float | None = setting(0.0, "lr at the start of warmup; none: a tenth of the peak lr")
@@ -68,6 +73,8 @@ class OptimSettings:
         for name in ("batch_size", "epochs", "accum_iter"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.global_batch is not None and self.global_batch < 1:
+            raise ValueError(f"--global_batch must be at least 1 (or none), got {self.global_batch}")
         if self.warmup_epochs < 0:
             raise ValueError(f"--warmup_epochs must be >= 0, got {self.warmup_epochs}")
         for name in ("lr", "blr", "min_lr", "weight_decay"):
@@ -91,12 +98,20 @@ class OptimSettings:
         return Schedule(lr=lr, min_lr=self.min_lr, warmup_lr=lr / 10 if self.warmup_lr is None else self.warmup_lr,
                         warmup_epochs=self.warmup_epochs, epochs=self.epochs)
 
-    def describe_lr(self, world_size: int) -> str:
+    def describe_batch(self, world_size: int, official: int | None) -> str:
+        """The run's global batch and lr, and how they compare with the recipe's ``official`` global batch."""
         batch = self.batch_size * self.accum_iter * world_size
-        how = ("absolute" if self.lr is not None else
-               f"blr {self.blr:.3e} × effective batch {batch} / 256")
-        return (f"lr {self.peak_lr(world_size):.3e} ({how}; effective batch {batch} = {self.batch_size} × accum "
-                f"{self.accum_iter} × {world_size} ranks)")
+        how = "absolute" if self.lr is not None else f"blr {self.blr:.3e} × {batch} / 256"
+        text = (f"global batch {batch} = {self.batch_size} per rank × accum_iter {self.accum_iter} × {world_size} "
+                f"ranks; lr {self.peak_lr(world_size):.3e} ({how})")
+        if official is not None and batch != official:
+            text += (f"\nnote: the recipe's global batch is {official}, this run's is {batch}; " +
+                     ("the lr is absolute and was not rescaled (give --lr to change it)" if self.lr is not None else
+                      "the lr follows the global batch (blr rule)") +
+                     (f"; --global_batch {official} sets accum_iter {official // (batch // self.accum_iter)} to "
+                      "match it" if official % (batch // self.accum_iter) == 0 else
+                      f"; no accum_iter reaches it at {self.batch_size} per rank × {world_size} ranks"))
+        return text
 
 
 @dataclass(frozen=True)
@@ -142,6 +157,32 @@ class RunSettings:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.keep_last < 0:
             raise ValueError(f"--keep_last must be >= 0, got {self.keep_last}")
+
+
+def derive_accum_iter(settings: Settings) -> tuple[str, dict]:
+    """--global_batch N: the accum_iter that makes N images per update with --batch_size on the launched ranks."""
+    optim = settings.of(OptimSettings)
+    if optim.global_batch is None:
+        return "--global_batch", {}
+    world = launch_world_size()
+    per_step = optim.batch_size * world
+    if optim.global_batch % per_step:
+        below = optim.global_batch // per_step * per_step
+        nearest = " and ".join(str(v) for v in (below, below + per_step) if v > 0)
+        raise ValueError(f"--global_batch {optim.global_batch} is not a multiple of {optim.batch_size} per rank × "
+                         f"{world} ranks = {per_step}: the nearest valid values are {nearest} (or change --batch_size)")
+    accum = optim.global_batch // per_step
+    if settings.source("accum_iter") == "command line" and optim.accum_iter != accum:
+        raise ValueError(f"--accum_iter {optim.accum_iter} contradicts --global_batch {optim.global_batch} (which "
+                         f"needs accum_iter {accum} at {optim.batch_size} per rank × {world} ranks): give one of them")
+    return "--global_batch", {"accum_iter": accum}
+
+
+def print_settings(settings: Settings, header: str, official_global_batch: int | None) -> None:
+    """The resolved settings, then how the global batch and lr come about (on the first process of a launch)."""
+    print_resolved(settings, header)
+    if is_main_launch():
+        print(settings.of(OptimSettings).describe_batch(launch_world_size(), official_global_batch), flush=True)
 
 
 def check_run_environment(settings: Settings) -> None:
@@ -212,7 +253,8 @@ def check_writable_dir(path: str | None, what: str) -> None:
         raise ValueError(f"{what} {path}: {existing} is not writable")
 
 
-SHARED_GROUPS = (Group("optimisation", OptimSettings, on_command_line=OptimSettings.on_command_line),
+SHARED_GROUPS = (Group("optimisation", OptimSettings, on_command_line=OptimSettings.on_command_line,
+                       derive=derive_accum_iter),
                  Group("data", DataSettings), Group("run", RunSettings, check=check_run_environment))
 # the scripts that train a whole model
 PARALLEL_GROUP = Group("memory and sharding", ParallelSettings, check=check_parallel)

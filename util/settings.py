@@ -99,12 +99,14 @@ class Group:
     """One dataclass of settings, shown under ``title`` in ``--help``, with the rules that span more than one field
     of a run: ``on_command_line`` rewrites what the command line gave before the layers merge (e.g. an explicit
     --blr drops an absolute lr from the recipe), ``check`` validates the resolved settings (e.g. settings of two
-    groups that cannot go together, or a directory that must be writable)."""
+    groups that cannot go together, or a directory that must be writable), ``derive`` gives values that follow
+    from the resolved ones, as a last layer (source name, {setting: value}), e.g. --global_batch's accum_iter."""
 
     title: str
     cls: type
     on_command_line: Callable[[dict], dict] | None = None
     check: Callable[[Settings], None] | None = None
+    derive: Callable[[Settings], tuple[str, dict]] | None = None
 
     def names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.cls)]
@@ -246,16 +248,24 @@ class Settings:
 
 def resolve(groups: Sequence[Group], layers: Layers) -> Settings:
     """Merge ``layers`` over the dataclass defaults (later layers win) and build each group, whose
-    ``__post_init__`` validates; then each group's ``check``. Their ValueError becomes a SettingsError."""
-    values, sources = layered_defaults(groups, layers)
+    ``__post_init__`` validates; then each group's ``derive`` layer, and each group's ``check``. Their ValueError
+    becomes a SettingsError."""
     try:
-        settings = Settings({g.cls: g.cls(**{n: values[n] for n in g.names()}) for g in groups}, sources)
+        settings = _build(groups, layers)
+        derived = [layer for g in groups if g.derive is not None for layer in [g.derive(settings)] if layer[1]]
+        if derived:
+            settings = _build(groups, [*layers, *derived])
         for g in groups:
             if g.check is not None:
                 g.check(settings)
     except ValueError as e:
         raise SettingsError(str(e)) from None
     return settings
+
+
+def _build(groups: Sequence[Group], layers: Layers) -> Settings:
+    values, sources = layered_defaults(groups, layers)
+    return Settings({g.cls: g.cls(**{n: values[n] for n in g.names()}) for g in groups}, sources)
 
 
 def parse_command_line(argv: Sequence[str], parser: SettingsParser) -> dict:

@@ -10,7 +10,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from util.config import OptimSettings
-from util.distributed import all_reduce_sum, full, launch_world_size, local, print0, unwrap
+from util.distributed import all_reduce_sum, full, launch_world_size, local, unwrap
 from util.errors import UserError
 from util.lr_sched import Schedule, adjust_learning_rate
 from util.misc import MetricLogger, SmoothedValue, forked_rng
@@ -145,11 +145,9 @@ class Loop:
 
 
 def make_loop(optim: OptimSettings, device: torch.device, print_freq: int, max_unreadable: int) -> Loop:
-    """The loop of a run with these optimisation settings on the launched ranks; prints how its lr came about."""
-    world_size = launch_world_size()
-    print0(optim.describe_lr(world_size))
-    return Loop(device, optim.amp, optim.accum_iter, print_freq, optim.batch_size, optim.schedule(world_size),
-                max_unreadable)
+    """The loop of a run with these optimisation settings on the launched ranks."""
+    return Loop(device, optim.amp, optim.accum_iter, print_freq, optim.batch_size,
+                optim.schedule(launch_world_size()), max_unreadable)
 
 
 def epoch_batches(loader, optimizer: torch.optim.Optimizer, epoch: int, loop: Loop) -> tuple[MetricLogger, Iterator]:
