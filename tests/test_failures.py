@@ -210,3 +210,67 @@ def test_run_and_eval_scripts_use_the_interpreters_launcher_and_refuse_a_wrong_p
     proc = subprocess.run(["bash", "eval.sh", "small", str(scala / "checkpoint-last.pth")], cwd=ROOT,
                           capture_output=True, text=True, env={**env, "IMAGENET": str(tmp_path)})
     _one_error_line(proc, "checkpoint of scala_vit_tiny, not scala_deit_small_patch16")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB filesystem: room for one tiny-preset checkpoint (3.6 MB) but not for its replacement next to it."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6M", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_committed_checkpoint(small_disk):
+    out = small_disk / "run"
+    proc = run_script("main_pretrain.py", *FAST, "--model", "xtra_vit_tiny", "--batch_size", "64", "--epochs", "3",
+                      "--save_freq", "100", "--save_encoder", "false", "--log_dir", "", "--output_dir", out,
+                      check=False)
+    line = _one_error_line(proc, "cannot write ", "No space left on device", "MiB free there",
+                           "the last committed checkpoint is untouched")
+    assert "checkpoint-last.pth" in line
+    assert not list(out.glob("*.tmp.*")), "the partial file was left behind"
+    committed = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    assert committed["epoch"] == 0 and not (out / "done.json").exists()
+    # a rerun with room to write drops the uncommitted epoch's log line and continues at epoch 1
+    shutil.copytree(out, small_disk.parent / "moved")
+    proc = run_script("main_pretrain.py", *FAST, "--model", "xtra_vit_tiny", "--batch_size", "64", "--epochs", "3",
+                      "--save_freq", "100", "--save_encoder", "false", "--log_dir", "",
+                      "--output_dir", small_disk.parent / "moved")
+    assert "continuing at epoch 1" in proc.stdout
+    assert [r["epoch"] for r in read_log(small_disk.parent / "moved")] == [0, 1, 2]
+
+
+def test_an_unwritable_log_is_one_line_without_a_torn_entry(tmp_path, monkeypatch):
+    """A write that fails half-way through log.txt is cut back to the last whole line."""
+    from util import train_state
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.txt").write_text('{"epoch": 0}\n')
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        real_fsync(fd)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_state.os, "fsync", failing_fsync)
+    with pytest.raises(train_state.UserError, match=r"cannot write .*log.txt: No space left on device"):
+        train_state.write_json_line(str(out), {"epoch": 1, "train_loss": 0.5})
+    assert (out / "log.txt").read_text() == '{"epoch": 0}\n'
+
+
+def test_a_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_committed_checkpoint(small_disk):
+    out = small_disk / "run"
+    proc = run_script("main_pretrain.py", *FAST, "--model", "xtra_vit_tiny", "--batch_size", "64", "--epochs", "3",
+                      "--save_freq", "100", "--save_encoder", "false", "--log_dir", "", "--fsdp",
+                      "--output_dir", out, check=False)
+    line = _one_error_line(proc, "cannot write ", "checkpoint-1.dcp.tmp", "MiB free there")
+    assert "Traceback" not in line and not (out / "checkpoint-1.dcp.tmp").exists()
+    assert json.loads((out / "checkpoint-last.json").read_text())["epoch"] == 0
+    assert (out / "checkpoint-0.dcp").is_dir() and not (out / "done.json").exists()

@@ -1,7 +1,6 @@
 """Datasets (ImageFolder, the embedded digits, synthetic), transforms and loaders."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -15,6 +14,7 @@ from torchvision.datasets import ImageFolder
 from util.config import AugmentSettings, DataSettings, MixupSettings
 from util.distributed import get_rank, get_world_size, print0
 from util.errors import UserError
+from util.train_state import save_json_atomic
 
 DIGITS_VAL_FRACTION = 0.2  # fixed split of scikit-learn's 1797 digits: 1438 train / 359 val
 
@@ -194,8 +194,7 @@ def make_mixup(mixup: MixupSettings, num_classes: int) -> Mixup | None:
 def save_class_names(dataset: Dataset, output_dir: str) -> None:
     """output_dir/classes.json: the class names in label order (ImageFolder's sorted folder names)."""
     if output_dir and get_rank() == 0:
-        with open(os.path.join(output_dir, "classes.json"), "w") as f:
-            json.dump(list(dataset.classes), f)
+        save_json_atomic(list(dataset.classes), os.path.join(output_dir, "classes.json"))
 
 
 class ShardSampler(Sampler):

@@ -13,6 +13,7 @@ number of ranks, and ``consolidate`` turns such a directory into a single-file c
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -136,19 +137,48 @@ def consolidate(directory: str) -> dict:
     return {k: v for k, v in ckpt.items() if k != "sharded_dir"}
 
 
+def write_failure(path: str, error: BaseException, every_rank: bool = False) -> UserError:
+    """A failed write (a full disk, an unwritable file) as the one line the user sees: the file, why, and the
+    space left on its filesystem."""
+    try:
+        free_bytes = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        free = f"{free_bytes / 2**20:.1f} MiB free there"
+    except OSError:
+        free_bytes, free = None, "free space unknown"
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    elif free_bytes is not None and free_bytes < 2**20:  # torch.save's zip writer reports a short write
+        reason = "No space left on device (the write stopped short)"
+    else:
+        reason = " ".join(str(error).split())[:200]
+    return UserError(f"cannot write {path}: {reason} ({free}); the partial file was removed and the last "
+                     "committed checkpoint is untouched", every_rank=every_rank)
+
+
+@contextlib.contextmanager
+def _replaced_atomically(path: str):
+    """Yields a temporary name in ``path``'s directory, renamed to ``path`` once written: a killed job never
+    leaves a torn file. A failed write removes the temporary file and is one UserError (:func:`write_failure`)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise write_failure(path, e) from None
+
+
 def save_atomic(obj: dict, path: str) -> None:
-    """Write to a temp file in the same directory, then rename: a killed job never leaves a torn file."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to ``path`` atomically (temporary file, then rename)."""
+    with _replaced_atomically(path) as tmp:
+        torch.save(obj, tmp)
 
 
-def save_json_atomic(obj: dict, path: str) -> None:
-    """``save_atomic`` for a small JSON file (args.json, done.json, checkpoint-last.json)."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+def save_json_atomic(obj: dict | list, path: str) -> None:
+    """``save_atomic`` for a small JSON file (args.json, done.json, checkpoint-last.json, classes.json)."""
+    with _replaced_atomically(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _gather_rng_states() -> list[dict]:
@@ -239,7 +269,12 @@ def save_sharded(state: dict, output_dir: str, epoch: int, due: Callable[[int], 
         shutil.rmtree(tmp)
     if is_dist():
         dist.barrier()
-    dcp.save(state["sharded"], checkpoint_id=tmp)
+    try:
+        dcp.save(state["sharded"], checkpoint_id=tmp)
+    except (Exception, CheckpointException) as e:  # every rank: DCP gathers the ranks' failures
+        if is_main_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(tmp, _first_failure(e), every_rank=True) from None
     if is_dist():
         dist.barrier()
     if is_main_process():
@@ -268,11 +303,20 @@ DONE = "done.json"
 
 
 def write_json_line(output_dir: str, record: dict) -> None:
+    """Append one line to log.txt, durably; a failed append is cut off again (no torn last line) and is one
+    UserError."""
     if output_dir and is_main_process():
-        with open(os.path.join(output_dir, "log.txt"), "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        path = os.path.join(output_dir, "log.txt")
+        with open(path, "a") as f:
+            committed = f.tell()
+            try:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    f.truncate(committed)
+                raise write_failure(path, e) from None
 
 
 def clean_start(output_dir: str, last_committed: int) -> None:
