@@ -102,7 +102,7 @@ def main(argv: Sequence[str]) -> None:
     elif s.consolidate:
         if sharded_dir(s.input) is None:
             raise UserError(f"{s.input} is not a sharded checkpoint (a checkpoint-<epoch>.dcp directory or the "
-                             "checkpoint-last.json that names one)")
+                            "checkpoint-last.json that names one)")
         ckpt = consolidate(s.input)
         loaded = write_verified(ckpt, s.output)
         print(f"wrote {s.output}: epoch {ckpt['epoch']}, {len(ckpt['model'])} tensors; loads {loaded}")

@@ -227,7 +227,7 @@ class DiGPT(PretrainingModel):
         if not config.teacher:
             raise UserError("D-iGPT learns from a teacher's features: give --teacher (and --teacher_weights)")
         if not config.teacher.startswith(OPEN_CLIP_PREFIX) and not config.teacher_weights \
-                and not os.path.isfile(config.teacher):
+                and not os.path.exists(config.teacher):  # a file, or a sharded checkpoint's directory
             raise UserError(f"teacher checkpoint not found: {config.teacher}")
 
     def init_weights(self) -> None:
@@ -247,10 +247,10 @@ class DiGPT(PretrainingModel):
         if teacher is not None:
             if teacher.embed_dim != self.teacher_dim:
                 raise UserError(f"teacher features are {teacher.embed_dim}-d but the model predicts "
-                                 f"{self.teacher_dim}-d (set teacher_dim)")
+                                f"{self.teacher_dim}-d (set teacher_dim)")
             if teacher.grid_size != self.teacher_grid:
                 raise UserError(f"teacher grid is {teacher.grid_size}×{teacher.grid_size} but the model expects "
-                                 f"{self.teacher_grid} (set teacher_grid)")
+                                f"{self.teacher_grid} (set teacher_grid)")
             p = next(iter(self.parameters()))
             teacher = teacher.to(device=p.device)
         object.__setattr__(self, "_teacher", teacher)  # not a submodule: stays out of state_dict/parameters

@@ -95,11 +95,11 @@ def encoder_num_heads(width: int, records: dict, given: int | None, what: str) -
     found = recorded_heads(records, width)
     if given is not None and found is not None and given != found:
         raise UserError(f"{what} records {found} attention heads for its {width}-wide encoder, but --num_heads "
-                         f"is {given}")
+                        f"is {given}")
     heads = given if given is not None else found
     if heads is None:
         raise UserError(f"{what} does not record how many attention heads its {width}-wide encoder has (no model "
-                         "name or hyper-parameters in the file): give --num_heads")
+                        "name or hyper-parameters in the file): give --num_heads")
     if width % heads:
         raise UserError(f"{heads} attention heads do not divide the {width}-wide encoder of {what}")
     return heads
@@ -162,7 +162,7 @@ def normalize_checkpoint(ckpt: dict, path: str = "", num_heads: int | None = Non
         config = infer_vit_config(sd)
         if config is None:
             raise UserError(f"{what}: not a checkpoint of this project, not a timm ViT, and no converter "
-                             f"({', '.join(CONVERTERS) or 'none registered'}) recognises its keys")
+                            f"({', '.join(CONVERTERS) or 'none registered'}) recognises its keys")
         config["num_heads"] = encoder_num_heads(config["embed_dim"], records, num_heads, what)
         return {"model": sd, "model_name": None, "converted_from": "timm", "epoch": -1, "vit_config": config,
                 "vit_prefix": "", "encoder_mask": None}
@@ -254,7 +254,7 @@ def load_encoder_weights(model: VisionTransformer, ckpt: dict) -> dict[str, list
     bad = [k for k in result.missing_keys if not k.startswith(FRESH_KEYS)]
     if bad:
         raise UserError(f"checkpoint does not fit the model: missing {sorted(bad)[:8]}"
-                         f"{' ...' if len(bad) > 8 else ''} (architecture differs?)")
+                        f"{' ...' if len(bad) > 8 else ''} (architecture differs?)")
     print0(f"loaded encoder weights: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
     return {"missing": result.missing_keys, "unexpected": result.unexpected_keys}
 

@@ -186,7 +186,7 @@ class SAIM(PretrainingModel):
     def check_settings(cls, config: SAIMConfig, fsdp: bool = False) -> None:
         if fsdp and config.fuse_streams:  # paired_blocks reads two blocks' weights outside their forward
             raise UserError("--fuse_streams cannot run with --fsdp (it calls the blocks' layers directly, where "
-                             "FSDP gathers a block's weights only in its forward); use one of them")
+                            "FSDP gathers a block's weights only in its forward); use one of them")
 
     def forward_predictions(self, imgs: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """Per-patch pixel predictions [B, L, 3*p*p] (raster order) for the given generation orders."""

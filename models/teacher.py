@@ -114,7 +114,7 @@ def load_teacher(teacher: str, weights: str | None = None) -> FrozenTeacher:
         return _load_timm(teacher, weights)
     if not os.path.isfile(teacher) and timm.is_model(teacher):
         raise UserError(f"teacher {teacher!r} is a timm model name: give its weights file too (nothing is "
-                         "downloaded)")
+                        "downloaded)")
     vit, _ = load_vit(teacher)  # FileNotFoundError / ValueError for a missing or foreign file
     return FrozenTeacher(vit, "vit", vit.config["img_size"], vit.grid_size, vit.embed_dim,
                          IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, vit.config["num_classes"])

@@ -379,7 +379,7 @@ def convert_official(sd: dict, records: dict) -> Converted:
     if not any(k.startswith(_PRETRAIN_PARTS) for k in sd):
         if "block_size" not in settings:
             raise UserError("an official XTRA encoder file that does not record its block size (enc_block_size) "
-                             "cannot be probed with its block-causal mask")
+                            "cannot be probed with its block-causal mask")
         grid = settings["input_size"] // settings["patch_size"]
         placeholders = {"predictor_heads": 1, "num_pred_heads": 1} if grid // settings["block_size"] > 1 else {}
         if any(k.startswith("classifier.") for k in sd):

@@ -84,6 +84,8 @@ def _loading_commands(run: Path, out: Path) -> dict[str, tuple[str, list]]:
         "attentive_probe": ("main_linprobe.py", [*ft, "--finetune", dcp_dir, "--probe", "attentive"]),
         "teacher": ("main_pretrain.py", ["--model", "digpt_vit_tiny", *PT, "--epochs", "1", "--teacher", run / POINTER,
                                          "--output_dir", out]),
+        "teacher_directory": ("main_pretrain.py", ["--model", "digpt_vit_tiny", *PT, "--epochs", "1", "--teacher",
+                                                   dcp_dir, "--output_dir", out]),
         "init_from": ("main_slimmable.py", ["--model", "scala_vit_tiny", *FAST, "--epochs", "1", "--init_from",
                                             dcp_dir, "--output_dir", out]),
         "visualize": ("visualize.py", ["--checkpoint", dcp_dir, "--dataset", "digits", "--output", out / "v.png"]),
@@ -136,6 +138,10 @@ def test_genuine_sharded_checkpoints_still_resume_and_consolidate(genuine, tmp_p
     run_script("models.convert", "--consolidate", run / POINTER, tmp_path / "c.pth")
     consolidated = torch.load(tmp_path / "c.pth", weights_only=True)
     assert consolidated["epoch"] == 1 and "encoder.pos_embed" in consolidated["model"]
+    # a sharded run's directory is a D-iGPT teacher as it stands
+    run_script("main_pretrain.py", "--model", "digpt_vit_tiny", *PT, "--epochs", "1", "--teacher",
+               run / "checkpoint-1.dcp", "--output_dir", tmp_path / "digpt")
+    assert [r["epoch"] for r in read_log(tmp_path / "digpt")] == [0]
 
 
 @pytest.mark.parametrize("fault", ["missing", "truncated"])

@@ -161,7 +161,7 @@ def build_dataset(dataset: str, split: str, transform, input_size: int, data_pat
     root = os.path.join(data_path, split)
     if not data_path or not os.path.isdir(root):
         raise UserError(f"--data_path must contain a '{split}' folder (ImageFolder layout); "
-                                f"not found: {root or '(no --data_path given)'}")
+                        f"not found: {root or '(no --data_path given)'}")
     images = ImageFiles(root, transform, train=split == "train")
     if len(images) == 0:
         raise UserError(f"no images found under {root}")
@@ -219,7 +219,7 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, is_train: 
                                      seed=seed, drop_last=True)
         if len(sampler) < batch_size:
             raise UserError(f"{len(dataset)} training images are fewer than one batch of {batch_size} "
-                             f"per process × {get_world_size()} processes")
+                            f"per process × {get_world_size()} processes")
     else:
         sampler = ShardSampler(len(dataset)) if shard_eval else range(len(dataset))
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,

@@ -403,7 +403,7 @@ def _load_sharded(directory: str, path: str, model: nn.Module, optimizer: torch.
               if k in stored and tuple(stored[k].size) != tuple(v.shape)]
     if missing or unexpected or shapes:
         raise UserError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-                         f"shapes differ {shapes[:5]}")
+                        f"shapes differ {shapes[:5]}")
     _dcp_load(state, directory, alone=not is_dist())
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -422,7 +422,7 @@ def resume(ckpt: dict | None, path: str, model: nn.Module, optimizer: torch.opti
         _load_sharded(ckpt["sharded_dir"], path, model, optimizer)
     elif is_sharded(model):
         raise UserError(f"{path} is a single-file checkpoint; --fsdp resumes sharded checkpoints only (continue "
-                         "this run without --fsdp)")
+                        "this run without --fsdp)")
     else:
         try:
             model.load_state_dict(ckpt["model"], strict=True)
