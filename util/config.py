@@ -100,7 +100,8 @@ class OptimSettings:
 
     def describe_batch(self, world_size: int, official: int | None) -> str:
         """The run's global batch and lr, and how they compare with the recipe's ``official`` global batch."""
-        batch = self.batch_size * self.accum_iter * world_size
+        per_step = self.batch_size * world_size  # one micro-step of every rank
+        batch = per_step * self.accum_iter
         how = "absolute" if self.lr is not None else f"blr {self.blr:.3e} × {batch} / 256"
         text = (f"global batch {batch} = {self.batch_size} per rank × accum_iter {self.accum_iter} × {world_size} "
                 f"ranks; lr {self.peak_lr(world_size):.3e} ({how})")
@@ -108,8 +109,8 @@ class OptimSettings:
             text += (f"\nnote: the recipe's global batch is {official}, this run's is {batch}; " +
                      ("the lr is absolute and was not rescaled (give --lr to change it)" if self.lr is not None else
                       "the lr follows the global batch (blr rule)") +
-                     (f"; --global_batch {official} sets accum_iter {official // (batch // self.accum_iter)} to "
-                      "match it" if official % (batch // self.accum_iter) == 0 else
+                     (f"; --global_batch {official} sets accum_iter {official // per_step} to match it"
+                      if official % per_step == 0 else
                       f"; no accum_iter reaches it at {self.batch_size} per rank × {world_size} ranks"))
         return text
 
