@@ -7,13 +7,15 @@ import torch.nn.functional as F
 from models.vit import upcast
 from util.distributed import all_reduce_max, all_reduce_sum, is_dist, is_sharded, print0
 from util.misc import log_step
-from util.train_loop import Loop, OptimizerStep, autocast_context, epoch_batches, verify_update
+from util.train_loop import Loop, MidEpochSaves, OptimizerStep, TrainingEpoch, autocast_context, verify_update
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, optim_step: OptimizerStep,
-                    epoch: int, loop: Loop, mixup_fn=None, model_ema=None, log_writer=None) -> dict[str, float]:
+                    epoch: int, loop: Loop, saves: MidEpochSaves, mixup_fn=None, model_ema=None,
+                    log_writer=None) -> dict[str, float]:
     model.train()
-    logger, batches = epoch_batches(loader, optim_step.optimizer, epoch, loop)
+    batches = TrainingEpoch(loader, optim_step.optimizer, epoch, loop, saves)
+    logger = batches.logger
     params = [p for p in model.parameters() if p.requires_grad]
     for step, epoch_f, images, targets in batches:
         if mixup_fn is not None:
@@ -21,7 +23,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, 
         with optim_step.sync_context(model, optim_step.is_update_step(step)):
             with autocast_context(loop.device, loop.amp):
                 loss = criterion(model(images), targets)
-            loop.check(loss, epoch, step, loader.dataset)
+            batches.check(loss, step)
             grad_norm = optim_step(loss, params, step)
         if grad_norm is not None and model_ema is not None:
             model_ema.update(model)

@@ -6,19 +6,20 @@ import torch
 
 from util.distributed import print0
 from util.misc import log_step
-from util.train_loop import Loop, OptimizerStep, autocast_context, epoch_batches, verify_update
+from util.train_loop import Loop, MidEpochSaves, OptimizerStep, TrainingEpoch, autocast_context, verify_update
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optim_step: OptimizerStep, epoch: int, loop: Loop,
-                    log_writer=None) -> dict[str, float]:
+                    saves: MidEpochSaves, log_writer=None) -> dict[str, float]:
     model.train()
-    logger, batches = epoch_batches(loader, optim_step.optimizer, epoch, loop)
+    batches = TrainingEpoch(loader, optim_step.optimizer, epoch, loop, saves)
+    logger = batches.logger
     for step, epoch_f, images, _ in batches:
         update = optim_step.is_update_step(step)
         with optim_step.sync_context(model, update):
             with autocast_context(loop.device, loop.amp):
                 loss, metrics = model(images)
-            loop.check(loss, epoch, step, loader.dataset)
+            batches.check(loss, step)
             grad_norm = optim_step(loss, model.parameters(), step)
         lr = optim_step.optimizer.param_groups[0]["lr"]
         logger.update(loss=loss.detach(), lr=lr, grad_norm=grad_norm, n=images.shape[0], **metrics)

@@ -44,7 +44,7 @@ from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
-from util.train_loop import OptimizerStep, adamw, make_loop
+from util.train_loop import MidEpochSaves, OptimizerStep, adamw, make_loop
 from util.train_state import (
     commit_epoch,
     evaluate_only,
@@ -175,10 +175,10 @@ def main(argv: Sequence[str]) -> None:
     optimizer = adamw(groups, lr=loop.schedule.lr, betas=tuple(s.betas))
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, device)
     model_ema = ModelEmaV3(model, decay=s.model_ema_decay) if s.model_ema else None
-    start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
+    start_at, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
     if model_ema is not None and "model_ema" in extra:
         model_ema.module.load_state_dict(extra["model_ema"])
-    if not start_output(s.output_dir, s.epochs, start_epoch, s.as_dict()):  # validated: the first write
+    if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
     save_class_names(train_set, s.output_dir)
 
@@ -187,30 +187,35 @@ def main(argv: Sequence[str]) -> None:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{n_params / 1e6:.2f}M trainable parameters; start training for {s.epochs} epochs")
     best = extra.get("best_acc1", 0.0)
-    start = time.time()
-    for epoch in range(start_epoch, s.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model_ddp, criterion, train_loader, optim_step, epoch, loop, mixup_fn,
-                                      model_ema, log_writer)
-        test_stats = evaluate(model, val_loader, device, s.amp)
-        record = {**{f"train_{k}": v for k, v in train_stats.items()},
-                  **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch, "n_parameters": n_params}
-        acc = test_stats["acc1"]
-        if model_ema is not None:
-            ema_stats = evaluate(model_ema.module, val_loader, device, s.amp)
-            record.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
-            acc = max(acc, ema_stats["acc1"])
-        improved = acc > best
-        best = max(best, acc)
+
+    def state_after(epoch: int, position: dict | None = None) -> dict:
+        """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
         extra = {"best_acc1": best, **({"model_ema": model_ema.module.state_dict()} if model_ema else {})}
-        state = {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), extra),
-                 **encoder_record(model, "", None), "model_name": s.model}
-        commit_epoch(s.output_dir, epoch, record, state, s.epochs, s.save_freq, s.keep_last,
-                     {"checkpoint-best.pth": weights_only_state(state, model)} if improved else {})
-        print0(f"accuracy on {test_stats['n']} val images: {test_stats['acc1']:.2f}%  (best {best:.2f}%)")
-        if log_writer is not None:
-            for k in ("acc1", "acc5", "loss"):
-                log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
+        return {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), extra, position),
+                **encoder_record(model, "", None), "model_name": s.model}
+
+    start = time.time()
+    with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
+        for epoch in range(start_at.epoch, s.epochs):
+            train_stats = train_one_epoch(model_ddp, criterion, train_loader, optim_step, epoch, loop, saves,
+                                          mixup_fn, model_ema, log_writer)
+            test_stats = evaluate(model, val_loader, device, s.amp)
+            record = {**{f"train_{k}": v for k, v in train_stats.items()},
+                      **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch, "n_parameters": n_params}
+            acc = test_stats["acc1"]
+            if model_ema is not None:
+                ema_stats = evaluate(model_ema.module, val_loader, device, s.amp)
+                record.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
+                acc = max(acc, ema_stats["acc1"])
+            improved = acc > best
+            best = max(best, acc)
+            state = state_after(epoch)
+            commit_epoch(s.output_dir, epoch, record, state, s.epochs, s.save_freq, s.keep_last,
+                         {"checkpoint-best.pth": weights_only_state(state, model)} if improved else {})
+            print0(f"accuracy on {test_stats['n']} val images: {test_stats['acc1']:.2f}%  (best {best:.2f}%)")
+            if log_writer is not None:
+                for k in ("acc1", "acc5", "loss"):
+                    log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
     finish_run(s.output_dir, s.epochs)
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best acc1 {best:.2f}%")
     cleanup_distributed()

@@ -29,7 +29,7 @@ from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
 from util.parallel import wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
-from util.train_loop import OptimizerStep, adamw, make_loop
+from util.train_loop import MidEpochSaves, OptimizerStep, adamw, make_loop
 from util.train_state import (
     commit_epoch,
     evaluate_only,
@@ -191,9 +191,9 @@ def main(argv: Sequence[str]) -> None:
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, device)
     if s.eval:
         return evaluate_only(ckpt, ckpt_path, model, lambda: evaluate(model, val_loader, device, s.amp))
-    start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
+    start_at, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
-    if not start_output(s.output_dir, s.epochs, start_epoch, s.as_dict()):  # validated: the first write
+    if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
     save_class_names(train_set, s.output_dir)
 
@@ -203,22 +203,26 @@ def main(argv: Sequence[str]) -> None:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{s.probe} probe: {n_params} trainable parameters; mask: {'on' if model.mask is not None else 'off'}")
     best = extra.get("best_acc1", 0.0)
+
+    def state_after(epoch: int, position: dict | None = None) -> dict:
+        """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
+        return {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), {"best_acc1": best},
+                                 position),
+                **encoder_record(backbone, "backbone.", encoder_mask_from_dict(init.get("encoder_mask"))),
+                "model_name": f"{s.probe}_probe"}
+
     start = time.time()
-    for epoch in range(start_epoch, s.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model_ddp, criterion, train_loader, optim_step, epoch, loop,
-                                      log_writer=log_writer)
-        test_stats = evaluate(model, val_loader, device, s.amp)
-        best = max(best, test_stats["acc1"])
-        state = {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(),
-                                  {"best_acc1": best}),
-                 **encoder_record(backbone, "backbone.", encoder_mask_from_dict(init.get("encoder_mask"))),
-                 "model_name": f"{s.probe}_probe"}
-        commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                           **{f"test_{k}": v for k, v in test_stats.items()},
-                                           "epoch": epoch, "n_parameters": n_params},
-                     state, s.epochs, s.save_freq, s.keep_last)
-        print0(f"accuracy on {test_stats['n']} val images: {test_stats['acc1']:.2f}%  (best {best:.2f}%)")
+    with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
+        for epoch in range(start_at.epoch, s.epochs):
+            train_stats = train_one_epoch(model_ddp, criterion, train_loader, optim_step, epoch, loop, saves,
+                                          log_writer=log_writer)
+            test_stats = evaluate(model, val_loader, device, s.amp)
+            best = max(best, test_stats["acc1"])
+            commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                               **{f"test_{k}": v for k, v in test_stats.items()},
+                                               "epoch": epoch, "n_parameters": n_params},
+                         state_after(epoch), s.epochs, s.save_freq, s.keep_last)
+            print0(f"accuracy on {test_stats['n']} val images: {test_stats['acc1']:.2f}%  (best {best:.2f}%)")
     finish_run(s.output_dir, s.epochs)
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best acc1 {best:.2f}%")
     cleanup_distributed()

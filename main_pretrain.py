@@ -30,7 +30,7 @@ from util.images import first_images, save_panels
 from util.misc import forked_rng, make_log_writer, seed_everything
 from util.parallel import full_state_dict, parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
-from util.train_loop import OptimizerStep, adamw, make_loop
+from util.train_loop import MidEpochSaves, OptimizerStep, adamw, make_loop
 from util.train_state import (
     commit_epoch,
     finish_run,
@@ -106,33 +106,37 @@ def main(argv: Sequence[str]) -> None:
     optimizer = adamw(param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay()),
                       lr=loop.schedule.lr, betas=tuple(s.betas))
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, dist_info.device)
-    start_epoch, _ = resume(ckpt, ckpt_path, model, optimizer, optim_step)
-    if not start_output(s.output_dir, s.epochs, start_epoch, s.as_dict()):  # validated: the first write
+    start_at, _ = resume(ckpt, ckpt_path, model, optimizer, optim_step)
+    if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
+
+    def state_after(epoch: int, position: dict | None = None) -> dict:
+        """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
+        return {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), position=position),
+                **encoder_record(model.encoder, "encoder.", model.encoder_mask),
+                "model_name": s.model, "model_config": plain_config(model.config)}
 
     model_ddp = wrap_model(model, dist_info, s.compile)
     log_writer = make_log_writer(s.output_dir, s.log_dir)
-    print0(f"start training for {s.epochs} epochs from epoch {start_epoch}")
+    print0(f"start training for {s.epochs} epochs from epoch {start_at.epoch}")
     start = time.time()
-    for epoch in range(start_epoch, s.epochs):
-        loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model_ddp, loader, optim_step, epoch, loop, log_writer)
-        state = {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict()),
-                 **encoder_record(model.encoder, "encoder.", model.encoder_mask),
-                 "model_name": s.model, "model_config": plain_config(model.config)}
-        files = {"encoder.pth": {"model": full_state_dict(model, "encoder."),
-                                 **encoder_record(model.encoder, "", model.encoder_mask)}} \
-            if s.save_encoder and is_due(epoch, s.epochs, s.save_freq) else {}
-        commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
-                                           "n_parameters": n_params}, state, s.epochs, s.save_freq, s.keep_last, files)
-        if s.visualize_every and s.output_dir and (epoch + 1) % s.visualize_every == 0:
-            # every rank runs it (a sharded forward is collective), on its own RNG stream: resuming stays exact
-            model.eval()
-            with forked_rng():
-                panels = model.visualize(first_images(dataset, 8, dist_info.device))
-            if is_main_process():
-                save_panels(panels, os.path.join(s.output_dir, f"vis-{epoch}.png"))
-            model.train()
+    with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
+        for epoch in range(start_at.epoch, s.epochs):
+            stats = train_one_epoch(model_ddp, loader, optim_step, epoch, loop, saves, log_writer)
+            files = {"encoder.pth": {"model": full_state_dict(model, "encoder."),
+                                     **encoder_record(model.encoder, "", model.encoder_mask)}} \
+                if s.save_encoder and is_due(epoch, s.epochs, s.save_freq) else {}
+            commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                                               "n_parameters": n_params}, state_after(epoch), s.epochs, s.save_freq,
+                         s.keep_last, files)
+            if s.visualize_every and s.output_dir and (epoch + 1) % s.visualize_every == 0:
+                # every rank runs it (a sharded forward is collective), on its own RNG stream: resuming stays exact
+                model.eval()
+                with forked_rng():
+                    panels = model.visualize(first_images(dataset, 8, dist_info.device))
+                if is_main_process():
+                    save_panels(panels, os.path.join(s.output_dir, f"vis-{epoch}.png"))
+                model.train()
     finish_run(s.output_dir, s.epochs)
     if log_writer is not None:
         log_writer.close()

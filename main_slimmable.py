@@ -55,7 +55,7 @@ from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, setting
-from util.train_loop import OptimizerStep, adamw, autocast_context, make_loop
+from util.train_loop import MidEpochSaves, OptimizerStep, adamw, autocast_context, make_loop
 from util.train_state import (
     commit_epoch,
     evaluate_only,
@@ -220,9 +220,9 @@ def main(argv: Sequence[str]) -> None:
                 export(model, s.export_ratio, s.export)
 
         return evaluate_only(ckpt, ckpt_path, model, evaluate_and_export)
-    start_epoch, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
+    start_at, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
-    if not start_output(s.output_dir, s.epochs, start_epoch, s.as_dict()):  # validated: the first write
+    if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
     save_class_names(train_set, s.output_dir)
     mixup_fn = make_mixup(s.of(MixupSettings), num_classes)
@@ -232,22 +232,28 @@ def main(argv: Sequence[str]) -> None:
            f"widths {model.width_space.grid()}; teacher {s.teacher or 'none'}; {s.epochs} epochs "
            f"({s.full_warm_epochs} full-width only)")
     best = extra.get("best_acc1", 0.0)
+
+    def state_after(epoch: int, position: dict | None = None) -> dict:
+        """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
+        return {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), {"best_acc1": best},
+                                 position),
+                **encoder_record(model, "", None), "model_name": s.model, "model_config": plain_config(scala)}
+
     start = time.time()
-    for epoch in range(start_epoch, s.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(model_ddp, teacher, train_loader, optim_step, epoch, loop, scala, mixup_fn,
-                                      s.smoothing, num_classes, s.seed, log_writer)
-        test_stats = evaluate(AtRatio(model, s.largest_ratio), val_loader, device, s.amp)
-        improved = test_stats["acc1"] > best  # official: best checkpoint on the full width only
-        best = max(best, test_stats["acc1"])
-        state = {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), {"best_acc1": best}),
-                 **encoder_record(model, "", None), "model_name": s.model, "model_config": plain_config(scala)}
-        commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                           **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch},
-                     state, s.epochs, s.save_freq, s.keep_last,
-                     {"checkpoint-best.pth": weights_only_state(state, model)} if improved else {})
-        if log_writer is not None:
-            log_writer.add_scalar("perf/test_acc1_full", test_stats["acc1"], epoch)
+    with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
+        for epoch in range(start_at.epoch, s.epochs):
+            train_stats = train_one_epoch(model_ddp, teacher, train_loader, optim_step, epoch, loop, saves, scala,
+                                          mixup_fn, s.smoothing, num_classes, s.seed, log_writer)
+            test_stats = evaluate(AtRatio(model, s.largest_ratio), val_loader, device, s.amp)
+            improved = test_stats["acc1"] > best  # official: best checkpoint on the full width only
+            best = max(best, test_stats["acc1"])
+            state = state_after(epoch)
+            commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                               **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch},
+                         state, s.epochs, s.save_freq, s.keep_last,
+                         {"checkpoint-best.pth": weights_only_state(state, model)} if improved else {})
+            if log_writer is not None:
+                log_writer.add_scalar("perf/test_acc1_full", test_stats["acc1"], epoch)
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best full-width acc1 {best:.2f}%")
     # the table of every width closes the run (its log line carries epoch = epochs, so a rerun redoes it)
     write_json_line(s.output_dir, {"eval_table": evaluate_ratios(model, eval_ratios, val_loader, device, s),

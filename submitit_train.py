@@ -7,15 +7,16 @@ preemption (MAE's submitit_*.py, for every entry script):
 
 Everything after ``--`` goes to the entry script unchanged (its ``--output_dir`` defaults to ``--job_dir``), and it
 is validated here, for ``--nodes × --ngpus`` ranks, before anything is queued. SLURM sends SIGUSR2
-``--signal_delay_s`` seconds before the time limit (and on preemption); the job then requeues itself, and the
-requeued job auto-resumes from the last committed epoch in the output directory. ``--cluster local`` runs the same
-job on this machine with submitit's local executor (what the tests use).
+``--signal_delay_s`` seconds before the time limit (and on preemption); every rank then finishes its optimiser step
+and commits a mid-epoch checkpoint, the job requeues itself, and the requeued job auto-resumes from that step.
+``--cluster local`` runs the same job on this machine with submitit's local executor (what the tests use).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +25,7 @@ import submitit
 
 from util.cli import run_cli
 from util.errors import UserError
+from util.train_loop import request_stop
 
 SCRIPTS = ("main_pretrain.py", "main_finetune.py", "main_linprobe.py", "main_slimmable.py")
 
@@ -41,10 +43,19 @@ class Job:
                               WORLD_SIZE=str(env.num_tasks), MASTER_ADDR=env.hostnames[0],
                               MASTER_PORT=str(20000 + int(str(env.job_id).split("_")[0]) % 20000))
         sys.argv = [self.script, *self.argv]
-        run_cli(importlib.import_module(self.script.removesuffix(".py")).main)
+        # submitit's signal (SLURM sends it before the time limit, and on preemption) first stops the run at its
+        # next optimiser step with a mid-epoch checkpoint, then goes to submitit's handler, which requeues the job
+        usr_sig = getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+        requeue = signal.signal(usr_sig, request_stop)
+        try:
+            run_cli(importlib.import_module(self.script.removesuffix(".py")).main)
+        except SystemExit as e:
+            if e.code == 128 + usr_sig and callable(requeue):
+                requeue(usr_sig, None)  # rank 0: requeue and exit; other ranks: nothing
+            raise
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
-        """On a timeout or a preemption: requeue the same command, which continues from the last committed epoch."""
+        """On a timeout or a preemption: requeue the same command, which continues from the last checkpoint."""
         return submitit.helpers.DelayedSubmission(Job(self.script, self.argv))
 
 

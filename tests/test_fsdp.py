@@ -186,34 +186,83 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_a_killed_sharded_run_resumes_bit_identically(runs, tmp_path):
-    """Kill both ranks once the first sharded checkpoint is committed (wherever the run then is: training, writing
-    shards, renaming), add a torn save, rerun the same command: every epoch's numbers equal the uninterrupted run's."""
-    out = tmp_path / "killed"
-    argv = ["main_pretrain.py", "--model", "xtra_vit_tiny", *PRETRAIN, "--epochs", XTRA_EPOCHS, "--fsdp",
-            "--output_dir", out]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, argv)]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while not (out / POINTER).is_file() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers (each in a session of its own) and wait until they are gone."""
     workers = _descendants(proc.pid)
-    for pid in [proc.pid, *workers]:  # torchrun starts each worker in a session of its own
+    for pid in [proc.pid, *workers]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait()
     while any(_running(pid) for pid in workers):  # SIGKILL is asynchronous
         time.sleep(0.05)
-    assert (out / POINTER).is_file() and not (out / "done.json").exists()
-    committed = json.loads((out / POINTER).read_text())["epoch"]
-    torn = out / f"checkpoint-{committed + 1}.dcp.tmp"
+
+
+def _torchrun(argv: list, nproc: int = 2, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *map(str, argv)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, **popen)
+
+
+def test_a_sharded_run_killed_anywhere_inside_an_epoch_resumes_there_bit_identically(runs, tmp_path):
+    """Mid-epoch sharded checkpoints every update (--save_every_minutes 0.0001); SIGKILL to both ranks once one is
+    committed (the kill then lands anywhere: training, writing shards, renaming), plus a torn save; the same
+    command again continues inside that epoch, and every epoch's numbers equal the uninterrupted run's. Only the
+    newest mid-epoch directory is ever kept."""
+    out = tmp_path / "killed"
+    argv = ["main_pretrain.py", "--model", "xtra_vit_tiny", *PRETRAIN, "--epochs", XTRA_EPOCHS, "--fsdp",
+            "--save_every_minutes", "0.0001", "--output_dir", out]
+    proc = _torchrun(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+
+    def pointer() -> str:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads((out / POINTER).read_text())["checkpoint"]
+        return ""
+
+    while "-step" not in pointer() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    _kill_all(proc)
+    assert "-step" in pointer() and not (out / "done.json").exists()
+    assert len(list(out.glob("checkpoint-*-step*.dcp"))) == 1
+    torn = out / (pointer() + ".tmp")
     torn.mkdir(exist_ok=True)
     (torn / "__0_0.distcp").write_bytes(b"torn")
-    run_script(*argv, nproc=2)
+    rerun = run_script(*argv, nproc=2)
+    assert re.search(r"continuing at epoch \d, step [1-9]", rerun.stdout), rerun.stdout[-2000:]
     assert read_log(out) == read_log(runs / "xtra_vit_tiny-fsdp") and (out / "done.json").is_file()
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.glob("*.tmp")) and not list(out.glob("checkpoint-*-step*.dcp"))
+
+
+def _rank_of(pid: int) -> int | None:
+    with contextlib.suppress(OSError):
+        env = dict(v.split("=", 1) for v in (Path(f"/proc/{pid}/environ").read_text().split("\0")) if "=" in v)
+        return int(env["RANK"]) if "RANK" in env else None
+    return None
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_one_checkpoint_and_the_rerun_is_exact(runs, tmp_path):
+    """DDP with two loader workers per rank: SIGUSR1 to rank 1 alone. Both ranks finish the step, agree, commit one
+    mid-epoch checkpoint and exit; rank 0 says where, once. The same command again ends as the uninterrupted run."""
+    out = tmp_path / "stopped"
+    argv = ["main_pretrain.py", "--model", "xtra_vit_tiny", *PRETRAIN, "--epochs", XTRA_EPOCHS, "--num_workers", 2,
+            "--output_dir", out]
+    proc = _torchrun(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "log.txt").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    rank1 = [pid for pid in _descendants(proc.pid) if _rank_of(pid) == 1 and "main_pretrain" in
+             Path(f"/proc/{pid}/cmdline").read_text()]
+    os.kill(min(rank1), signal.SIGUSR1)  # the rank's own process, not its loader workers
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    stopped = [line for line in err.splitlines() if line.startswith("stopped:")]
+    assert len(stopped) == 1 and re.match(r"stopped: SIGUSR1 at epoch [12], step 2 of 4;", stopped[0]), err[-3000:]
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["position"]["images"] == 2 * 16 * 2
+    run_script(*argv, nproc=2)
+    assert read_log(out) == read_log(runs / "xtra_vit_tiny-ddp")
+    ours, theirs = (torch.load(d / "checkpoint-last.pth", weights_only=True)["model"]
+                    for d in (out, runs / "xtra_vit_tiny-ddp"))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 @pytest.mark.parametrize("model", ["xtra_vit_tiny", "scala_vit_tiny"])

@@ -32,8 +32,9 @@ def _tasks_of(job_dir: Path) -> list[int]:
 
 
 def test_a_job_signalled_mid_run_requeues_itself_and_ends_as_the_uninterrupted_run(tmp_path):
-    """SIGUSR2 is what SLURM sends before a job's time limit (and on preemption): the job requeues itself, the new
-    job auto-resumes from the last committed epoch, and log.txt ends byte for byte as an uninterrupted run's."""
+    """SIGUSR2 is what SLURM sends before a job's time limit (and on preemption): the job finishes its optimiser
+    step, commits a mid-epoch checkpoint and requeues itself, the new job continues from that step, and log.txt
+    ends byte for byte as an uninterrupted run's."""
     run_script("main_pretrain.py", *FLAGS, "--output_dir", tmp_path / "ref", subprocess_run=True)
     job = tmp_path / "job"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads())}
@@ -53,9 +54,11 @@ def test_a_job_signalled_mid_run_requeues_itself_and_ends_as_the_uninterrupted_r
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, out + err
     assert (job / "log.txt").read_bytes() == (tmp_path / "ref" / "log.txt").read_bytes()
-    log = "".join(p.read_text() for p in (job / "submitit").glob("*_log.out"))  # both attempts append to it
-    resumed_at = [int(m) for m in re.findall(r"continuing at epoch (\d+)", log)]
-    assert "Requeued job" in log and len(resumed_at) == 1 and committed <= resumed_at[0] < 6, log[-3000:]
+    # both attempts append to the job's logs
+    log = "".join(p.read_text() for p in sorted((job / "submitit").glob("*_log.*")))
+    resumed_at = [(int(e), int(k)) for e, k in re.findall(r"continuing at epoch (\d+), step (\d+)", log)]
+    assert "Requeued job" in log and "stopped: SIGUSR2 at epoch" in log, log[-3000:]
+    assert len(resumed_at) == 1 and committed <= resumed_at[0][0] < 6 and resumed_at[0][1] >= 1, log[-3000:]
 
 
 def test_the_launcher_refuses_bad_entry_flags_before_queuing_anything(tmp_path):

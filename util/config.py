@@ -148,6 +148,8 @@ class RunSettings:
                                        "(the newer if both exist)")
     save_freq: int = setting(20, "also keep checkpoint-<epoch>.pth every N epochs (and at the last epoch)")
     keep_last: int = setting(0, "keep only the K newest numbered checkpoints (0 = all)")
+    save_every_minutes: float = setting(30.0, "also commit a resumable checkpoint inside an epoch every M minutes "
+                                              "of training (it replaces the previous one; 0 = at epoch ends only)")
     print_freq: int = setting(20, "progress line every N steps")
     dist_url: str = setting("env://", "process-group initialisation URL")
     print_config: bool = setting(False, "print the resolved settings and exit without touching data or output_dir")
@@ -158,6 +160,8 @@ class RunSettings:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.keep_last < 0:
             raise ValueError(f"--keep_last must be >= 0, got {self.keep_last}")
+        if self.save_every_minutes < 0:
+            raise ValueError(f"--save_every_minutes must be >= 0, got {self.save_every_minutes}")
 
 
 def derive_accum_iter(settings: Settings) -> tuple[str, dict]:
@@ -262,7 +266,7 @@ PARALLEL_GROUP = Group("memory and sharding", ParallelSettings, check=check_para
 
 # Settings that describe this invocation, not the run: never taken from a resumed checkpoint.
 RUN_LOCAL = frozenset({"output_dir", "log_dir", "device", "resume", "auto_resume", "num_workers", "pin_mem",
-                       "print_freq", "dist_url", "print_config", "eval", "fsdp", "grad_ckpt"})
+                       "print_freq", "dist_url", "print_config", "eval", "fsdp", "grad_ckpt", "save_every_minutes"})
 
 
 def checkpoint_layer(stored: dict | None) -> tuple[str, dict]:

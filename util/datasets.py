@@ -1,7 +1,9 @@
 """Datasets (ImageFolder, the embedded digits, synthetic), transforms and loaders."""
 from __future__ import annotations
 
+import itertools
 import os
+import signal
 import sys
 
 import numpy as np
@@ -14,6 +16,7 @@ from torchvision.datasets import ImageFolder
 from util.config import AugmentSettings, DataSettings, MixupSettings
 from util.distributed import get_rank, get_world_size, print0
 from util.errors import UserError
+from util.misc import sample_seed, seeded_cpu_rng
 from util.train_state import save_json_atomic
 
 DIGITS_VAL_FRACTION = 0.2  # fixed split of scikit-learn's 1797 digits: 1438 train / 359 val
@@ -197,6 +200,59 @@ def save_class_names(dataset: Dataset, output_dir: str) -> None:
         save_json_atomic(list(dataset.classes), os.path.join(output_dir, "classes.json"))
 
 
+class SeededSamples(Dataset):
+    """A training set whose keys are (index, seed): each sample is transformed with python, NumPy and torch seeded
+    from ``seed`` (:func:`util.misc.seeded_cpu_rng`), whichever process loads it. ``unreadable`` and
+    ``unreadable_paths`` are the underlying :class:`ImageFiles`' (None / [] for other sets)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+        self.classes = base.classes
+        self.unreadable = getattr(base, "unreadable", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with seeded_cpu_rng(seed):
+            return self.base[index]
+
+    def unreadable_paths(self) -> list[str]:
+        return self.base.unreadable_paths() if self.unreadable is not None else []
+
+
+class EpochSampler(DistributedSampler):
+    """The training order: DistributedSampler's (a permutation seeded by ``seed`` and the epoch, split across ranks,
+    the same global order for any number of ranks), started ``start`` samples into this rank's share, as keys
+    (index, :func:`util.misc.sample_seed`) for :class:`SeededSamples`. Skipping the first s samples of each of W
+    ranks skips the first s × W of the permutation: a mid-epoch resume sees exactly the samples it had not seen."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        super().__init__(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=seed,
+                         drop_last=True)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        for index in itertools.islice(super().__iter__(), self.start, None):
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM/SIGUSR1 to the training process, which stops at a step boundary (a
+    terminal's Ctrl-C or a scheduler's signal reaches the whole process group; a worker that died of it would
+    break the loader first)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class ShardSampler(Sampler):
     """Exact distributed evaluation: rank r takes indices r, r+W, ... with no padding (no sample counted twice)."""
 
@@ -212,15 +268,19 @@ class ShardSampler(Sampler):
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, is_train: bool, seed: int = 0,
                  pin_memory: bool = False, shard_eval: bool = True) -> DataLoader:
-    """Training: a DistributedSampler even in a single process (its shuffle is seeded by ``seed`` and the epoch,
-    which makes resumed runs see the same order). Evaluation: exact shards, or the full set on each rank."""
+    """Training: an :class:`EpochSampler` even in a single process, over :class:`SeededSamples` (the order is
+    seeded by ``seed`` and the epoch, each sample's augmentation by (seed, epoch, index): a resumed run, even
+    mid-epoch, sees what an uninterrupted one sees); the loader's own worker seeding draws from a generator of its
+    own, not from the training RNG. Evaluation: exact shards, or the full set on each rank."""
     if is_train:
-        sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True,
-                                     seed=seed, drop_last=True)
+        sampler = EpochSampler(dataset, seed)
         if len(sampler) < batch_size:
             raise UserError(f"{len(dataset)} training images are fewer than one batch of {batch_size} "
                             f"per process × {get_world_size()} processes")
+        dataset = SeededSamples(dataset)
     else:
         sampler = ShardSampler(len(dataset)) if shard_eval else range(len(dataset))
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=is_train, persistent_workers=False)
+                      pin_memory=pin_memory, drop_last=is_train, persistent_workers=False,
+                      worker_init_fn=_ignore_stop_signals,
+                      generator=torch.Generator().manual_seed(seed))

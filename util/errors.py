@@ -12,3 +12,13 @@ class UserError(ValueError):
     def __init__(self, message: str, every_rank: bool = False):
         super().__init__(message)
         self.every_rank = every_rank
+
+
+class RunStopped(Exception):
+    """A training run that stopped on a signal after committing a resumable checkpoint (every rank raises it
+    together). The command-line wrapper prints its message as one ``stopped:`` line and exits with 128 + the
+    signal's number, as a shell reports a process ended by that signal."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -1,6 +1,7 @@
 """Seeding and RNG state, and metric logging (progress lines, tensorboard)."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -51,6 +52,28 @@ def forked_rng():
     return torch.random.fork_rng(devices=devices)
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training sample's augmentation in one epoch: a function of (seed, epoch, index) only, so that
+    a run resumed anywhere, with any number of loader workers, augments every image as an uninterrupted run does."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Python, NumPy and torch's CPU RNG seeded with ``seed`` inside, and given back their states after: in the main
+    process (--num_workers 0) the training RNG streams stay untouched. The CUDA generators are not touched."""
+    saved = random.getstate(), np.random.get_state(), torch.random.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.random.default_generator.set_state(saved[2])
+
+
 class SmoothedValue:
     """Window median plus a global average that can be synchronised across ranks."""
 
@@ -84,6 +107,17 @@ class SmoothedValue:
     def __str__(self) -> str:
         return self.fmt.format(median=self.median, global_avg=self.global_avg, value=self.value)
 
+    def state_dict(self) -> dict:
+        return {"window": self.deque.maxlen, "fmt": self.fmt, "values": list(self.deque), "count": self.count,
+                "total": self.total}
+
+    @classmethod
+    def from_state(cls, state: dict) -> SmoothedValue:
+        meter = cls(state["window"], state["fmt"])
+        meter.deque.extend(state["values"])
+        meter.count, meter.total = state["count"], state["total"]
+        return meter
+
 
 class MetricLogger:
     def __init__(self, delimiter: str = "  "):
@@ -103,6 +137,14 @@ class MetricLogger:
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
+    def state_dict(self) -> dict:
+        """The running meters as plain values, in order (a mid-epoch checkpoint holds each rank's)."""
+        return {name: meter.state_dict() for name, meter in self.meters.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.meters.clear()
+        self.meters.update((name, SmoothedValue.from_state(m)) for name, m in state.items())
+
     def averages(self) -> dict[str, float]:
         return {k: m.global_avg for k, m in self.meters.items()}
 
@@ -110,13 +152,14 @@ class MetricLogger:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
     def log_every(self, iterable: Iterable, print_freq: int, header: str = "",
-                  batch_size: int = 0) -> Iterator:
+                  batch_size: int = 0, first: int = 0) -> Iterator:
         """Yield from ``iterable``, printing progress every ``print_freq`` steps: ETA, img/s (global,
-        from ``batch_size`` per rank), all meters, and peak CUDA memory."""
-        n = len(iterable)
+        from ``batch_size`` per rank), all meters, and peak CUDA memory. ``first``: the step the iterable starts at
+        (an epoch resumed in its middle)."""
+        n = first + len(iterable)
         start = end = time.time()
         iter_time = SmoothedValue(fmt="{avg:.4f}")
-        for i, obj in enumerate(iterable):
+        for i, obj in enumerate(iterable, first):
             yield obj
             iter_time.update(time.time() - end)
             end = time.time()
@@ -127,7 +170,7 @@ class MetricLogger:
                 print0(f"{header} [{i}/{n}]  eta: {eta}  {self}  img/s: {rate:.1f}  "
                        f"time/it: {iter_time.median:.4f}{mem}")
         total = time.time() - start
-        print0(f"{header} total time: {datetime.timedelta(seconds=int(total))} ({total / max(n, 1):.4f} s/it)")
+        print0(f"{header} total time: {datetime.timedelta(seconds=int(total))} ({total / max(n - first, 1):.4f} s/it)")
 
 
 def log_step(log_writer, epoch: float, **scalars: float | torch.Tensor) -> None:

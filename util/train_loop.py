@@ -1,19 +1,35 @@
 """The training step and the epoch loop head shared by every engine: autocast, backward and the update (accumulation,
-clipping, scaler), the non-finite and unreadable-data checks, and the iterator every training epoch runs."""
+clipping, scaler), the non-finite and unreadable-data checks, the iterator every training epoch runs, and the
+mid-epoch checkpoints and stop signals of long runs."""
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 
 from util.config import OptimSettings
-from util.distributed import all_reduce_sum, full, launch_world_size, local, unwrap
-from util.errors import UserError
+from util.distributed import (
+    all_reduce_sum,
+    full,
+    get_rank,
+    get_world_size,
+    is_dist,
+    launch_world_size,
+    local,
+    print0,
+    unwrap,
+)
+from util.errors import RunStopped, UserError
 from util.lr_sched import Schedule, adjust_learning_rate
 from util.misc import MetricLogger, SmoothedValue, forked_rng
+from util.train_state import Position, save_mid_epoch
 
 
 def autocast_context(device: torch.device | str, amp: str):
@@ -91,13 +107,15 @@ class OptimizerStep:
             self.scaler.load_state_dict(state)
 
 
-def check_finite(loss: torch.Tensor, epoch: int, step: int, dataset=None, max_unreadable: int = 0) -> None:
+def check_finite(loss: torch.Tensor, epoch: int, step: int, dataset=None, max_unreadable: int = 0,
+                 votes: Sequence[float] = ()) -> list[float]:
     """Stop every rank together (one all-reduce: a per-rank exit would hang the others) on a non-finite loss, and
-    on more than ``max_unreadable`` unreadable images in ``dataset`` (an ``ImageFiles``; the files are listed)."""
+    on more than ``max_unreadable`` unreadable images in ``dataset`` (an ``ImageFiles``; the files are listed).
+    ``votes`` ride on the same all-reduce; their sums over the ranks are returned."""
     unreadable = getattr(dataset, "unreadable", None)
     flags = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0,
-                          float(unreadable.sum()) if unreadable is not None else 0.0], device=loss.device)
-    nonfinite, bad_images = all_reduce_sum(flags).tolist()
+                          float(unreadable.sum()) if unreadable is not None else 0.0, *votes], device=loss.device)
+    nonfinite, bad_images, *summed = all_reduce_sum(flags).tolist()
     if nonfinite > 0:
         raise UserError(f"non-finite loss on {int(nonfinite)} rank(s) at epoch {epoch}, step {step} (rank 0: "
                         f"{loss.item()}); stopping all ranks (try --amp bf16/off, a lower lr or --clip_grad)",
@@ -107,6 +125,7 @@ def check_finite(loss: torch.Tensor, epoch: int, step: int, dataset=None, max_un
         listed = ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else "")
         raise UserError(f"{int(bad_images)} unreadable training images, more than --max_unreadable allows "
                         f"({max_unreadable}); on rank 0: {listed or 'none'}", every_rank=True)
+    return summed
 
 
 @torch.no_grad()
@@ -140,9 +159,6 @@ class Loop:
     schedule: Schedule
     max_unreadable: int = 0  # unreadable training images allowed before the run stops
 
-    def check(self, loss: torch.Tensor, epoch: int, step: int, dataset) -> None:
-        check_finite(loss, epoch, step, dataset, self.max_unreadable)
-
 
 def make_loop(optim: OptimSettings, device: torch.device, print_freq: int, max_unreadable: int) -> Loop:
     """The loop of a run with these optimisation settings on the launched ranks."""
@@ -150,25 +166,133 @@ def make_loop(optim: OptimSettings, device: torch.device, print_freq: int, max_u
                 optim.schedule(launch_world_size()), max_unreadable)
 
 
-def epoch_batches(loader, optimizer: torch.optim.Optimizer, epoch: int, loop: Loop) -> tuple[MetricLogger, Iterator]:
-    """The loop head shared by every training epoch: a MetricLogger (progress lines) and an iterator of
-    (step, fractional epoch, images, targets) on the loop's device. The lr is set at the start of each accumulation
-    group, and a trailing incomplete group is dropped (its gradients would leak into the next epoch)."""
-    logger = MetricLogger()
-    logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
-    steps = len(loader) // loop.accum_iter * loop.accum_iter
+# ---------------------------------------------------------------------------------------------------
+# Stop signals: SIGTERM (schedulers, torchrun's forward), SIGUSR1 (SLURM's --signal=USR1@<s>) and SIGINT (Ctrl-C)
+# ask the run to stop at its next optimiser step, once every rank has committed a mid-epoch checkpoint. Handlers
+# are process-wide, and so is what they record.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+_received: list[int] = []
 
-    def batches() -> Iterator:
-        for step, (images, targets) in enumerate(logger.log_every(loader, loop.print_freq, f"Epoch [{epoch}]",
-                                                                  loop.batch_size)):
-            if step >= steps:
+
+def request_stop(signum: int, frame=None) -> None:
+    """The stop signals' handler: record the signal; the training loop acts on it (further signals add nothing)."""
+    if not _received:
+        print(f"received {signal.Signals(signum).name}: stopping at the next optimiser step, after a checkpoint",
+              file=sys.stderr, flush=True)
+    _received.append(signum)
+
+
+def stop_signal() -> int | None:
+    """The first stop signal this process received, if any."""
+    return _received[0] if _received else None
+
+
+class MidEpochSaves:
+    """Resumable checkpoints inside an epoch: every ``every_minutes`` of training (0: never), and at once, followed
+    by a stop (:class:`RunStopped`), after a stop signal. All ranks decide together at an update step (their votes
+    ride on :func:`check_finite`'s all-reduce), so they save the same step; never at an epoch's last step, which
+    commits the epoch anyway. Used as a context: the stop signals' handlers are installed inside it only.
+
+    ``state_after(epoch, position)`` is the run's checkpoint after ``epoch`` plus ``position`` (a collective);
+    ``start`` is where the run continues (:func:`util.train_state.resume`)."""
+
+    def __init__(self, every_minutes: float, output_dir: str, start: Position,
+                 state_after: Callable[[int, dict], dict]):
+        self.every_s = every_minutes * 60
+        self.output_dir = output_dir
+        self.start = start
+        self.state_after = state_after
+        self.last_save = time.monotonic()
+        self.due = self.stopping = False
+        self.signum = signal.SIGTERM
+        self._handlers: dict = {}
+
+    def __enter__(self) -> MidEpochSaves:
+        self._handlers = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        _received.clear()  # acted on (or the run ended first)
+
+    def votes(self) -> list[float]:
+        """This rank's votes: a save is due; a stop signal arrived (and which)."""
+        due = self.every_s > 0 and time.monotonic() - self.last_save >= self.every_s
+        signum = stop_signal()
+        return [float(due), float(signum is not None), float(signum or 0), float(signum or 0) ** 2]
+
+    def agree(self, due: float, stopping: float, signums: float, squares: float) -> None:
+        """The ranks' summed votes: every rank saves (and stops) if any rank asked to. The signal is the one the
+        stopping ranks received (its sum squared is the count times the sum of squares only when they all received
+        the same one; otherwise SIGTERM stands for them)."""
+        self.due, self.stopping = due > 0, stopping > 0
+        if self.stopping:
+            self.signum = int(signums / stopping) if signums ** 2 == stopping * squares else signal.SIGTERM
+
+    def commit(self, epoch: int, step: int, steps: int, images: int, meters: dict) -> None:
+        """Write the checkpoint inside ``epoch`` after micro-step ``step`` (``images`` of it used by all ranks)
+        on every rank; after a stop signal, then stop every rank together."""
+        where = "nothing was saved (no --output_dir)"
+        if self.output_dir:
+            state = self.state_after(epoch - 1, {"epoch": epoch, "images": images, "meters": meters})
+            where = save_mid_epoch(state, self.output_dir, step) + " holds it"
+            print0(f"saved a checkpoint inside epoch {epoch} after step {step} of {steps}: {where}")
+        self.last_save = time.monotonic()
+        if self.stopping:
+            if is_dist():
+                dist.barrier()  # no rank exits (and makes torchrun kill the others) before every rank has saved
+            raise RunStopped(f"{signal.Signals(self.signum).name} at epoch {epoch}, step {step} of {steps}; {where}: "
+                             "rerun the same command to continue from there", self.signum)
+
+
+class TrainingEpoch:
+    """The loop head shared by every training epoch. Iterating gives (step, fractional epoch, images, targets) on
+    the loop's device; the lr is set at the start of each accumulation group, a trailing incomplete group is
+    dropped (its gradients would leak into the next epoch), and after each update step the agreed mid-epoch
+    checkpoint (and stop) happens. An epoch resumed in its middle starts at its saved step, with its meters.
+
+    ``check(loss, step)`` is the per-micro-step :func:`check_finite`, which also carries the ranks' votes on
+    saving and stopping; ``logger`` holds the epoch's meters."""
+
+    def __init__(self, loader, optimizer: torch.optim.Optimizer, epoch: int, loop: Loop, saves: MidEpochSaves):
+        self.loader, self.optimizer, self.epoch, self.loop, self.saves = loader, optimizer, epoch, loop, saves
+        self.logger = MetricLogger()
+        self.logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
+        self.images_per_step = loop.batch_size * get_world_size()
+        self.steps = loader.sampler.num_samples // loop.batch_size // loop.accum_iter * loop.accum_iter
+        self.first = 0
+        start = saves.start
+        if start.epoch == epoch and start.images:
+            self.first = min(start.images // self.images_per_step // loop.accum_iter * loop.accum_iter, self.steps)
+            if self.first * self.images_per_step == start.images and len(start.meters) == get_world_size():
+                self.logger.load_state_dict(start.meters[get_rank()])
+            else:
+                print0(f"warning: the checkpoint stopped {start.images} images into epoch {epoch}, written by "
+                       f"{len(start.meters)} ranks; with {get_world_size()} ranks × {loop.batch_size} this epoch "
+                       f"continues at step {self.first}, in another order than an uninterrupted run's, and its "
+                       "averages cover only the steps after it")
+        loader.sampler.set_epoch(epoch, self.first * loop.batch_size)
+
+    def check(self, loss: torch.Tensor, step: int) -> None:
+        self.saves.agree(*check_finite(loss, self.epoch, step, self.loader.dataset, self.loop.max_unreadable,
+                                       self.saves.votes()))
+
+    def __iter__(self) -> Iterator:
+        loop = self.loop
+        progress = self.logger.log_every(self.loader, loop.print_freq, f"Epoch [{self.epoch}]", loop.batch_size,
+                                         self.first)
+        for step, (images, targets) in enumerate(progress, self.first):
+            if step >= self.steps:
                 break
             if step % loop.accum_iter == 0:
-                adjust_learning_rate(optimizer, epoch + step / steps, loop.schedule)
-            yield (step, epoch + step / steps, images.to(loop.device, non_blocking=True),
+                adjust_learning_rate(self.optimizer, self.epoch + step / self.steps, loop.schedule)
+            yield (step, self.epoch + step / self.steps, images.to(loop.device, non_blocking=True),
                    targets.to(loop.device, non_blocking=True))
-
-    return logger, batches()
+            done = step + 1
+            if done % loop.accum_iter == 0 and done < self.steps and (self.saves.due or self.saves.stopping):
+                self.saves.commit(self.epoch, done, self.steps, done * self.images_per_step,
+                                  self.logger.state_dict())
 
 
 def adamw(params, **kwargs) -> torch.optim.AdamW:

@@ -1,9 +1,11 @@
 """Training state on disk: plain dicts loaded with ``weights_only=True``, written atomically, resumable.
 
-A training checkpoint holds ``model`` (state dict), ``optimizer``, ``scaler``, ``epoch``, ``args`` (the run's
-resolved settings), ``rng`` (python/numpy/torch states, one entry per rank), ``generators`` (states of the
-model's own ``torch.Generator``s) and ``extra`` (best accuracy, EMA weights, ...). What the model *is* (encoder
-architecture, registered model name and settings) is added by the caller from ``models.formats``.
+A training checkpoint holds ``model`` (state dict), ``optimizer``, ``scaler``, ``epoch`` (the last completed
+epoch), ``args`` (the run's resolved settings), ``rng`` (python/numpy/torch states, one entry per rank),
+``generators`` (states of the model's own ``torch.Generator``s) and ``extra`` (best accuracy, EMA weights, ...).
+A mid-epoch checkpoint adds ``position``: the epoch it stopped inside, the training images of it already used
+(all ranks together) and each rank's running meters. What the model *is* (encoder architecture, registered model
+name and settings) is added by the caller from ``models.formats``.
 
 A sharded model (FSDP2) is saved with ``torch.distributed.checkpoint`` instead: ``checkpoint-<epoch>.dcp/`` holds
 every rank's shards of the model and optimiser (DCP's files) and ``meta.pt``, the rest of the dict above; the small
@@ -20,6 +22,7 @@ import os
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -181,12 +184,13 @@ def save_json_atomic(obj: dict | list, path: str) -> None:
         json.dump(obj, f, indent=2)
 
 
-def _gather_rng_states() -> list[dict]:
+def _gathered(obj) -> list:
+    """``obj`` of every rank, in rank order (a collective)."""
     if not is_dist():
-        return [rng_state()]
-    states: list = [None] * get_world_size()
-    dist.all_gather_object(states, rng_state())
-    return states
+        return [obj]
+    objs: list = [None] * get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
 
 
 def module_generators(model: nn.Module) -> dict[str, torch.Generator]:
@@ -196,12 +200,26 @@ def module_generators(model: nn.Module) -> dict[str, torch.Generator]:
             for attr, value in vars(module).items() if isinstance(value, torch.Generator)}
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where a run continues: ``epoch``, and ``images`` of it already used by all ranks together (0: its start),
+    with each rank's running meters (``meters``, by rank) when a mid-epoch checkpoint holds them."""
+
+    epoch: int
+    images: int = 0
+    meters: tuple[dict, ...] = ()
+
+
 def training_state(model: nn.Module, epoch: int, settings: dict, optimizer: torch.optim.Optimizer | None = None,
-                   scaler_state: dict | None = None, extra: dict | None = None) -> dict:
-    """Everything needed to continue training after ``epoch``. Every rank must call it (RNG states are
+                   scaler_state: dict | None = None, extra: dict | None = None,
+                   position: dict | None = None) -> dict:
+    """Everything needed to continue training after ``epoch``, or, with ``position`` (``epoch``, ``images`` and
+    this rank's ``meters``), from inside the next epoch. Every rank must call it (RNG states and meters are
     gathered); only rank 0's result is written, except a sharded model's ``sharded`` part (every rank's shards)."""
-    state = {"epoch": epoch, "args": dict(settings), "scaler": scaler_state or {}, "rng": _gather_rng_states(),
+    state = {"epoch": epoch, "args": dict(settings), "scaler": scaler_state or {}, "rng": _gathered(rng_state()),
              "generators": {k: g.get_state() for k, g in module_generators(model).items()}, "extra": extra or {}}
+    if position is not None:
+        state["position"] = {**position, "meters": _gathered(position["meters"])}
     if is_sharded(model):
         return {**state, "model": None, "optimizer": None, "sharded": _dcp_state(model, optimizer)}
     return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None}
@@ -245,6 +263,25 @@ def save_checkpoint(state: dict, output_dir: str, epoch: int, epochs: int, save_
     save_atomic(state, os.path.join(output_dir, "checkpoint-last.pth"))
 
 
+def save_mid_epoch(state: dict, output_dir: str, step: int) -> str:
+    """Commit a mid-epoch ``state`` (with its ``position``; ``step``: the micro-step it stopped after, for the
+    sharded directory's name) as the run's last checkpoint and return where it went: ``checkpoint-last.pth``
+    (rank 0), or, sharded, ``checkpoint-<epoch>-step<step>.dcp`` behind the pointer, the previous mid-epoch
+    directory then removed. Numbered checkpoints are left alone: only the newest mid-epoch state is kept."""
+    if "sharded" in state:
+        name = f"checkpoint-{state['position']['epoch']}-step{step}.dcp"
+        _commit_sharded(state, output_dir, name, state["epoch"])
+        if is_main_process():
+            _prune_mid_epoch(output_dir, keep=name)
+        if is_dist():
+            dist.barrier()
+        return os.path.join(output_dir, name)
+    path = os.path.join(output_dir, "checkpoint-last.pth")
+    if is_main_process():
+        save_atomic(state, path)
+    return path
+
+
 def _numbered(output_dir: str, ext: str) -> list[tuple[int, str]]:
     """(epoch, path) of the numbered checkpoints with this extension, oldest first."""
     paths = glob.glob(os.path.join(output_dir, "checkpoint-*"))
@@ -257,12 +294,17 @@ def _prune(numbered: list[tuple[int, str]], keep_last: int) -> None:
         shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
-def save_sharded(state: dict, output_dir: str, epoch: int, due: Callable[[int], bool], keep_last: int) -> None:
-    """Every rank writes its shards into ``checkpoint-<epoch>.dcp.tmp``; once all have, rank 0 adds ``meta.pt``,
-    renames the directory into place and points ``checkpoint-last.json`` at it, each step atomic, so that a torn
-    save never replaces the last good checkpoint. Then the directories of epochs that are not ``due`` to stay go,
-    except this one, and of the due ones only the ``keep_last`` newest stay (0 = all)."""
-    name = f"checkpoint-{epoch}.dcp"
+def _prune_mid_epoch(output_dir: str, keep: str = "") -> None:
+    """Remove the sharded mid-epoch directories other than ``keep``, once the pointer names a newer state."""
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*-step*.dcp")):
+        if os.path.basename(path) != keep:
+            shutil.rmtree(path)
+
+
+def _commit_sharded(state: dict, output_dir: str, name: str, epoch: int) -> None:
+    """Every rank writes its shards into ``<name>.tmp``; once all have, rank 0 adds ``meta.pt``, renames the
+    directory into place and points ``checkpoint-last.json`` at it, each step atomic, so that a torn save never
+    replaces the last good checkpoint."""
     final = os.path.join(output_dir, name)
     tmp = final + ".tmp"
     if is_main_process() and os.path.exists(tmp):
@@ -279,14 +321,25 @@ def save_sharded(state: dict, output_dir: str, epoch: int, due: Callable[[int], 
         dist.barrier()
     if is_main_process():
         save_atomic({k: v for k, v in state.items() if k != "sharded"}, os.path.join(tmp, META))
-        if os.path.exists(final):  # an uncommitted directory of this epoch, from a run killed before its pointer
+        if os.path.exists(final):  # an uncommitted directory of this name, from a run killed before its pointer
             shutil.rmtree(final)
         os.rename(tmp, final)
         save_json_atomic({"checkpoint": name, "epoch": epoch}, os.path.join(output_dir, POINTER))
+
+
+def save_sharded(state: dict, output_dir: str, epoch: int, due: Callable[[int], bool], keep_last: int) -> None:
+    """Commit ``checkpoint-<epoch>.dcp`` (:func:`_commit_sharded`). Then the mid-epoch directories go, and so do
+    the directories of epochs that are not ``due`` to stay, except this one; of the due ones only the
+    ``keep_last`` newest stay (0 = all)."""
+    name = f"checkpoint-{epoch}.dcp"
+    _commit_sharded(state, output_dir, name, epoch)
+    if is_main_process():
+        _prune_mid_epoch(output_dir)
         numbered = _numbered(output_dir, "dcp")
         for e, path in numbered:
             if e != epoch and not due(e):
                 shutil.rmtree(path)
+        final = os.path.join(output_dir, name)
         _prune([(e, p) for e, p in numbered if due(e) and e != epoch] + ([(epoch, final)] if due(epoch) else []),
                keep_last)
     if is_dist():
@@ -412,12 +465,12 @@ def _load_sharded(directory: str, path: str, model: nn.Module, optimizer: torch.
 
 
 def resume(ckpt: dict | None, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-           optim_step=None) -> tuple[int, dict]:
+           optim_step=None) -> tuple[Position, dict]:
     """Continue from a loaded training checkpoint: model (strict), optimizer and scaler (when given), the model's
-    own generators and this rank's RNG state. Returns (first epoch to run, the checkpoint's ``extra``). A sharded
-    checkpoint loads into a sharded or a plain model; a single-file one into a plain model only."""
+    own generators and this rank's RNG state. Returns (where training continues, the checkpoint's ``extra``). A
+    sharded checkpoint loads into a sharded or a plain model; a single-file one into a plain model only."""
     if ckpt is None:  # a fresh run
-        return 0, {}
+        return Position(0), {}
     if "sharded_dir" in ckpt and ckpt.get("model") is None:
         _load_sharded(ckpt["sharded_dir"], path, model, optimizer)
     elif is_sharded(model):
@@ -440,9 +493,16 @@ def resume(ckpt: dict | None, path: str, model: nn.Module, optimizer: torch.opti
         set_rng_state(rng[get_rank()])
     elif rng:
         print0(f"warning: checkpoint has RNG states for {len(rng)} ranks, running {get_world_size()}; not restored")
-    start_epoch = ckpt["epoch"] + 1
-    print0(f"resumed from {path} (epoch {ckpt['epoch']}), continuing at epoch {start_epoch}")
-    return start_epoch, ckpt.get("extra", {})
+    position = ckpt.get("position")
+    if position is None:
+        start = Position(ckpt["epoch"] + 1)
+        print0(f"resumed from {path} (epoch {ckpt['epoch']}), continuing at epoch {start.epoch}")
+    else:
+        start = Position(position["epoch"], position["images"], tuple(position["meters"]))
+        per_step = (ckpt.get("args") or {}).get("batch_size", 1) * max(len(rng), 1)
+        print0(f"resumed from {path} (inside epoch {start.epoch}), continuing at epoch {start.epoch}, step "
+               f"{start.images // per_step} ({start.images} images into it)")
+    return start, ckpt.get("extra", {})
 
 
 def evaluate_only(ckpt: dict | None, path: str, model: nn.Module, evaluate: Callable[[], object]) -> None:
