@@ -1,6 +1,8 @@
 """Supervised epoch and exact evaluation, shared by fine-tuning and probing."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -38,28 +40,36 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, 
     return logger.averages()
 
 
+def shard_batches(loader, device: torch.device, collective: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """This rank's exact shard of ``loader`` (util.datasets.ShardSampler) on ``device``. With ``collective`` (a
+    sharded model: its every forward is collective), as many batches as the longest shard of any rank: the extra
+    ones repeat one image with targets None, to be run and not counted."""
+    steps = len(loader)
+    if collective and is_dist():
+        steps = int(all_reduce_max(torch.tensor([steps], device=device)).item())
+    batches, images = iter(loader), None
+    for step in range(steps):
+        if step < len(loader):
+            images, targets = next(batches)
+            yield images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        else:  # this rank's shard is done
+            if images is None:  # no batch at all on this rank
+                images = loader.dataset[0][0][None].to(device)
+            yield images[:1], None
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "off") -> dict[str, float]:
     """Top-1/top-5/loss summed over this rank's exact shard, then all-reduced: no sample counted twice. Images
     that could not be read (target -1, see util.datasets.ImageFiles) are left out and counted."""
     model.eval()
     totals = torch.zeros(5, dtype=torch.float64, device=device)  # loss sum, top1, top5, count, unreadable
-    steps = len(loader)
-    if is_dist() and is_sharded(model):  # every sharded forward is collective: all ranks run as many batches
-        steps = int(all_reduce_max(torch.tensor([steps], device=device)).item())
-    batches = iter(loader)
-    for step in range(steps):
-        if step >= len(loader):  # this rank's shard is done: run one image again, counted nowhere
-            if step == 0:  # no batch at all on this rank
-                images = loader.dataset[0][0][None].to(device)
-            with autocast_context(device, amp):
-                model(images[:1])
-            continue
-        images, targets = next(batches)
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        readable = targets >= 0
+    for images, targets in shard_batches(loader, device, is_sharded(model)):
         with autocast_context(device, amp):
             logits = model(images)
+        if targets is None:
+            continue
+        readable = targets >= 0
         logits, targets = upcast(logits)[readable], targets[readable]
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct = top5 == targets[:, None]

@@ -10,11 +10,12 @@ from util.train_loop import Loop, MidEpochSaves, OptimizerStep, TrainingEpoch, a
 
 
 def train_one_epoch(model: torch.nn.Module, loader, optim_step: OptimizerStep, epoch: int, loop: Loop,
-                    saves: MidEpochSaves, log_writer=None) -> dict[str, float]:
+                    saves: MidEpochSaves, log_writer=None, online_probe=None) -> dict[str, float]:
+    """One epoch; ``online_probe`` (engine_monitors.OnlineProbe) also takes a step on every batch's features."""
     model.train()
     batches = TrainingEpoch(loader, optim_step.optimizer, epoch, loop, saves)
     logger = batches.logger
-    for step, epoch_f, images, _ in batches:
+    for step, epoch_f, images, targets in batches:
         update = optim_step.is_update_step(step)
         with optim_step.sync_context(model, update):
             with autocast_context(loop.device, loop.amp):
@@ -26,6 +27,8 @@ def train_one_epoch(model: torch.nn.Module, loader, optim_step: OptimizerStep, e
         if grad_norm is not None:
             log_step(log_writer, epoch_f, train_loss=loss, lr=lr, grad_norm=grad_norm,
                      **{f"train_{k}": v for k, v in metrics.items()})
+        if online_probe is not None:
+            online_probe.step(images, targets)
     with autocast_context(loop.device, loop.amp):
         verify_update(model, lambda m: m(images)[0], epoch)
     logger.synchronize_between_processes()

@@ -18,7 +18,7 @@ import models
 from engine_finetune import evaluate, train_one_epoch
 from models.formats import encoder_record, load_checkpoint, load_encoder_weights, resumed_checkpoint
 from models.masks import BlockCausal, EncoderMask, encoder_mask_from_dict
-from models.probes import AttentivePoolingHead, LinearHead, Probe
+from models.probes import AttentivePoolingHead, LinearHead, Probe, default_pool
 from models.registry import setting_owners
 from models.vit import VisionTransformer
 from util.cli import run_cli
@@ -149,9 +149,7 @@ def build_probe(s: Settings, init: dict, num_classes: int) -> tuple[Probe, Visio
         pool, mask = None, probe_mask(s, mask)
     else:
         head = LinearHead(dim, num_classes)
-        stored_pool = init["vit_config"].get("global_pool")  # how the encoder's features were meant to be pooled
-        pool = s.pool or (stored_pool if stored_pool in ("token", "avg") else
-                          "token" if backbone.num_prefix_tokens else "avg")
+        pool = s.pool or default_pool(backbone)  # how the encoder's features were meant to be pooled
     built = mask.build(backbone.grid_size, backbone.num_prefix_tokens) if mask is not None else None
     return Probe(backbone, head, s.n_last_blocks, pool, s.final_norm, built), backbone
 

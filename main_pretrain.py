@@ -19,11 +19,20 @@ from typing import Sequence
 from timm.optim import param_groups_weight_decay
 
 import models
+from engine_monitors import Monitors, encoder_features, with_transform
 from engine_pretrain import train_one_epoch
 from models.formats import encoder_record, plain_config, resumed_checkpoint
 from models.registry import lookup, model_names, official_global_batch, setting_owners
 from util.cli import run_cli
-from util.config import PARALLEL_GROUP, SHARED_GROUPS, OptimSettings, print_settings, resolve_run, resumed_model
+from util.config import (
+    PARALLEL_GROUP,
+    SHARED_GROUPS,
+    MonitorSettings,
+    OptimSettings,
+    print_settings,
+    resolve_run,
+    resumed_model,
+)
 from util.datasets import build_dataset, build_loader, build_transform
 from util.distributed import cleanup_distributed, init_distributed, is_main_process, print0
 from util.images import first_images, save_panels
@@ -58,7 +67,7 @@ def settings_parser(model: str) -> tuple[SettingsParser, Layers]:
     method, preset = lookup(model, "pretrain")
     layers = [("recipe", method.recipe), ("preset", {**preset.settings, "model": model})]
     groups = [Group("pretraining", PretrainSettings), Group(f"{method.name} (model settings)", method.config_class),
-              *SHARED_GROUPS, PARALLEL_GROUP]
+              *SHARED_GROUPS, Group("monitors", MonitorSettings), PARALLEL_GROUP]
     return SettingsParser("main_pretrain.py", __doc__.split("\n")[0], groups, layers,
                           subject=f"{model} ({method.name})", owner_of=setting_owners,
                           help_command=f"main_pretrain.py --model {model} --help"), layers
@@ -106,13 +115,25 @@ def main(argv: Sequence[str]) -> None:
     optimizer = adamw(param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay()),
                       lr=loop.schedule.lr, betas=tuple(s.betas))
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, dist_info.device)
-    start_at, _ = resume(ckpt, ckpt_path, model, optimizer, optim_step)
+    monitors = None
+    if s.of(MonitorSettings).enabled():  # the encoder's features on fixed training and validation images
+        evaluation = build_transform(config.input_size, is_train=False)
+        monitors = Monitors(s.of(MonitorSettings),
+                            encoder_features(model.encoder, model.encoder_mask, s.amp, dist_info.device),
+                            model.encoder.embed_dim, with_transform(dataset, evaluation),
+                            build_dataset(s.dataset, "val", evaluation, config.input_size, s.data_path,
+                                          s.synthetic_size), len(dataset.classes), s.batch_size, s.num_workers)
+    online_probe = monitors.online_probe if monitors else None
+    start_at, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
+    if online_probe is not None and "online_probe" in extra:
+        online_probe.load_state_dict(extra["online_probe"])
     if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
 
     def state_after(epoch: int, position: dict | None = None) -> dict:
         """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
-        return {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), position=position),
+        extra = {"online_probe": online_probe.state_dict()} if online_probe else {}
+        return {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), extra, position),
                 **encoder_record(model.encoder, "encoder.", model.encoder_mask),
                 "model_name": s.model, "model_config": plain_config(model.config)}
 
@@ -122,13 +143,17 @@ def main(argv: Sequence[str]) -> None:
     start = time.time()
     with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
         for epoch in range(start_at.epoch, s.epochs):
-            stats = train_one_epoch(model_ddp, loader, optim_step, epoch, loop, saves, log_writer)
+            stats = train_one_epoch(model_ddp, loader, optim_step, epoch, loop, saves, log_writer, online_probe)
+            monitored = monitors.epoch_end(epoch) if monitors else {}
             files = {"encoder.pth": {"model": full_state_dict(model, "encoder."),
                                      **encoder_record(model.encoder, "", model.encoder_mask)}} \
                 if s.save_encoder and is_due(epoch, s.epochs, s.save_freq) else {}
-            commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
-                                               "n_parameters": n_params}, state_after(epoch), s.epochs, s.save_freq,
-                         s.keep_last, files)
+            record = {**{f"train_{k}": v for k, v in stats.items()}, **monitored, "epoch": epoch,
+                      "n_parameters": n_params}
+            commit_epoch(s.output_dir, epoch, record, state_after(epoch), s.epochs, s.save_freq, s.keep_last, files)
+            if log_writer is not None:
+                for name, value in monitored.items():
+                    log_writer.add_scalar(f"monitor/{name}", value, epoch)
             if s.visualize_every and s.output_dir and (epoch + 1) % s.visualize_every == 0:
                 # every rank runs it (a sharded forward is collective), on its own RNG stream: resuming stays exact
                 model.eval()

@@ -52,6 +52,30 @@ class LinearHead(nn.Module):
         return self.linear(self.bn(feats))
 
 
+def default_pool(encoder: VisionTransformer) -> str:
+    """How the linear probe pools an encoder's tokens unless told: the encoder's own ``global_pool``, else the cls
+    token when it has one, else the mean of the patch tokens."""
+    if encoder.global_pool in ("token", "avg"):
+        return encoder.global_pool
+    return "token" if encoder.num_prefix_tokens else "avg"
+
+
+def pooled_features(encoder: VisionTransformer, x: torch.Tensor, mask: torch.Tensor | None, pool: str | None,
+                    n_last_blocks: int = 1, final_norm: bool = False) -> torch.Tensor:
+    """The probes' features: the mean of the last ``n_last_blocks`` block outputs (after the final norm with
+    ``final_norm``), pooled by ``pool`` ('token': the cls token, 'avg': the mean of the patch tokens; None: every
+    token). Runs with whatever gradient mode the caller set."""
+    layers = encoder.get_intermediate_layers(x, n_last_blocks, mask=mask)
+    feats = torch.stack(layers).mean(0)
+    if final_norm:
+        feats = encoder.norm(feats)
+    if pool == "token":
+        return feats[:, 0]
+    if pool == "avg":
+        return feats[:, encoder.num_prefix_tokens:].mean(1)
+    return feats
+
+
 class Probe(nn.Module):
     """Frozen backbone (always in eval mode, run without gradients) + a trainable head.
 
@@ -73,12 +97,5 @@ class Probe(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            layers = self.backbone.get_intermediate_layers(x, self.n_last_blocks, mask=self.mask)
-            feats = torch.stack(layers).mean(0)
-            if self.final_norm:
-                feats = self.backbone.norm(feats)
-            if self.pool == "token":
-                feats = feats[:, 0]
-            elif self.pool == "avg":
-                feats = feats[:, self.backbone.num_prefix_tokens:].mean(1)
+            feats = pooled_features(self.backbone, x, self.mask, self.pool, self.n_last_blocks, self.final_norm)
         return self.head(upcast(feats))

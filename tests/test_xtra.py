@@ -320,8 +320,8 @@ def test_resume_continues_the_order_sequence(tmp_path):
     fresh = small(pseudo_random=True, perm_seed=3).train()
     assert orders(small(pseudo_random=True, perm_seed=3).train()) != expected  # a restart would repeat the start
     path = resume_path("", str(tmp_path), auto_resume=True)
-    start_epoch, _ = resume(load_file(path), path, fresh)
-    assert orders(fresh) == expected and start_epoch == 1
+    start, _ = resume(load_file(path), path, fresh)
+    assert orders(fresh) == expected and start.epoch == 1
 
 
 def test_visualize_places_predictions_in_their_blocks():

@@ -148,8 +148,9 @@ class RunSettings:
                                        "(the newer if both exist)")
     save_freq: int = setting(20, "also keep checkpoint-<epoch>.pth every N epochs (and at the last epoch)")
     keep_last: int = setting(0, "keep only the K newest numbered checkpoints (0 = all)")
-    save_every_minutes: float = setting(30.0, "also commit a resumable checkpoint inside an epoch every M minutes "
-                                              "of training (it replaces the previous one; 0 = at epoch ends only)")
+    save_every_minutes: float = setting(30.0, "also commit a resumable checkpoint inside an epoch once M minutes "
+                                              "have passed since the last commit (it replaces the previous one; 0 = "
+                                              "at epoch ends only)")
     print_freq: int = setting(20, "progress line every N steps")
     dist_url: str = setting("env://", "process-group initialisation URL")
     print_config: bool = setting(False, "print the resolved settings and exit without touching data or output_dir")
@@ -162,6 +163,32 @@ class RunSettings:
             raise ValueError(f"--keep_last must be >= 0, got {self.keep_last}")
         if self.save_every_minutes < 0:
             raise ValueError(f"--save_every_minutes must be >= 0, got {self.save_every_minutes}")
+
+
+@dataclass(frozen=True)
+class MonitorSettings:
+    """The quality monitors of a training run (engine_monitors.py)."""
+
+    knn_every: int = setting(1, "kNN top-1 on the validation images every N epochs, logged as knn_acc1 (0 = off)")
+    knn_k: int = setting(20, "neighbours that vote (DINO: 20)")
+    knn_temperature: float = setting(0.07, "temperature T of the votes' weights exp(similarity / T) (DINO: 0.07)")
+    knn_train_images: int = setting(10000, "memory bank: at most this many training images (a fixed subset, "
+                                           "evaluation transform)")
+    knn_val_images: int = setting(10000, "queries: at most this many validation images (a fixed subset)")
+    online_probe: bool = setting(False, "train a linear probe on the detached features of every training batch, "
+                                        "logged as online_probe_acc1 on the validation images each epoch")
+    online_probe_lr: float = setting(1e-3, "AdamW learning rate of the online probe (no weight decay)")
+
+    def __post_init__(self) -> None:
+        for name in ("knn_every", "knn_train_images", "knn_val_images"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.knn_k < 1 or self.knn_temperature <= 0:
+            raise ValueError(f"--knn_k must be >= 1 and --knn_temperature > 0, got {self.knn_k} and "
+                             f"{self.knn_temperature}")
+
+    def enabled(self) -> bool:
+        return self.knn_every > 0 or self.online_probe
 
 
 def derive_accum_iter(settings: Settings) -> tuple[str, dict]:

@@ -188,7 +188,7 @@ def stop_signal() -> int | None:
 
 
 class MidEpochSaves:
-    """Resumable checkpoints inside an epoch: every ``every_minutes`` of training (0: never), and at once, followed
+    """Resumable checkpoints inside an epoch: ``every_minutes`` after the last commit (0: never), and at once, followed
     by a stop (:class:`RunStopped`), after a stop signal. All ranks decide together at an update step (their votes
     ride on :func:`check_finite`'s all-reduce), so they save the same step; never at an epoch's last step, which
     commits the epoch anyway. Used as a context: the stop signals' handlers are installed inside it only.
@@ -262,6 +262,7 @@ class TrainingEpoch:
         self.images_per_step = loop.batch_size * get_world_size()
         self.steps = loader.sampler.num_samples // loop.batch_size // loop.accum_iter * loop.accum_iter
         self.first = 0
+        saves.last_save = time.monotonic()  # the interval counts from the last commit, an epoch's one included
         start = saves.start
         if start.epoch == epoch and start.images:
             self.first = min(start.images // self.images_per_step // loop.accum_iter * loop.accum_iter, self.steps)

@@ -1,0 +1,96 @@
+"""What a mid-epoch checkpoint costs: gathering the training state and committing it, as a single file (one
+process or DDP: rank 0 writes) and as a sharded DCP directory (--fsdp: one rank here), against one training step.
+
+    python -m benchmarks.checkpoint_cost                                    # the tiny presets and ViT-S/16 on the CPU
+    python -m benchmarks.checkpoint_cost --models xtra_vit_small_patch16 --dir /checkpoint/$USER/bench --device cuda
+
+Each model trains a few steps on random images (fused AdamW, so that the optimiser holds its moments), then the
+state is committed ``--repeats`` times into ``--dir`` (a fresh directory under it: put it on the filesystem the run
+writes to) and the median time is reported. Every rank of a run waits for a save: its share of the time between
+two saves (``--save_every_minutes``, 30 by default) is what the run loses to it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+
+import models
+from models.registry import create_model
+from util.distributed import cleanup_distributed, init_distributed
+from util.parallel import parallelize
+from util.train_loop import OptimizerStep, adamw
+from util.train_state import save_mid_epoch, training_state
+
+assert models  # importing the package registers every method
+
+DEFAULT_MODELS = ("xtra_vit_tiny", "mae_vit_tiny", "xtra_vit_small_patch16", "mae_vit_small_patch16")
+
+
+def _step(model: torch.nn.Module, optim_step: OptimizerStep, images: torch.Tensor) -> float:
+    start = time.perf_counter()
+    loss, _ = model(images)
+    optim_step(loss, model.parameters(), 0)
+    return time.perf_counter() - start
+
+
+def measure(name: str, sharded: bool, batch_size: int, steps: int, repeats: int, root: str, device: str) -> dict:
+    """Seconds of one step and of one mid-epoch save of ``name``, and the bytes the save wrote."""
+    dist_info = init_distributed(device, process_group=sharded)
+    try:
+        model = create_model(name, "pretrain").to(dist_info.device)
+        parallelize(model, dist_info, sharded, False, "off")
+        optim_step = OptimizerStep(adamw(model.parameters(), lr=1e-4), "off")
+        images = torch.randn(batch_size, 3, model.config.input_size, model.config.input_size,
+                             device=dist_info.device)
+        step_s = statistics.median(_step(model, optim_step, images) for _ in range(steps))
+        out = tempfile.mkdtemp(dir=root)
+        position = {"epoch": 1, "images": batch_size, "meters": {}}
+        times = []
+        for repeat in range(repeats):
+            start = time.perf_counter()
+            state = training_state(model, 0, {"batch_size": batch_size}, optim_step.optimizer,
+                                   optim_step.state_dict(), position=position)
+            path = save_mid_epoch(state, out, repeat + 1)
+            times.append(time.perf_counter() - start)
+        size = (sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) if os.path.isdir(path)
+                else os.path.getsize(path))
+        shutil.rmtree(out)
+        return {"params": sum(p.numel() for p in model.parameters()), "step_s": step_s,
+                "save_s": statistics.median(times), "bytes": size}
+    finally:
+        cleanup_distributed()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--batch_size", type=int, default=8, help="images of the timed step (the save does not "
+                                                                   "depend on it)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the checkpoints are written")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--every_minutes", type=float, default=30.0, help="the save interval of the last column")
+    args = parser.parse_args()
+    threads = torch.get_num_threads()
+    print(f"device {args.device}, {threads} threads; checkpoints written under {args.dir}; median of "
+          f"{args.repeats} saves, {args.steps} steps of {args.batch_size} images")
+    print(f"{'model':<26} {'params':>8} {'format':<12} {'on disk':>9} {'save':>8} {'one step':>9} "
+          f"{'save/step':>9} {'share of ' + format(args.every_minutes, 'g') + ' min':>16}")
+    for name in args.models:
+        for sharded in (False, True):
+            r = measure(name, sharded, args.batch_size, args.steps, args.repeats, args.dir, args.device)
+            print(f"{name:<26} {r['params'] / 1e6:>7.1f}M {'DCP, 1 rank' if sharded else 'single file':<12} "
+                  f"{r['bytes'] / 2**20:>7.1f}MB {r['save_s']:>7.3f}s {r['step_s']:>8.3f}s "
+                  f"{r['save_s'] / r['step_s']:>9.2f} {100 * r['save_s'] / (60 * args.every_minutes):>15.3f}%",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

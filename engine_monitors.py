@@ -1,0 +1,208 @@
+"""Whether a model learns while it trains: a weighted k-nearest-neighbour classifier on its pooled features, and an
+online linear probe trained next to it.
+
+kNN is DINO's evaluation (Caron et al., 2021, and its ``eval_knn.py``): L2-normalised features, the k training
+images of highest cosine similarity vote for their class with weight exp(similarity / T); k = 20 and T = 0.07 by
+default. The memory bank is a fixed subset of the training images under the evaluation transform; the queries are
+(a fixed subset of) the validation set. The online probe is the linear probe's head (non-affine BatchNorm +
+Linear) trained with its own AdamW on the detached features of every training batch, as solo-learn and lightly
+train theirs. Neither changes training: the features come from a forward in eval mode, without gradients, on a
+forked RNG, so the training losses are those of an unmonitored run and exact resume still holds.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset
+
+from engine_finetune import shard_batches
+from models.probes import LinearHead, default_pool, pooled_features
+from models.vit import VisionTransformer, upcast
+from util.config import MonitorSettings
+from util.datasets import build_loader
+from util.distributed import get_world_size, is_dist, is_sharded, print0
+from util.errors import UserError
+from util.misc import forked_rng
+from util.train_loop import autocast_context
+
+
+class Features:
+    """``features(images)``: float32 features [B, D] of ``net`` in eval mode, without gradients, on a forked RNG
+    (the training RNG streams are untouched), restoring its train mode after. ``pool`` maps the module and the
+    images to the features."""
+
+    def __init__(self, net: nn.Module, pool: Callable[[nn.Module, torch.Tensor], torch.Tensor], amp: str,
+                 device: torch.device):
+        self.net, self.pool, self.amp, self.device = net, pool, amp, device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        training = self.net.training
+        self.net.eval()
+        with forked_rng(), autocast_context(self.device, self.amp):
+            feats = self.pool(self.net, images)
+        self.net.train(training)
+        return upcast(feats).detach()
+
+
+def encoder_features(encoder: VisionTransformer, mask, amp: str, device: torch.device) -> Features:
+    """A pretraining model's encoder pooled as the linear probe pools it by default (its last block, the probe's
+    default pooling, the attention mask the encoder keeps: XTRA's block-causal one)."""
+    built = mask.build(encoder.grid_size, encoder.num_prefix_tokens, device) if mask is not None else None
+    pool = default_pool(encoder)
+    return Features(encoder, lambda net, x: pooled_features(net, x, built, pool), amp, device)
+
+
+@torch.no_grad()
+def dataset_features(features: Features, dataset: Dataset, batch_size: int, num_workers: int,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features [N, D], labels [N]) of every readable image of ``dataset``, computed in exact shards across the
+    ranks and gathered on every rank (in rank order, not in dataset order)."""
+    loader = build_loader(dataset, batch_size, num_workers, is_train=False)
+    feats, labels = [], []
+    for images, targets in shard_batches(loader, device, is_sharded(features.net)):
+        f = features(images)
+        if targets is not None:
+            readable = targets >= 0  # an unreadable validation image comes with label -1 (ImageFiles)
+            feats.append(f[readable])
+            labels.append(targets[readable])
+    width = features(loader.dataset[0][0][None].to(device)).shape[1] if not feats else feats[0].shape[1]
+    local = (torch.cat(feats) if feats else torch.zeros(0, width, device=device),
+             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
+    return _gathered_rows(*local) if is_dist() else local
+
+
+def _gathered_rows(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rows, concatenated in rank order (shards differ in length by at most one batch)."""
+    counts = [torch.zeros(1, dtype=torch.long, device=feats.device) for _ in range(get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(feats)], device=feats.device))
+    longest = int(max(c.item() for c in counts))
+    rows = torch.cat([torch.cat([feats, labels[:, None].to(feats.dtype)], 1),
+                      feats.new_zeros(longest - len(feats), feats.shape[1] + 1)])
+    gathered = [torch.empty_like(rows) for _ in counts]
+    dist.all_gather(gathered, rows)
+    whole = torch.cat([g[:int(c.item())] for g, c in zip(gathered, counts)])
+    return whole[:, :-1], whole[:, -1].long()
+
+
+@torch.no_grad()
+def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+             num_classes: int, k: int, temperature: float, chunk: int = 512) -> float:
+    """Top-1 accuracy (%) of DINO's weighted kNN vote: cosine similarity, the ``k`` nearest bank images vote for
+    their class with weight exp(similarity / ``temperature``)."""
+    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+    k = min(k, len(bank))
+    correct = 0
+    for start in range(0, len(queries), chunk):
+        similarity, nearest = (queries[start:start + chunk] @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(nearest), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_labels[nearest], (similarity / temperature).exp())
+        correct += int((votes.argmax(1) == query_labels[start:start + chunk]).sum())
+    return 100.0 * correct / max(len(queries), 1)
+
+
+class OnlineProbe:
+    """The linear probe's head trained next to the model on the detached features of every training batch, with
+    its own AdamW. The ranks average its gradients and BatchNorm statistics after every step, so every rank holds
+    the same head (and a checkpoint holds all of it)."""
+
+    def __init__(self, features: Features, dim: int, num_classes: int, lr: float):
+        self.features = features
+        self.head = LinearHead(dim, num_classes).to(features.device)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=0.0)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        feats = self.features(images)
+        self.head.train()
+        loss = F.cross_entropy(self.head(feats), labels)
+        self.optimizer.zero_grad()
+        loss.backward()
+        if is_dist():
+            self._average_over_ranks()
+        self.optimizer.step()
+
+    def _average_over_ranks(self) -> None:
+        tensors = [p.grad for p in self.head.parameters()] + [self.head.bn.running_mean, self.head.bn.running_var]
+        flat = torch.cat([t.flatten() for t in tensors])
+        dist.all_reduce(flat)
+        flat /= get_world_size()
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    @torch.no_grad()
+    def top1(self, feats: torch.Tensor, labels: torch.Tensor, train_feats: torch.Tensor) -> float:
+        """Top-1 (%) on ``feats``, with the BatchNorm statistics of ``train_feats`` (the current model's features of
+        the fixed training images: the running statistics lag behind a model that still changes fast)."""
+        bn = self.head.bn
+        bn.running_mean.copy_(train_feats.mean(0))
+        bn.running_var.copy_(train_feats.var(0))
+        self.head.eval()
+        return 100.0 * float((self.head(feats).argmax(1) == labels).float().mean()) if len(labels) else 0.0
+
+    def state_dict(self) -> dict:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def fixed_subset(dataset: Dataset, n: int, seed: int = 0) -> Dataset:
+    """At most ``n`` images of ``dataset``, the same ones in every run (a seeded choice, in index order)."""
+    if n >= len(dataset):
+        return dataset
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Subset(dataset, chosen.tolist())
+
+
+def with_transform(dataset: Dataset, transform) -> Dataset:
+    """A shallow copy of ``dataset`` that applies ``transform`` (the same files, listed once)."""
+    copied = copy.copy(dataset)
+    if hasattr(copied, "transform"):
+        copied.transform = transform
+    return copied
+
+
+class Monitors:
+    """What a training script calls: ``online_probe`` (or None) for the engine's steps, and ``epoch_end(epoch)``
+    for the record of a finished epoch (``knn_acc1`` on a monitored epoch, ``online_probe_acc1`` every epoch)."""
+
+    def __init__(self, settings: MonitorSettings, features: Features, dim: int, bank: Dataset, queries: Dataset,
+                 num_classes: int, batch_size: int, num_workers: int):
+        if num_classes < 2:
+            raise UserError(f"--knn_every and --online_probe need labelled images; the training images have "
+                            f"{num_classes} class (turn them off with --knn_every 0 --online_probe false)")
+        self.settings, self.features, self.num_classes = settings, features, num_classes
+        self.bank = fixed_subset(bank, settings.knn_train_images)
+        self.queries = fixed_subset(queries, settings.knn_val_images)
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.online_probe = OnlineProbe(features, dim, num_classes, settings.online_probe_lr) \
+            if settings.online_probe else None
+        print0(f"monitors: kNN {'every ' + str(settings.knn_every) + ' epoch(s)' if settings.knn_every else 'off'} "
+               f"({len(self.bank)} training images, {len(self.queries)} validation images, k {settings.knn_k}, "
+               f"T {settings.knn_temperature}); online probe {'on' if self.online_probe else 'off'}")
+
+    def epoch_end(self, epoch: int) -> dict[str, float]:
+        s = self.settings
+        knn_due = s.knn_every > 0 and (epoch + 1) % s.knn_every == 0
+        if not (knn_due or self.online_probe):
+            return {}
+        device = self.features.device
+        queries, query_labels = dataset_features(self.features, self.queries, self.batch_size, self.num_workers,
+                                                 device)
+        bank, bank_labels = dataset_features(self.features, self.bank, self.batch_size, self.num_workers, device)
+        record = {}
+        if knn_due:
+            record["knn_acc1"] = knn_top1(bank, bank_labels, queries, query_labels, self.num_classes, s.knn_k,
+                                          s.knn_temperature)
+        if self.online_probe is not None:
+            record["online_probe_acc1"] = self.online_probe.top1(queries, query_labels, bank)
+        print0(f"monitors after epoch {epoch}: " + ", ".join(f"{k} {v:.2f}%" for k, v in record.items()))
+        return record
