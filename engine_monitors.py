@@ -18,12 +18,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import Dataset, Subset
 
 from engine_finetune import shard_batches
 from models.probes import LinearHead, default_pool, pooled_features
-from models.vit import VisionTransformer, upcast
-from util.config import MonitorSettings
+from models.vit import upcast
+from util.config import KnnSettings, OnlineProbeSettings
 from util.datasets import build_loader
 from util.distributed import get_world_size, is_dist, is_sharded, print0
 from util.errors import UserError
@@ -34,28 +35,40 @@ from util.train_loop import autocast_context
 class Features:
     """``features(images)``: float32 features [B, D] of ``net`` in eval mode, without gradients, on a forked RNG
     (the training RNG streams are untouched), restoring its train mode after. ``pool`` maps the module and the
-    images to the features."""
+    images to the ``dim`` features. ``root``: the model ``net`` belongs to; when FSDP sharded it, the parameters it
+    holds itself (outside the blocks: the patch embedding, the final norm) are gathered around the call, which
+    bypasses the root's own forward (so the first call must follow a training step)."""
 
-    def __init__(self, net: nn.Module, pool: Callable[[nn.Module, torch.Tensor], torch.Tensor], amp: str,
-                 device: torch.device):
-        self.net, self.pool, self.amp, self.device = net, pool, amp, device
+    def __init__(self, net: nn.Module, pool: Callable[[nn.Module, torch.Tensor], torch.Tensor], dim: int, amp: str,
+                 device: torch.device, root: nn.Module | None = None):
+        self.net, self.pool, self.dim, self.amp, self.device = net, pool, dim, amp, device
+        self.root = root if root is not None else net
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         training = self.net.training
         self.net.eval()
-        with forked_rng(), autocast_context(self.device, self.amp):
-            feats = self.pool(self.net, images)
-        self.net.train(training)
+        sharded_root = self.root if isinstance(self.root, FSDPModule) else None
+        if sharded_root is not None:
+            sharded_root.unshard()
+        try:
+            with forked_rng(), autocast_context(self.device, self.amp):
+                feats = self.pool(self.net, images)
+        finally:
+            if sharded_root is not None:
+                sharded_root.reshard()
+            self.net.train(training)
         return upcast(feats).detach()
 
 
-def encoder_features(encoder: VisionTransformer, mask, amp: str, device: torch.device) -> Features:
+def encoder_features(model: nn.Module, amp: str, device: torch.device) -> Features:
     """A pretraining model's encoder pooled as the linear probe pools it by default (its last block, the probe's
     default pooling, the attention mask the encoder keeps: XTRA's block-causal one)."""
+    encoder, mask = model.encoder, model.encoder_mask
     built = mask.build(encoder.grid_size, encoder.num_prefix_tokens, device) if mask is not None else None
     pool = default_pool(encoder)
-    return Features(encoder, lambda net, x: pooled_features(net, x, built, pool), amp, device)
+    return Features(encoder, lambda net, x: pooled_features(net, x, built, pool), encoder.embed_dim, amp, device,
+                    root=model)
 
 
 @torch.no_grad()
@@ -71,8 +84,7 @@ def dataset_features(features: Features, dataset: Dataset, batch_size: int, num_
             readable = targets >= 0  # an unreadable validation image comes with label -1 (ImageFiles)
             feats.append(f[readable])
             labels.append(targets[readable])
-    width = features(loader.dataset[0][0][None].to(device)).shape[1] if not feats else feats[0].shape[1]
-    local = (torch.cat(feats) if feats else torch.zeros(0, width, device=device),
+    local = (torch.cat(feats) if feats else torch.zeros(0, features.dim, device=device),
              torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
     return _gathered_rows(*local) if is_dist() else local
 
@@ -111,9 +123,10 @@ class OnlineProbe:
     its own AdamW. The ranks average its gradients and BatchNorm statistics after every step, so every rank holds
     the same head (and a checkpoint holds all of it)."""
 
-    def __init__(self, features: Features, dim: int, num_classes: int, lr: float):
+    def __init__(self, features: Features, num_classes: int, lr: float):
         self.features = features
-        self.head = LinearHead(dim, num_classes).to(features.device)
+        with forked_rng():  # its initialisation must not move the training RNG
+            self.head = LinearHead(features.dim, num_classes).to(features.device)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=0.0)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -172,26 +185,30 @@ def with_transform(dataset: Dataset, transform) -> Dataset:
 
 class Monitors:
     """What a training script calls: ``online_probe`` (or None) for the engine's steps, and ``epoch_end(epoch)``
-    for the record of a finished epoch (``knn_acc1`` on a monitored epoch, ``online_probe_acc1`` every epoch)."""
+    for the record of a finished epoch (``knn_acc1`` on a monitored epoch, ``online_probe_acc1`` every epoch).
+    ``bank`` and ``queries``: the training and validation images under the evaluation transform."""
 
-    def __init__(self, settings: MonitorSettings, features: Features, dim: int, bank: Dataset, queries: Dataset,
-                 num_classes: int, batch_size: int, num_workers: int):
+    def __init__(self, knn: KnnSettings, probe: OnlineProbeSettings | None, features: Features, bank: Dataset,
+                 queries: Dataset, num_classes: int, batch_size: int, num_workers: int):
         if num_classes < 2:
-            raise UserError(f"--knn_every and --online_probe need labelled images; the training images have "
-                            f"{num_classes} class (turn them off with --knn_every 0 --online_probe false)")
-        self.settings, self.features, self.num_classes = settings, features, num_classes
-        self.bank = fixed_subset(bank, settings.knn_train_images)
-        self.queries = fixed_subset(queries, settings.knn_val_images)
+            raise UserError(f"the kNN monitor and the online probe need labelled images; the training images have "
+                            f"{num_classes} class (turn them off: --knn_every 0, and no --online_probe)")
+        self.knn, self.features, self.num_classes = knn, features, num_classes
+        self.bank = fixed_subset(bank, knn.knn_train_images)
+        self.queries = fixed_subset(queries, knn.knn_val_images)
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.online_probe = OnlineProbe(features, dim, num_classes, settings.online_probe_lr) \
-            if settings.online_probe else None
-        print0(f"monitors: kNN {'every ' + str(settings.knn_every) + ' epoch(s)' if settings.knn_every else 'off'} "
-               f"({len(self.bank)} training images, {len(self.queries)} validation images, k {settings.knn_k}, "
-               f"T {settings.knn_temperature}); online probe {'on' if self.online_probe else 'off'}")
+        self.online_probe = OnlineProbe(features, num_classes, probe.online_probe_lr) \
+            if probe is not None and probe.online_probe else None
+        print0(f"monitors: kNN {'every ' + str(knn.knn_every) + ' epoch(s)' if knn.knn_every else 'off'} "
+               f"({len(self.bank)} training images, {len(self.queries)} validation images, k {knn.knn_k}, "
+               f"T {knn.knn_temperature}); online probe {'on' if self.online_probe else 'off'}")
+
+    @staticmethod
+    def wanted(knn: KnnSettings, probe: OnlineProbeSettings | None = None) -> bool:
+        return knn.knn_every > 0 or (probe is not None and probe.online_probe)
 
     def epoch_end(self, epoch: int) -> dict[str, float]:
-        s = self.settings
-        knn_due = s.knn_every > 0 and (epoch + 1) % s.knn_every == 0
+        knn_due = self.knn.knn_every > 0 and (epoch + 1) % self.knn.knn_every == 0
         if not (knn_due or self.online_probe):
             return {}
         device = self.features.device
@@ -200,8 +217,8 @@ class Monitors:
         bank, bank_labels = dataset_features(self.features, self.bank, self.batch_size, self.num_workers, device)
         record = {}
         if knn_due:
-            record["knn_acc1"] = knn_top1(bank, bank_labels, queries, query_labels, self.num_classes, s.knn_k,
-                                          s.knn_temperature)
+            record["knn_acc1"] = knn_top1(bank, bank_labels, queries, query_labels, self.num_classes,
+                                          self.knn.knn_k, self.knn.knn_temperature)
         if self.online_probe is not None:
             record["online_probe_acc1"] = self.online_probe.top1(queries, query_labels, bank)
         print0(f"monitors after epoch {epoch}: " + ", ".join(f"{k} {v:.2f}%" for k, v in record.items()))

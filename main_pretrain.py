@@ -27,7 +27,8 @@ from util.cli import run_cli
 from util.config import (
     PARALLEL_GROUP,
     SHARED_GROUPS,
-    MonitorSettings,
+    KnnSettings,
+    OnlineProbeSettings,
     OptimSettings,
     print_settings,
     resolve_run,
@@ -67,7 +68,8 @@ def settings_parser(model: str) -> tuple[SettingsParser, Layers]:
     method, preset = lookup(model, "pretrain")
     layers = [("recipe", method.recipe), ("preset", {**preset.settings, "model": model})]
     groups = [Group("pretraining", PretrainSettings), Group(f"{method.name} (model settings)", method.config_class),
-              *SHARED_GROUPS, Group("monitors", MonitorSettings), PARALLEL_GROUP]
+              *SHARED_GROUPS, Group("kNN monitor", KnnSettings), Group("online probe", OnlineProbeSettings),
+              PARALLEL_GROUP]
     return SettingsParser("main_pretrain.py", __doc__.split("\n")[0], groups, layers,
                           subject=f"{model} ({method.name})", owner_of=setting_owners,
                           help_command=f"main_pretrain.py --model {model} --help"), layers
@@ -116,11 +118,11 @@ def main(argv: Sequence[str]) -> None:
                       lr=loop.schedule.lr, betas=tuple(s.betas))
     optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, dist_info.device)
     monitors = None
-    if s.of(MonitorSettings).enabled():  # the encoder's features on fixed training and validation images
+    if Monitors.wanted(s.of(KnnSettings), s.of(OnlineProbeSettings)):  # on fixed training and validation images
         evaluation = build_transform(config.input_size, is_train=False)
-        monitors = Monitors(s.of(MonitorSettings),
-                            encoder_features(model.encoder, model.encoder_mask, s.amp, dist_info.device),
-                            model.encoder.embed_dim, with_transform(dataset, evaluation),
+        monitors = Monitors(s.of(KnnSettings), s.of(OnlineProbeSettings),
+                            encoder_features(model, s.amp, dist_info.device),
+                            with_transform(dataset, evaluation),
                             build_dataset(s.dataset, "val", evaluation, config.input_size, s.data_path,
                                           s.synthetic_size), len(dataset.classes), s.batch_size, s.num_workers)
     online_probe = monitors.online_probe if monitors else None

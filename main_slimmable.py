@@ -26,6 +26,7 @@ from timm.optim import param_groups_weight_decay
 
 import models
 from engine_finetune import evaluate
+from engine_monitors import Features, Monitors, with_transform
 from engine_slimmable import train_one_epoch
 from models.formats import (
     encoder_record,
@@ -43,13 +44,14 @@ from util.config import (
     SHARED_GROUPS,
     AugmentSettings,
     DataSettings,
+    KnnSettings,
     MixupSettings,
     OptimSettings,
     print_settings,
     resolve_run,
     resumed_model,
 )
-from util.datasets import build_loader, make_mixup, save_class_names, supervised_datasets
+from util.datasets import build_loader, build_transform, make_mixup, save_class_names, supervised_datasets
 from util.distributed import cleanup_distributed, init_distributed, is_main_process, print0
 from util.errors import UserError
 from util.misc import make_log_writer, seed_everything
@@ -117,7 +119,7 @@ def settings_parser(model: str) -> tuple[SettingsParser, Layers]:
     method, preset = lookup(model, "slimmable")
     groups = [Group("Scala run", SlimmableSettings), Group("Scala (model settings)", ScalaConfig),
               Group("augmentation (DeiT)", AugmentSettings), Group("mixup and label smoothing", MixupSettings),
-              *SHARED_GROUPS, PARALLEL_GROUP]
+              *SHARED_GROUPS, Group("kNN monitor", KnnSettings), PARALLEL_GROUP]
     layers = [("recipe", method.recipe), ("preset", {**preset.settings, "model": model})]
     return SettingsParser("main_slimmable.py", __doc__.split("\n")[0], groups, layers, subject=model,
                           owner_of=setting_owners, help_command=f"main_slimmable.py --model {model} --help"), layers
@@ -220,6 +222,13 @@ def main(argv: Sequence[str]) -> None:
                 export(model, s.export_ratio, s.export)
 
         return evaluate_only(ckpt, ckpt_path, model, evaluate_and_export)
+    monitors = None
+    if Monitors.wanted(s.of(KnnSettings)):  # the full width's cls token, on fixed training and validation images
+        features = Features(model, lambda net, x: net.forward_features(x, s.largest_ratio)[:, 0],
+                            model.widths(s.largest_ratio)[0], s.amp, device)
+        monitors = Monitors(s.of(KnnSettings), None, features,
+                            with_transform(train_set, build_transform(s.input_size, False, crop_pct=s.crop_pct)),
+                            val_set, num_classes, s.batch_size, s.num_workers)
     start_at, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
     if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
@@ -245,15 +254,19 @@ def main(argv: Sequence[str]) -> None:
             train_stats = train_one_epoch(model_ddp, teacher, train_loader, optim_step, epoch, loop, saves, scala,
                                           mixup_fn, s.smoothing, num_classes, s.seed, log_writer)
             test_stats = evaluate(AtRatio(model, s.largest_ratio), val_loader, device, s.amp)
+            monitored = monitors.epoch_end(epoch) if monitors else {}
             improved = test_stats["acc1"] > best  # official: best checkpoint on the full width only
             best = max(best, test_stats["acc1"])
             state = state_after(epoch)
             commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                               **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch},
+                                               **{f"test_{k}": v for k, v in test_stats.items()}, **monitored,
+                                               "epoch": epoch},
                          state, s.epochs, s.save_freq, s.keep_last,
                          {"checkpoint-best.pth": weights_only_state(state, model)} if improved else {})
             if log_writer is not None:
                 log_writer.add_scalar("perf/test_acc1_full", test_stats["acc1"], epoch)
+                for name, value in monitored.items():
+                    log_writer.add_scalar(f"monitor/{name}", value, epoch)
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best full-width acc1 {best:.2f}%")
     # the table of every width closes the run (its log line carries epoch = epochs, so a rerun redoes it)
     write_json_line(s.output_dir, {"eval_table": evaluate_ratios(model, eval_ratios, val_loader, device, s),

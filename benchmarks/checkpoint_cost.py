@@ -29,7 +29,7 @@ from util.train_state import save_mid_epoch, training_state
 
 assert models  # importing the package registers every method
 
-DEFAULT_MODELS = ("xtra_vit_tiny", "mae_vit_tiny", "xtra_vit_small_patch16", "mae_vit_small_patch16")
+DEFAULT_MODELS = ("xtra_vit_tiny", "mae_vit_tiny", "xtra_vit_small_patch16", "saim_vit_small_patch16")
 
 
 def _step(model: torch.nn.Module, optim_step: OptimizerStep, images: torch.Tensor) -> float:
@@ -80,17 +80,17 @@ def main() -> None:
     args = parser.parse_args()
     threads = torch.get_num_threads()
     print(f"device {args.device}, {threads} threads; checkpoints written under {args.dir}; median of "
-          f"{args.repeats} saves, {args.steps} steps of {args.batch_size} images")
-    print(f"{'model':<26} {'params':>8} {'format':<12} {'on disk':>9} {'save':>8} {'one step':>9} "
-          f"{'save/step':>9} {'share of ' + format(args.every_minutes, 'g') + ' min':>16}")
+          f"{args.repeats} saves, {args.steps} steps of {args.batch_size} images\n")
+    print(f"| model | params_M | format | on_disk_MB | save_s | step_s | save_per_step | "
+          f"share_of_{format(args.every_minutes, 'g')}_min_% |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         for sharded in (False, True):
             r = measure(name, sharded, args.batch_size, args.steps, args.repeats, args.dir, args.device)
-            print(f"{name:<26} {r['params'] / 1e6:>7.1f}M {'DCP, 1 rank' if sharded else 'single file':<12} "
-                  f"{r['bytes'] / 2**20:>7.1f}MB {r['save_s']:>7.3f}s {r['step_s']:>8.3f}s "
-                  f"{r['save_s'] / r['step_s']:>9.2f} {100 * r['save_s'] / (60 * args.every_minutes):>15.3f}%",
+            print(f"| {name} | {r['params'] / 1e6:.2f} | {'DCP, 1 rank' if sharded else 'single file'} | "
+                  f"{r['bytes'] / 2**20:.1f} | {r['save_s']:.3f} | {r['step_s']:.3f} | "
+                  f"{r['save_s'] / r['step_s']:.2f} | {100 * r['save_s'] / (60 * args.every_minutes):.3f} |",
                   flush=True)
-
 
 if __name__ == "__main__":
     main()

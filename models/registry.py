@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from models.masks import EncoderMask
 from models.vit import VisionTransformer, vit_config
-from util.config import AugmentSettings, MixupSettings, MonitorSettings, shared_names
+from util.config import AugmentSettings, KnnSettings, MixupSettings, OnlineProbeSettings, shared_names
 from util.errors import UserError
 
 
@@ -111,7 +111,8 @@ MODELS: dict[str, tuple[Method, Preset]] = {}  # model name -> (method, preset)
 
 
 def _training_names() -> set[str]:
-    return shared_names() | {f.name for cls in (AugmentSettings, MixupSettings, MonitorSettings) for f in dataclasses.fields(cls)}
+    return shared_names() | {f.name for cls in (AugmentSettings, MixupSettings, KnnSettings, OnlineProbeSettings)
+                             for f in dataclasses.fields(cls)}
 
 
 def register_method(method: Method) -> None:

@@ -357,7 +357,8 @@ register_method(Method(
                 weight_decay=0.05, crop_pct=0.875, aa="rand-m1-mstd0.5-inc1", mixup=0.8, cutmix=1.0),
     presets={
         "scala_vit_tiny": Preset("CPU-sized Scala: 32 px, patch 4, 64-d, 2 blocks, 4 heads",
-                                 dict(input_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4),
+                                 dict(input_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4,
+                                      knn_every=0),  # as the other tiny presets: no kNN monitor
                                  global_batch=256),  # one process of the recipe's 256
         "scala_deit_small_patch16": Preset("Scala-S: distilled DeiT-S/16 at 224 px, 13 widths 0.25..1"),
         "scala_deit_base_patch16": Preset(

@@ -71,3 +71,14 @@ def test_memory_workers_results_parse_on_every_launch(monkeypatch):
         rows = measure("xtra_vit_tiny", [], args)
         assert [r["rank"] for r in rows] == [0, 1]
         assert all(r["peak_MB"] > 0 and r["img_s"] > 0 for r in rows)
+
+
+def test_checkpoint_cost_writes_both_formats_and_times_them():
+    proc = run_script("benchmarks.checkpoint_cost", "--models", "mae_vit_tiny", "--repeats", "1", "--steps", "1")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| mae_vit_tiny")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert [r[2] for r in rows] == ["single file", "DCP, 1 rank"]
+    for _, params, _, on_disk, save_s, step_s, _, share in rows:
+        # the state is the weights plus AdamW's two moments: about 12 bytes per parameter
+        assert 11 < float(on_disk) * 2**20 / (float(params) * 1e6) < 16
+        assert float(save_s) > 0 and float(step_s) > 0 and float(share) >= 0

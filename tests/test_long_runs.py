@@ -21,13 +21,14 @@ from tests.helpers import FAST, ROOT, run_script, threads
 from util.datasets import EpochSampler, build_dataset, build_loader, build_transform
 
 RUNS = {
+    # with both monitors: their numbers and the online probe's state resume exactly too
     "pretrain": ("main_pretrain.py", [*FAST, "--model", "mae_vit_tiny", "--epochs", "2", "--print_freq", "1",
-                                      "--log_dir", ""]),
+                                      "--knn_every", "1", "--online_probe", "--log_dir", ""]),
     "slimmable": ("main_slimmable.py", [*FAST, "--model", "scala_vit_tiny", "--input_size", "16", "--batch_size",
                                         "64", "--aa", "none", "--reprob", "0.25", "--mixup", "0", "--cutmix", "0",
                                         "--granularity", "0.25", "--full_warm_epochs", "0", "--epochs", "2",
                                         "--eval_ratios", "1", "--throughput_iters", "1", "--print_freq", "1",
-                                        "--log_dir", ""]),
+                                        "--knn_every", "1", "--log_dir", ""]),
 }
 
 

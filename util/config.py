@@ -166,8 +166,8 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
-class MonitorSettings:
-    """The quality monitors of a training run (engine_monitors.py)."""
+class KnnSettings:
+    """The kNN monitor of a training run (engine_monitors.py)."""
 
     knn_every: int = setting(1, "kNN top-1 on the validation images every N epochs, logged as knn_acc1 (0 = off)")
     knn_k: int = setting(20, "neighbours that vote (DINO: 20)")
@@ -175,9 +175,6 @@ class MonitorSettings:
     knn_train_images: int = setting(10000, "memory bank: at most this many training images (a fixed subset, "
                                            "evaluation transform)")
     knn_val_images: int = setting(10000, "queries: at most this many validation images (a fixed subset)")
-    online_probe: bool = setting(False, "train a linear probe on the detached features of every training batch, "
-                                        "logged as online_probe_acc1 on the validation images each epoch")
-    online_probe_lr: float = setting(1e-3, "AdamW learning rate of the online probe (no weight decay)")
 
     def __post_init__(self) -> None:
         for name in ("knn_every", "knn_train_images", "knn_val_images"):
@@ -187,8 +184,18 @@ class MonitorSettings:
             raise ValueError(f"--knn_k must be >= 1 and --knn_temperature > 0, got {self.knn_k} and "
                              f"{self.knn_temperature}")
 
-    def enabled(self) -> bool:
-        return self.knn_every > 0 or self.online_probe
+
+@dataclass(frozen=True)
+class OnlineProbeSettings:
+    """The online linear probe of a pretraining run (engine_monitors.py)."""
+
+    online_probe: bool = setting(False, "train a linear probe on the detached features of every training batch, "
+                                        "logged as online_probe_acc1 on the validation images each epoch")
+    online_probe_lr: float = setting(1e-3, "AdamW learning rate of the online probe (no weight decay)")
+
+    def __post_init__(self) -> None:
+        if self.online_probe_lr <= 0:
+            raise ValueError(f"--online_probe_lr must be > 0, got {self.online_probe_lr}")
 
 
 def derive_accum_iter(settings: Settings) -> tuple[str, dict]:
