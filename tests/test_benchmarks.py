@@ -82,3 +82,13 @@ def test_checkpoint_cost_writes_both_formats_and_times_them():
         # the state is the weights plus AdamW's two moments: about 12 bytes per parameter
         assert 11 < float(on_disk) * 2**20 / (float(params) * 1e6) < 16
         assert float(save_s) > 0 and float(step_s) > 0 and float(share) >= 0
+
+
+def test_monitor_cost_gives_each_monitor_a_share_of_an_epoch():
+    proc = run_script("benchmarks.monitor_cost", "--models", "mae_vit_tiny", "--batch_size", "4", "--repeats", "1")
+    row = table_rows(proc.stdout)["mae_vit_tiny"]
+    per_image = {k: float(row[f"{k}_ms_per_img"]) for k in ("train", "features", "probe")}
+    assert all(v > 0 for v in per_image.values())
+    # the kNN images are a larger share of the small dataset's epoch; the probe's share does not depend on it
+    assert float(row["knn_digits_%"]) > float(row["knn_ImageNet-1k_%"]) > 0
+    assert row["probe_steps_digits_%"] == row["probe_steps_ImageNet-1k_%"]
