@@ -217,6 +217,8 @@ def main(argv: Sequence[str]) -> None:
                 for k in ("acc1", "acc5", "loss"):
                     log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
     finish_run(s.output_dir, s.epochs)
+    if log_writer is not None:
+        log_writer.close()
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best acc1 {best:.2f}%")
     cleanup_distributed()
 

@@ -221,7 +221,12 @@ def main(argv: Sequence[str]) -> None:
                                                "epoch": epoch, "n_parameters": n_params},
                          state_after(epoch), s.epochs, s.save_freq, s.keep_last)
             print0(f"accuracy on {test_stats['n']} val images: {test_stats['acc1']:.2f}%  (best {best:.2f}%)")
+            if log_writer is not None:
+                for k in ("acc1", "acc5", "loss"):
+                    log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
     finish_run(s.output_dir, s.epochs)
+    if log_writer is not None:
+        log_writer.close()
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best acc1 {best:.2f}%")
     cleanup_distributed()
 

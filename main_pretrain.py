@@ -36,7 +36,7 @@ from util.config import (
 )
 from util.datasets import build_dataset, build_loader, build_transform
 from util.distributed import cleanup_distributed, init_distributed, is_main_process, print0
-from util.images import first_images, save_panels
+from util.images import first_images, panels_image, save_panels
 from util.misc import forked_rng, make_log_writer, seed_everything
 from util.parallel import full_state_dict, parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
@@ -162,7 +162,10 @@ def main(argv: Sequence[str]) -> None:
                 with forked_rng():
                     panels = model.visualize(first_images(dataset, 8, dist_info.device))
                 if is_main_process():
-                    save_panels(panels, os.path.join(s.output_dir, f"vis-{epoch}.png"))
+                    title = f"{s.model}, epoch {epoch}"
+                    save_panels(panels, os.path.join(s.output_dir, f"vis-{epoch}.png"), title)
+                    if log_writer is not None:
+                        log_writer.add_image("visualize/panels", panels_image(panels, title), epoch, dataformats="HWC")
                 model.train()
     finish_run(s.output_dir, s.epochs)
     if log_writer is not None:

@@ -272,6 +272,8 @@ def main(argv: Sequence[str]) -> None:
     write_json_line(s.output_dir, {"eval_table": evaluate_ratios(model, eval_ratios, val_loader, device, s),
                                    "epoch": s.epochs})
     finish_run(s.output_dir, s.epochs)
+    if log_writer is not None:
+        log_writer.close()
     cleanup_distributed()
 
 

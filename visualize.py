@@ -1,20 +1,21 @@
-"""PNG grids of what a pretraining model sees and predicts, and cls-token attention maps of any ViT encoder.
+"""Labelled figures of what a pretraining model sees and predicts, and cls-token attention maps of any ViT encoder.
 
     python visualize.py --checkpoint out/xtra/checkpoint-last.pth --dataset digits --output xtra.png
     python visualize.py --checkpoint out/saim_ft/checkpoint-best.pth --attn_maps --dataset digits --output attn.png
 
 Panels come from the model's own ``visualize(imgs)`` (XTRA: input / target / predicted next blocks
 de-normalised with each target block's mean and std, as the official visualiser does; SAIM: input / blurred
-target / prediction). Rows are images, columns are panels.
+target / prediction). Rows are images, columns are titled panels, drawn pixel for pixel (small images enlarged);
+attention maps are overlaid on their image.
 """
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 
 import models
 from models.formats import load_checkpoint, model_from_checkpoint, vit_state_dict
@@ -22,7 +23,7 @@ from models.vit import VisionTransformer
 from util.cli import run_cli
 from util.datasets import build_dataset, build_transform
 from util.errors import UserError
-from util.images import first_images, imagenet_normalize, save_panels
+from util.images import first_images, save_panels
 from util.settings import Group, SettingsParser, resolve, setting
 
 assert models  # importing the package registers the methods
@@ -70,18 +71,22 @@ def main(argv: Sequence[str]) -> None:
     dataset = build_dataset(s.dataset, s.split, build_transform(input_size, is_train=False), input_size, s.data_path,
                             synthetic_size=64)
     imgs = first_images(dataset, s.num_images, device)
+    # the figure's title: the registered model (or the file) and the last finished epoch the checkpoint records
+    name = ckpt.get("model_name") or os.path.basename(s.checkpoint)
+    name += f", epoch {ckpt['epoch']}" if isinstance(ckpt.get("epoch"), int) and ckpt["epoch"] >= 0 else ""
     if s.attn_maps:
         vit = VisionTransformer(**ckpt["vit_config"]).to(device).eval()
         vit.load_state_dict(vit_state_dict(ckpt))
-        maps = F.interpolate(cls_attention_maps(vit, imgs), size=imgs.shape[-2:], mode="nearest")
+        maps = cls_attention_maps(vit, imgs)
         maps = maps / maps.amax(dim=(2, 3), keepdim=True)
-        save_panels({"input": imgs, "cls_attention": imagenet_normalize(maps)}, s.output)
+        save_panels({"input": imgs, "cls attention": imgs}, s.output, f"{name}: cls-token attention, last block",
+                    overlays={"cls attention": maps})
         return
     if ckpt.get("vit_prefix") != "encoder.":
         raise UserError(f"{s.checkpoint} is not a pretraining checkpoint; use --attn_maps for classifiers")
     model = model_from_checkpoint(ckpt)
     model.load_state_dict(ckpt["model"])
-    save_panels(model.to(device).eval().visualize(imgs), s.output)
+    save_panels(model.to(device).eval().visualize(imgs), s.output, name)
 
 
 if __name__ == "__main__":

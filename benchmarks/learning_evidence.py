@@ -1,6 +1,8 @@
 """Does it learn? For each pretraining method: pretrain a tiny model on the embedded digits for a fixed budget
-on CPU, probe it (linear and attentive), and probe a randomly initialised copy the same way. For a slimmable model
-(Scala): train it, then each of its widths alone with the same recipe, and compare top-1 per width.
+on CPU with the kNN monitor on every epoch, probe it (linear and attentive), and probe and kNN-evaluate a randomly
+initialised copy the same way; plot kNN top-1 and the loss against the epoch (PNG, one line per method). For a
+slimmable model (Scala): train it, then each of its widths alone with the same recipe, and compare top-1 per
+width.
 
     python -m benchmarks.learning_evidence                      # every pretraining method and Scala, default budget
     python -m benchmarks.learning_evidence --methods xtra_vit_tiny --pretrain_epochs 20
@@ -22,8 +24,10 @@ from pathlib import Path
 import torch
 
 import models
-from models.formats import encoder_record, plain_config
+from engine_monitors import dataset_features, encoder_features, knn_top1
+from models.formats import encoder_record, load_checkpoint, model_from_checkpoint, plain_config
 from models.registry import MODELS, create_model, model_names, tiny_model_names
+from util.datasets import build_dataset, build_transform
 from util.train_state import save_atomic
 
 assert models  # importing the package registers every method
@@ -51,6 +55,45 @@ def random_init_checkpoint(name: str, extra: dict, path: Path) -> None:
     model = create_model(name, **extra)
     save_atomic({"model": model.state_dict(), **encoder_record(model.encoder, "encoder.", model.encoder_mask),
                  "model_name": name, "model_config": plain_config(model.config), "epoch": -1}, path)
+
+
+def random_init_knn(ckpt: Path) -> float:
+    """kNN top-1 (%) of a checkpoint's encoder as the monitor computes it: every digits training image as the bank,
+    the 359 validation images as queries, k 20, T 0.07."""
+    ckpt_dict = load_checkpoint(str(ckpt))
+    model = model_from_checkpoint(ckpt_dict)
+    model.load_state_dict(ckpt_dict["model"])
+    features = encoder_features(model, "off", torch.device("cpu"))
+    size = model.config.input_size
+    evaluation = build_transform(size, is_train=False)
+    bank, bank_labels = dataset_features(features, build_dataset("digits", "train", evaluation, size), 64, 0,
+                                         torch.device("cpu"))
+    queries, labels = dataset_features(features, build_dataset("digits", "val", evaluation, size), 64, 0,
+                                       torch.device("cpu"))
+    return knn_top1(bank, bank_labels, queries, labels, 10, 20, 0.07)
+
+
+def plot_curves(rows: list[dict], path: Path) -> None:
+    """kNN top-1 and the training loss (÷ its first epoch's) against the epoch, one line per method; each
+    method's random-init kNN as a dotted line of its colour."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.6), dpi=80)
+    knn_axes, loss_axes = fig.subplots(1, 2)
+    for i, r in enumerate(rows):
+        colour = f"C{i}"
+        epochs = range(len(r["knn"]))
+        knn_axes.plot(epochs, r["knn"], color=colour, label=r["method"])
+        knn_axes.axhline(r["knn_random"], color=colour, linestyle=":", linewidth=1)
+        loss_axes.plot(epochs, [v / r["loss"][0] for v in r["loss"]], color=colour, label=r["method"])
+    knn_axes.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN top-1 on the digits (dotted: random init)")
+    loss_axes.set(xlabel="epoch", ylabel="train loss / epoch-0 loss", title="training loss (relative)")
+    for axes in (knn_axes, loss_axes):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(path))
 
 
 def probe(ckpt: Path, kind: str, out: Path, args: argparse.Namespace) -> float:
@@ -131,13 +174,13 @@ def main() -> None:
         # One optimisation budget for every method: the recipes' blr rule gives 20× smaller lrs than XTRA's
         # absolute 1e-3 at batch 64, and their 30-40 warmup epochs would cover the whole run.
         wall = run("main_pretrain.py", *COMMON, "--model", name, "--epochs", args.pretrain_epochs, "--batch_size", 64,
-                   "--lr", args.pretrain_lr, "--warmup_epochs", args.pretrain_warmup, "--output_dir", out / "pretrain",
-                   "--auto_resume", "false", *flags)
-        loss = [json.loads(line)["train_loss"] for line in (out / "pretrain" / "log.txt").read_text().splitlines()]
+                   "--lr", args.pretrain_lr, "--warmup_epochs", args.pretrain_warmup, "--knn_every", 1,
+                   "--output_dir", out / "pretrain", "--auto_resume", "false", *flags)
+        log = [json.loads(line) for line in (out / "pretrain" / "log.txt").read_text().splitlines()]
         rand = out / "random_init.pth"
         random_init_checkpoint(name, {"teacher": args.teacher} if flags else {}, rand)
-        row = {"method": name, "epochs": args.pretrain_epochs, "wall_s": wall, "loss_first": loss[0],
-               "loss_last": loss[-1]}
+        row = {"method": name, "epochs": args.pretrain_epochs, "wall_s": wall, "loss": [r["train_loss"] for r in log],
+               "knn": [r["knn_acc1"] for r in log], "knn_random": random_init_knn(rand)}
         for kind in ("linear", "attentive"):
             row[f"{kind}"] = probe(out / "pretrain" / "checkpoint-last.pth", kind, out / f"probe_{kind}", args)
             row[f"{kind}_random"] = probe(rand, kind, out / f"probe_{kind}_random", args)
@@ -146,6 +189,8 @@ def main() -> None:
 
     if rows:
         print_pretrain_table(rows, args)
+        plot_curves(rows, work / "curves.png")
+        print(f"\nwrote {work / 'curves.png'}")
     for name in [n for n in names if n in SLIMMABLE_MODELS]:
         slimmable_evidence(name, args, work)
 
@@ -153,12 +198,14 @@ def main() -> None:
 def print_pretrain_table(rows: list[dict], args: argparse.Namespace) -> None:
     print(f"\ndigits, CPU ({os.cpu_count()} cores), pretrain {args.pretrain_epochs} epochs (lr {args.pretrain_lr}, "
           f"warmup {args.pretrain_warmup}), probes "
-          f"{args.probe_epochs} epochs; accuracies are the best val top-1 (%) over the probe epochs\n")
-    print("| method | epochs | pretrain wall (s) | loss first → last | linear | linear (random init) | "
-          "attentive | attentive (random init) |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{args.probe_epochs} epochs; accuracies are the best val top-1 (%) over the probe epochs; kNN top-1 (%) "
+          f"after the first and the last epoch, and of the random-init encoder\n")
+    print("| method | epochs | pretrain wall (s) | loss first → last | kNN first → last | kNN (random init) | "
+          "linear | linear (random init) | attentive | attentive (random init) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['epochs']} | {r['wall_s']:.0f} | {r['loss_first']:.3f} → {r['loss_last']:.3f} | "
+        print(f"| {r['method']} | {r['epochs']} | {r['wall_s']:.0f} | {r['loss'][0]:.3f} → {r['loss'][-1]:.3f} | "
+              f"{r['knn'][0]:.1f} → {r['knn'][-1]:.1f} | {r['knn_random']:.1f} | "
               f"{r['linear']:.1f} ({r['linear'] - r['linear_random']:+.1f}) | {r['linear_random']:.1f} | "
               f"{r['attentive']:.1f} ({r['attentive'] - r['attentive_random']:+.1f}) | {r['attentive_random']:.1f} |")
 

@@ -83,3 +83,18 @@ def run_sequence(runs: list[tuple[str, list]], nproc: int, workdir: Path, timeou
 
 def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "log.txt").read_text().splitlines()]
+
+
+def tensorboard_events(log_dir: Path, images: bool = False):
+    """The TensorBoard events a run wrote into ``log_dir`` (an EventAccumulator, every scalar and image kept)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0 if images else 1})
+    events.Reload()
+    return events
+
+
+def tensorboard_scalars(log_dir: Path) -> dict[str, list]:
+    """Every scalar tag of a run's TensorBoard events -> its events (``.step``, ``.value``)."""
+    events = tensorboard_events(log_dir)
+    return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}

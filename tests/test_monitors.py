@@ -12,7 +12,7 @@ from PIL import Image
 
 from engine_monitors import dataset_features, encoder_features, knn_top1
 from models.formats import load_checkpoint, model_from_checkpoint
-from tests.helpers import FAST, read_log, run_script, run_sequence
+from tests.helpers import FAST, read_log, run_script, run_sequence, tensorboard_events
 from util.datasets import build_dataset, build_transform
 
 MAE = [*FAST, "--model", "mae_vit_tiny", "--log_dir", ""]
@@ -51,7 +51,8 @@ def test_the_monitors_see_learning_and_leave_training_unchanged(tmp_path):
     """mae_vit_tiny, 3 epochs on the digits: kNN and the online probe are above chance (10 classes), and every
     per-epoch training number and the final weights are those of the unmonitored run, bit for bit."""
     run_script("main_pretrain.py", *MAE, "--epochs", "3", "--output_dir", tmp_path / "plain")
-    run_script("main_pretrain.py", *MAE, "--epochs", "3", *MONITORS, "--output_dir", tmp_path / "monitored")
+    run_script("main_pretrain.py", *MAE, "--epochs", "3", *MONITORS, "--visualize_every", "3", "--log_dir",
+               tmp_path / "tb", "--output_dir", tmp_path / "monitored")
     plain, monitored = read_log(tmp_path / "plain"), read_log(tmp_path / "monitored")
     for a, b in zip(plain, monitored):
         assert {k: v for k, v in b.items() if k not in ("knn_acc1", "online_probe_acc1")} == a
@@ -59,6 +60,13 @@ def test_the_monitors_see_learning_and_leave_training_unchanged(tmp_path):
     ours, theirs = (torch.load(tmp_path / d / "checkpoint-last.pth", weights_only=True) for d in ("monitored", "plain"))
     assert all(torch.equal(ours["model"][k], v) for k, v in theirs["model"].items())
     assert set(ours["extra"]["online_probe"]) == {"head", "optimizer"} and "online_probe" not in theirs["extra"]
+    # TensorBoard: both monitors per epoch; the labelled figure at --visualize_every
+    events = tensorboard_events(tmp_path / "tb", images=True)
+    for name in ("knn_acc1", "online_probe_acc1"):
+        assert [(e.step, e.value) for e in events.Scalars(f"monitor/{name}")] == \
+            [(r["epoch"], pytest.approx(r[name])) for r in monitored]
+    (figure,) = events.Images("visualize/panels")
+    assert figure.step == 2 and figure.width >= 400 and figure.height > figure.width  # 8 rows of 4 panels
 
 
 def test_under_torchrun_the_features_are_sharded_gathered_and_give_the_one_process_knn(tmp_path):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import FAST, ROOT, read_log, run_script
+from tests.helpers import FAST, ROOT, read_log, run_script, tensorboard_scalars
 
 FT = [*FAST, "--model", "vit_tiny_patch4", "--input_size", "32", "--batch_size", "32", "--aa", "none",
       "--reprob", "0", "--blr", "5e-3", "--warmup_epochs", "1", "--layer_decay", "1.0"]
@@ -51,6 +51,9 @@ def test_probes_train_on_a_frozen_backbone(finetuned, tmp_path, probe):
                "--output_dir", tmp_path)
     log = read_log(tmp_path)
     assert log[-1]["test_acc1"] > 20.0
+    # TensorBoard (in output_dir by default) has the validation accuracy of every epoch, as fine-tuning logs it
+    assert [e.value for e in tensorboard_scalars(tmp_path)["perf/test_acc1"]] == \
+        pytest.approx([r["test_acc1"] for r in log])
     probe_ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     backbone = torch.load(finetuned / "checkpoint-last.pth", weights_only=True)["model"]
     # the backbone stayed frozen

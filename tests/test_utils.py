@@ -13,7 +13,7 @@ from tests.helpers import run_script
 from util import misc
 from util.datasets import DigitsDataset, ShardSampler
 from util.errors import UserError
-from util.images import imagenet_normalize, imagenet_unnormalize
+from util.images import imagenet_normalize, imagenet_unnormalize, panels_figure, panels_image
 from util.lr_sched import Schedule, adjust_learning_rate
 from util.misc import rng_state, set_rng_state
 from util.train_loop import OptimizerStep, check_finite
@@ -119,8 +119,9 @@ def test_plain_timm_vit_checkpoint_loads_with_inferred_architecture(tmp_path, gl
 
 
 def test_attention_maps_of_any_vit_checkpoint_are_drawn(tmp_path):
-    """visualize.py --attn_maps: a plain ViT classifier file gives a grid of input and cls-attention columns; the
-    maps go through the same normalisation round trip as images (imagenet_normalize is imagenet_unnormalize's inverse on [0, 1])."""
+    """visualize.py --attn_maps: a plain ViT classifier file gives a figure of input and cls-attention columns (the
+    map overlaid on its image), 32-px images enlarged to 128 px per panel; imagenet_normalize is
+    imagenet_unnormalize's inverse on [0, 1]."""
     x = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(imagenet_unnormalize(imagenet_normalize(x)), x)
     vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, num_classes=10)
@@ -128,5 +129,19 @@ def test_attention_maps_of_any_vit_checkpoint_are_drawn(tmp_path):
     out = tmp_path / "attn.png"
     proc = run_script("visualize.py", "--checkpoint", tmp_path / "vit.pth", "--attn_maps", "--dataset", "synthetic",
                       "--num_images", 2, "--output", out)
-    assert "columns: input, cls_attention" in proc.stdout
-    assert Image.open(out).size == (2 + 2 * (32 + 2), 2 + 2 * (32 + 2))  # 2 × 2 panels of 32 px, 2 px padding
+    assert "columns: input, cls attention" in proc.stdout
+    assert Image.open(out).size == (2 * 128, 2 * 128 + 75)  # 2 × 2 panels of 128 px, 0.75 inch of titles
+
+
+def test_a_figure_titles_its_columns_and_itself_and_enlarges_small_images():
+    """Four panels of three 32-px images: each column titled, the figure titled, pixels drawn nearest-neighbour at
+    4× (over 400 px wide); a 224-px image is drawn at its own size; the same figure as an array for TensorBoard."""
+    panels = {"input": torch.randn(3, 3, 32, 32), "masked_input": torch.randn(3, 3, 32, 32),
+              "prediction": torch.randn(3, 3, 32, 32), "map": torch.rand(3, 1, 32, 32)}
+    fig = panels_figure(panels, "mae_vit_tiny, epoch 2")
+    assert [ax.get_title() for ax in fig.axes[:4]] == ["input", "masked input", "prediction", "map"]
+    assert fig._suptitle.get_text() == "mae_vit_tiny, epoch 2"
+    assert all(im.get_interpolation() == "nearest" for ax in fig.axes for im in ax.images)
+    picture = panels_image(panels, "mae_vit_tiny, epoch 2")
+    assert picture.shape == (3 * 128 + 75, 4 * 128, 3) and picture.dtype == np.uint8
+    assert panels_image({"input": torch.randn(1, 3, 224, 224)}, "big").shape[:2] == (224 + 75, 224)

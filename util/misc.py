@@ -1,6 +1,7 @@
 """Seeding and RNG state, and metric logging (progress lines, tensorboard)."""
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -183,10 +184,12 @@ def log_step(log_writer, epoch: float, **scalars: float | torch.Tensor) -> None:
 
 def make_log_writer(output_dir: str, log_dir: str | None):
     """TensorBoard writer on rank 0 into ``log_dir`` (None: ``output_dir``); None on other ranks or for an empty
-    directory."""
+    directory. It is also closed (flushed) at exit: a run stopped by a signal keeps its last events."""
     log_dir = output_dir if log_dir is None else log_dir
     if not is_main_process() or not log_dir:
         return None
     from torch.utils.tensorboard import SummaryWriter  # imported lazily: tensorboard is slow to import
     os.makedirs(log_dir, exist_ok=True)
-    return SummaryWriter(log_dir=log_dir)
+    writer = SummaryWriter(log_dir=log_dir)
+    atexit.register(writer.close)
+    return writer
