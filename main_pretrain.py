@@ -56,7 +56,8 @@ assert models  # importing the package registers every method
 @dataclass(frozen=True)
 class PretrainSettings:
     model: str = setting("xtra_vit_tiny", "registered model: " + ", ".join(model_names("pretrain")))
-    visualize_every: int = setting(0, "write a PNG of inputs / targets / predictions every N epochs (0 = off)")
+    visualize_every: int = setting(0, "every N epochs a labelled figure of inputs / targets / predictions: "
+                                      "vis-<epoch>.png and TensorBoard's visualize/panels (0 = off)")
     save_encoder: bool = setting(
         True, "also write encoder.pth next to each numbered checkpoint: a dict of model (the encoder's weights, "
         "timm key names), vit_config, vit_prefix and encoder_mask, as --finetune, the probes and --teacher read "

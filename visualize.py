@@ -79,7 +79,7 @@ def main(argv: Sequence[str]) -> None:
         vit.load_state_dict(vit_state_dict(ckpt))
         maps = cls_attention_maps(vit, imgs)
         maps = maps / maps.amax(dim=(2, 3), keepdim=True)
-        save_panels({"input": imgs, "cls attention": imgs}, s.output, f"{name}: cls-token attention, last block",
+        save_panels({"input": imgs, "cls attention": imgs}, s.output, name,
                     overlays={"cls attention": maps})
         return
     if ckpt.get("vit_prefix") != "encoder.":
