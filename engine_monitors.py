@@ -29,6 +29,7 @@ from util.datasets import build_loader
 from util.distributed import get_world_size, is_dist, is_sharded, print0
 from util.errors import UserError
 from util.misc import forked_rng
+from util.shards import ShardSet
 from util.train_loop import autocast_context
 
 
@@ -168,18 +169,24 @@ class OnlineProbe:
 
 
 def fixed_subset(dataset: Dataset, n: int, seed: int = 0) -> Dataset:
-    """At most ``n`` images of ``dataset``, the same ones in every run (a seeded choice, in index order)."""
+    """At most ``n`` images of ``dataset``, the same ones in every run (a seeded choice, in index order; of tar
+    shards, read in sequence, the first ``n``)."""
     if n >= len(dataset):
         return dataset
+    if isinstance(dataset, ShardSet):
+        return dataset.prefix(n)
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
     return Subset(dataset, chosen.tolist())
 
 
 def with_transform(dataset: Dataset, transform) -> Dataset:
-    """A shallow copy of ``dataset`` that applies ``transform`` (the same files, listed once)."""
+    """A shallow copy of ``dataset`` (the same files, listed once) read for evaluation: with ``transform``, and an
+    unreadable image left out rather than replaced (ImageFiles, tar shards)."""
     copied = copy.copy(dataset)
     if hasattr(copied, "transform"):
         copied.transform = transform
+    if hasattr(copied, "train"):
+        copied.train = False
     return copied
 
 

@@ -1,4 +1,4 @@
-"""Datasets (ImageFolder, the embedded digits, synthetic), transforms and loaders."""
+"""Datasets (ImageFolder, WebDataset tar shards, the embedded digits, synthetic), transforms and loaders."""
 from __future__ import annotations
 
 import itertools
@@ -17,6 +17,7 @@ from util.config import AugmentSettings, DataSettings, MixupSettings
 from util.distributed import get_rank, get_world_size, print0
 from util.errors import UserError
 from util.misc import sample_seed, seeded_cpu_rng
+from util.shards import INDEX, ShardSet, is_shard_split
 from util.train_state import save_json_atomic
 
 DIGITS_VAL_FRACTION = 0.2  # fixed split of scikit-learn's 1797 digits: 1438 train / 359 val
@@ -163,8 +164,13 @@ def build_dataset(dataset: str, split: str, transform, input_size: int, data_pat
         return TransformedDataset(DigitsDataset(split, input_size), transform)
     root = os.path.join(data_path, split)
     if not data_path or not os.path.isdir(root):
-        raise UserError(f"--data_path must contain a '{split}' folder (ImageFolder layout); "
-                        f"not found: {root or '(no --data_path given)'}")
+        raise UserError(f"--data_path must contain a '{split}' folder (ImageFolder layout, or tar shards with "
+                        f"{INDEX}); not found: {root or '(no --data_path given)'}")
+    if is_shard_split(root):
+        shards = ShardSet(root, transform, train=split == "train")
+        print0(f"{split}: {len(shards)} images in {len(shards.shards)} shards, {len(shards.classes)} classes from "
+               f"{root}")
+        return shards
     images = ImageFiles(root, transform, train=split == "train")
     if len(images) == 0:
         raise UserError(f"no images found under {root}")
@@ -268,10 +274,20 @@ class ShardSampler(Sampler):
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, is_train: bool, seed: int = 0,
                  pin_memory: bool = False, shard_eval: bool = True) -> DataLoader:
-    """Training: an :class:`EpochSampler` even in a single process, over :class:`SeededSamples` (the order is
+    """Tar shards (util.shards): the rank's :class:`util.shards.ShardStream`. Otherwise, training: an
+    :class:`EpochSampler` even in a single process, over :class:`SeededSamples` (the order is
     seeded by ``seed`` and the epoch, each sample's augmentation by (seed, epoch, index): a resumed run, even
     mid-epoch, sees what an uninterrupted one sees); the loader's own worker seeding draws from a generator of its
     own, not from the training RNG. Evaluation: exact shards, or the full set on each rank."""
+    if isinstance(dataset, ShardSet):  # the stream reads this rank's share in its own order
+        stream = dataset.stream(batch_size, seed, get_rank() if is_train or shard_eval else 0,
+                                get_world_size() if is_train or shard_eval else 1)
+        if is_train and stream.num_samples < batch_size:
+            raise UserError(f"{len(dataset)} training images are fewer than one batch of {batch_size} "
+                            f"per process × {get_world_size()} processes")
+        return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
+                          drop_last=is_train, worker_init_fn=_ignore_stop_signals,
+                          generator=torch.Generator().manual_seed(seed))
     if is_train:
         sampler = EpochSampler(dataset, seed)
         if len(sampler) < batch_size:

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import IterableDataset
 
 from util.config import OptimSettings
 from util.distributed import (
@@ -260,7 +261,9 @@ class TrainingEpoch:
         self.logger = MetricLogger()
         self.logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
         self.images_per_step = loop.batch_size * get_world_size()
-        self.steps = loader.sampler.num_samples // loop.batch_size // loop.accum_iter * loop.accum_iter
+        # the epoch's order: the sampler's, or, for tar shards, the stream's own (util.shards)
+        self.order = loader.dataset if isinstance(loader.dataset, IterableDataset) else loader.sampler
+        self.steps = self.order.num_samples // loop.batch_size // loop.accum_iter * loop.accum_iter
         self.first = 0
         saves.last_save = time.monotonic()  # the interval counts from the last commit, an epoch's one included
         start = saves.start
@@ -273,7 +276,7 @@ class TrainingEpoch:
                        f"{len(start.meters)} ranks; with {get_world_size()} ranks × {loop.batch_size} this epoch "
                        f"continues at step {self.first}, in another order than an uninterrupted run's, and its "
                        "averages cover only the steps after it")
-        loader.sampler.set_epoch(epoch, self.first * loop.batch_size)
+        self.order.set_epoch(epoch, self.first * loop.batch_size)
 
     def check(self, loss: torch.Tensor, step: int) -> None:
         self.saves.agree(*check_finite(loss, self.epoch, step, self.loader.dataset, self.loop.max_unreadable,

@@ -419,9 +419,12 @@ def commit_epoch(output_dir: str, epoch: int, record: dict, state: dict, epochs:
 
 
 def finish_run(output_dir: str, epochs: int) -> None:
-    """Record that the run completed all ``epochs`` and what follows them (written last)."""
+    """Record that the run completed all ``epochs`` and what follows them (written last). Every rank returns once
+    rank 0 has written it: what comes next (another run in the same processes) finds every file in place."""
     if output_dir and is_main_process():
         save_json_atomic({"epochs": epochs}, os.path.join(output_dir, DONE))
+    if is_dist():
+        dist.barrier()
 
 
 def finished(output_dir: str, epochs: int) -> bool:
