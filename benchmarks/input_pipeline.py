@@ -1,0 +1,142 @@
+"""The input pipeline: images/s of reading + decoding + the pretraining augmentation per loader worker, from an
+ImageFolder and from tar shards of the same JPEGs, and the workers per GPU that each method's step rate needs.
+
+    python -m benchmarks.input_pipeline                                   # 1000 JPEGs under /tmp, 1 and 2 workers
+    python -m benchmarks.input_pipeline --dirs /tmp /mnt/nfs/$USER --images 5000 --workers 1 4 8
+    python -m benchmarks.input_pipeline --models xtra_vit_base_patch16 mae_vit_base_patch16 --device cuda
+
+The images are synthetic JPEGs of ImageNet's typical size (500 × 375, quality 90: smooth colour fields plus
+noise, about 100 KB each), written as an ImageFolder of 10 classes into each of ``--dirs`` and converted there
+with ``python -m util.make_shards``. A pass reads the training split once through a DataLoader (batch 64) with
+the pretraining transform (RandomResizedCrop 224, scale 0.2-1, bicubic, flip, normalise); the file cache is
+dropped first when this process may (root), else the numbers include warm-cache reads. The step rates come from
+``benchmarks.throughput`` (one training step of each model on ``--device``): a method that trains at S img/s per
+GPU needs ceil(S / r) workers per GPU of r img/s each. With CUDA, ``torchvision.io.decode_jpeg`` on the GPU is
+measured too.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+import models
+from benchmarks.throughput import bench_pretrain
+from util.datasets import build_dataset, build_loader, build_transform
+
+assert models  # importing the package registers every method
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_jpegs(root: Path, n: int) -> None:
+    """``n`` synthetic 500 × 375 JPEGs in train/ (and a few in val/), 10 classes, the same for a given n."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", n), ("val", 20)):
+        for i in range(count):
+            folder = root / split / f"class{i % 10}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{i:06d}.jpg"
+            if path.exists():
+                continue
+            coarse = rng.uniform(0, 255, (6, 8, 3))
+            field = np.array(Image.fromarray(coarse.astype(np.uint8)).resize((500, 375), Image.BICUBIC), float)
+            pixels = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(path, quality=90)
+
+
+def drop_file_cache() -> bool:
+    """Ask the kernel to forget cached file pages (root only), so that a pass reads from the device."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def images_per_second(data_path: Path, workers: int, images: int) -> tuple[float, bool]:
+    """One pass over the training split: images/s, and whether it started from a cold file cache."""
+    transform = build_transform(224, is_train=True, crop_scale=(0.2, 1.0))
+    dataset = build_dataset("imagefolder", "train", transform, 224, str(data_path))
+    loader = build_loader(dataset, 64, workers, is_train=True, seed=0)
+    (loader.dataset if hasattr(loader.dataset, "set_epoch") else loader.sampler).set_epoch(0)
+    cold = drop_file_cache()
+    start = time.perf_counter()
+    seen = sum(len(batch) for batch, _ in loader)
+    return seen / (time.perf_counter() - start), cold
+
+
+def gpu_decode_rate(folder: Path, count: int = 256) -> float:
+    """JPEGs/s of torchvision.io.decode_jpeg on the GPU, batched (the file bytes already in memory)."""
+    from torchvision.io import decode_jpeg
+
+    paths = sorted(folder.rglob("*.jpg"))[:count]
+    data = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths]
+    decode_jpeg(data[:8], device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    decode_jpeg(data, device="cuda")
+    torch.cuda.synchronize()
+    return len(data) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dirs", nargs="+", default=[tempfile.gettempdir()],
+                        help="where the JPEGs and their shards go (one per filesystem to compare)")
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--models", nargs="*", default=["xtra_vit_base_patch16", "saim_vit_base_patch16",
+                                                        "digpt_vit_base_patch16", "mae_vit_base_patch16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the models' step rates are measured")
+    parser.add_argument("--batch_size", type=int, default=8, help="of the step-rate measurement")
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; {args.images} JPEGs of 500 × 375\n")
+    print("| data | under | workers | img/s | img/s per worker | cold cache |")
+    print("|---|---|---|---|---|---|")
+    per_worker = {}
+    for base in args.dirs:
+        root = Path(base) / f"input_pipeline_{args.images}"
+        make_jpegs(root / "folder", args.images)
+        if not (root / "shards" / "train" / "index.json").is_file():
+            subprocess.run([sys.executable, "-m", "util.make_shards", str(root / "folder"), str(root / "shards"),
+                            "--workers", "2"], cwd=ROOT, check=True, capture_output=True)
+        for label, data in (("ImageFolder", root / "folder"), ("shards", root / "shards")):
+            for workers in args.workers:
+                rate, cold = images_per_second(data, workers, args.images)
+                per_worker.setdefault(label, []).append(rate / max(workers, 1))
+                print(f"| {label} | {base} | {workers} | {rate:.0f} | {rate / max(workers, 1):.0f} | "
+                      f"{'yes' if cold else 'no'} |", flush=True)
+    if torch.cuda.is_available():
+        print(f"\nGPU JPEG decoding (torchvision.io.decode_jpeg, {torch.cuda.get_device_name()}): "
+              f"{gpu_decode_rate(Path(args.dirs[0]) / f'input_pipeline_{args.images}' / 'folder'):.0f} img/s")
+    else:
+        print("\nGPU JPEG decoding: not measured (no CUDA device)")
+    if not args.models:
+        return
+    step_args = argparse.Namespace(batch_size=args.batch_size, warmup=1, rounds=1, iters=2, amp="off",
+                                   compile=False)
+    device = torch.device(args.device)
+    worst = {label: min(rates) for label, rates in per_worker.items()}
+    print(f"\nworkers per GPU: a step rate on {args.device} (batch {args.batch_size}) over the slowest per-worker "
+          "rate above\n")
+    print("| model | step img/s | workers (ImageFolder) | workers (shards) |")
+    print("|---|---|---|---|")
+    for name in args.models:
+        rate = bench_pretrain(name, step_args, device)["method_img_s"]
+        print(f"| {name} | {rate:.1f} | {math.ceil(rate / worst['ImageFolder'])} | "
+              f"{math.ceil(rate / worst['shards'])} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
