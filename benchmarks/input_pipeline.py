@@ -1,12 +1,12 @@
 """The input pipeline: images/s of reading + decoding + the pretraining augmentation per loader worker, from an
 ImageFolder and from tar shards of the same JPEGs, and the workers per GPU that each method's step rate needs.
 
-    python -m benchmarks.input_pipeline                                   # 1000 JPEGs under /tmp, 1 and 2 workers
+    python -m benchmarks.input_pipeline                                   # 2000 JPEGs under /tmp, 1 and 2 workers
     python -m benchmarks.input_pipeline --dirs /tmp /mnt/nfs/$USER --images 5000 --workers 1 4 8
     python -m benchmarks.input_pipeline --models xtra_vit_base_patch16 mae_vit_base_patch16 --device cuda
 
 The images are synthetic JPEGs of ImageNet's typical size (500 × 375, quality 90: smooth colour fields plus
-noise, about 100 KB each), written as an ImageFolder of 10 classes into each of ``--dirs`` and converted there
+noise, about 70 KB each), written as an ImageFolder of 10 classes into each of ``--dirs`` and converted there
 with ``python -m util.make_shards``. A pass reads the training split once through a DataLoader (batch 64) with
 the pretraining transform (RandomResizedCrop 224, scale 0.2-1, bicubic, flip, normalise); the file cache is
 dropped first when this process may (root), else the numbers include warm-cache reads. The step rates come from
@@ -67,7 +67,7 @@ def images_per_second(data_path: Path, workers: int, images: int) -> tuple[float
     """One pass over the training split: images/s, and whether it started from a cold file cache."""
     transform = build_transform(224, is_train=True, crop_scale=(0.2, 1.0))
     dataset = build_dataset("imagefolder", "train", transform, 224, str(data_path))
-    loader = build_loader(dataset, 64, workers, is_train=True, seed=0)
+    loader = build_loader(dataset, min(64, images), workers, is_train=True, seed=0)
     (loader.dataset if hasattr(loader.dataset, "set_epoch") else loader.sampler).set_epoch(0)
     cold = drop_file_cache()
     start = time.perf_counter()
@@ -93,7 +93,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dirs", nargs="+", default=[tempfile.gettempdir()],
                         help="where the JPEGs and their shards go (one per filesystem to compare)")
-    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--samples_per_shard", type=int, default=100,
+                        help="small enough that every worker has shards of its own")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--models", nargs="*", default=["xtra_vit_base_patch16", "saim_vit_base_patch16",
                                                         "digpt_vit_base_patch16", "mae_vit_base_patch16"])
@@ -105,12 +107,13 @@ def main() -> None:
     print("| data | under | workers | img/s | img/s per worker | cold cache |")
     print("|---|---|---|---|---|---|")
     per_worker = {}
-    for base in args.dirs:
-        root = Path(base) / f"input_pipeline_{args.images}"
+    roots = [Path(base) / f"input_pipeline_{args.images}_{args.samples_per_shard}" for base in args.dirs]
+    for base, root in zip(args.dirs, roots):
         make_jpegs(root / "folder", args.images)
         if not (root / "shards" / "train" / "index.json").is_file():
             subprocess.run([sys.executable, "-m", "util.make_shards", str(root / "folder"), str(root / "shards"),
-                            "--workers", "2"], cwd=ROOT, check=True, capture_output=True)
+                            "--samples_per_shard", str(args.samples_per_shard), "--workers", "2"], cwd=ROOT,
+                           check=True, capture_output=True)
         for label, data in (("ImageFolder", root / "folder"), ("shards", root / "shards")):
             for workers in args.workers:
                 rate, cold = images_per_second(data, workers, args.images)
@@ -119,7 +122,7 @@ def main() -> None:
                       f"{'yes' if cold else 'no'} |", flush=True)
     if torch.cuda.is_available():
         print(f"\nGPU JPEG decoding (torchvision.io.decode_jpeg, {torch.cuda.get_device_name()}): "
-              f"{gpu_decode_rate(Path(args.dirs[0]) / f'input_pipeline_{args.images}' / 'folder'):.0f} img/s")
+              f"{gpu_decode_rate(roots[0] / 'folder'):.0f} img/s")
     else:
         print("\nGPU JPEG decoding: not measured (no CUDA device)")
     if not args.models:

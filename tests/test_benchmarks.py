@@ -92,3 +92,15 @@ def test_monitor_cost_gives_each_monitor_a_share_of_an_epoch():
     # the kNN images are a larger share of the small dataset's epoch; the probe's share does not depend on it
     assert float(row["knn_digits_%"]) > float(row["knn_ImageNet-1k_%"]) > 0
     assert row["probe_steps_digits_%"] == row["probe_steps_ImageNet-1k_%"]
+
+
+def test_input_pipeline_reads_the_same_jpegs_from_a_folder_and_from_shards(tmp_path):
+    proc = run_script("benchmarks.input_pipeline", "--dirs", tmp_path, "--images", "40", "--samples_per_shard", "10",
+                      "--workers", "0", "1", "--models")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith(("| ImageFolder", "| shards"))]
+    assert [(r[0], r[2]) for r in rows] == [("ImageFolder", "0"), ("ImageFolder", "1"), ("shards", "0"),
+                                            ("shards", "1")]
+    assert all(float(r[3]) > 0 for r in rows)
+    index = (tmp_path / "input_pipeline_40_10" / "shards" / "train" / "index.json").read_text()
+    assert '"samples": 40' in index and "GPU JPEG decoding" in proc.stdout
