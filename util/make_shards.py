@@ -48,19 +48,20 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def listing(args: argparse.Namespace, split: str) -> tuple[list[str], list[tuple[str, object, int]]]:
-    """(class names, [(key, path or encoded bytes, label)]) of one split, in a fixed order."""
-    if args.dataset == "digits":
+def listing(source: str, split: str, digits_size: int) -> tuple[list[str], list[tuple[str, object, int]]]:
+    """(class names, [(key, path or encoded bytes, label)]) of one split of an ImageFolder root, or of the digits
+    (``source`` ''), in a fixed order."""
+    if not source:
         from util.datasets import DigitsDataset  # lazily: the digits need scikit-learn
 
-        digits = DigitsDataset(split, args.digits_size)
+        digits = DigitsDataset(split, digits_size)
         items = []
         for i, (image, label) in enumerate(digits):
             encoded = io.BytesIO()
             image.save(encoded, format="PNG")
             items.append((f"{i:09d}", encoded.getvalue(), label))
         return digits.classes, items
-    root = os.path.join(args.source, split)
+    root = os.path.join(source, split)
     classes, class_to_idx = find_classes(root)
     samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
     return classes, [(f"{i:09d}", path, label) for i, (path, label) in enumerate(samples)]
@@ -96,14 +97,15 @@ def write_shard(job: tuple[str, int, list]) -> tuple[int, int, list[str]]:
     return k, written, skipped
 
 
-def convert(args: argparse.Namespace, split: str, pool) -> None:
-    classes, items = listing(args, split)
+def convert(source: str, output: str, split: str, samples_per_shard: int, digits_size: int, pool) -> None:
+    """One split of ``source`` (an ImageFolder root; '': the digits) as shards under ``output``/``split``."""
+    classes, items = listing(source, split, digits_size)
     if not items:
-        raise UserError(f"no images found for the {split} split of {args.source or args.dataset}")
-    directory = os.path.join(args.output, split)
+        raise UserError(f"no images found for the {split} split of {source or 'the digits'}")
+    directory = os.path.join(output, split)
     os.makedirs(directory, exist_ok=True)
-    S = args.samples_per_shard
-    conversion = {"source": os.path.abspath(args.source) if args.source else args.dataset, "images": len(items),
+    S = samples_per_shard
+    conversion = {"source": os.path.abspath(source) if source else "digits", "images": len(items),
                   "samples_per_shard": S}
     marker = os.path.join(directory, "conversion.json")
     if os.path.isfile(marker):
@@ -128,18 +130,19 @@ def convert(args: argparse.Namespace, split: str, pool) -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-    args = get_parser().parse_args(argv)
-    if args.samples_per_shard < 1 or args.workers < 1:
-        raise UserError(f"--samples_per_shard and --workers must be at least 1, got {args.samples_per_shard} and "
-                        f"{args.workers}")
-    if args.dataset == "imagefolder":
-        missing = [s for s in SPLITS if not os.path.isdir(os.path.join(args.source, s))]
-        if not args.source or missing:
+    flags = get_parser().parse_args(argv)
+    if flags.samples_per_shard < 1 or flags.workers < 1:
+        raise UserError(f"--samples_per_shard and --workers must be at least 1, got {flags.samples_per_shard} and "
+                        f"{flags.workers}")
+    source = flags.source if flags.dataset == "imagefolder" else ""
+    if flags.dataset == "imagefolder":
+        missing = [s for s in SPLITS if not os.path.isdir(os.path.join(source, s))]
+        if not source or missing:
             raise UserError(f"the source must be an ImageFolder root with {' and '.join(SPLITS)} folders; "
-                            f"not found: {os.path.join(args.source or '(none given)', missing[0] if missing else '')}")
-    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+                            f"not found: {os.path.join(source or '(none given)', missing[0] if missing else '')}")
+    with multiprocessing.get_context("spawn").Pool(flags.workers) as pool:
         for split in SPLITS:
-            convert(args, split, pool)
+            convert(source, flags.output, split, flags.samples_per_shard, flags.digits_size, pool)
 
 
 if __name__ == "__main__":

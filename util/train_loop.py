@@ -177,7 +177,7 @@ _received: list[int] = []
 
 def request_stop(signum: int, frame=None) -> None:
     """The stop signals' handler: record the signal; the training loop acts on it (further signals add nothing)."""
-    if not _received:
+    if not _received and get_rank() == 0:  # said once (the stop line comes from rank 0 whichever rank was signalled)
         print(f"received {signal.Signals(signum).name}: stopping at the next optimiser step, after a checkpoint",
               file=sys.stderr, flush=True)
     _received.append(signum)
@@ -203,7 +203,7 @@ class MidEpochSaves:
         self.output_dir = output_dir
         self.start = start
         self.state_after = state_after
-        self.last_save = time.monotonic()
+        self.restart_clock()
         self.due = self.stopping = False
         self.signum = signal.SIGTERM
         self._handlers: dict = {}
@@ -216,6 +216,9 @@ class MidEpochSaves:
         for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
         _received.clear()  # acted on (or the run ended first)
+
+    def restart_clock(self) -> None:
+        self.last_save = time.monotonic()
 
     def votes(self) -> list[float]:
         """This rank's votes: a save is due; a stop signal arrived (and which)."""
@@ -239,7 +242,7 @@ class MidEpochSaves:
             state = self.state_after(epoch - 1, {"epoch": epoch, "images": images, "meters": meters})
             where = save_mid_epoch(state, self.output_dir, step) + " holds it"
             print0(f"saved a checkpoint inside epoch {epoch} after step {step} of {steps}: {where}")
-        self.last_save = time.monotonic()
+        self.restart_clock()
         if self.stopping:
             if is_dist():
                 dist.barrier()  # no rank exits (and makes torchrun kill the others) before every rank has saved
@@ -265,7 +268,7 @@ class TrainingEpoch:
         self.order = loader.dataset if isinstance(loader.dataset, IterableDataset) else loader.sampler
         self.steps = self.order.num_samples // loop.batch_size // loop.accum_iter * loop.accum_iter
         self.first = 0
-        saves.last_save = time.monotonic()  # the interval counts from the last commit, an epoch's one included
+        saves.restart_clock()  # the interval counts from the last commit, an epoch's one included
         start = saves.start
         if start.epoch == epoch and start.images:
             self.first = min(start.images // self.images_per_step // loop.accum_iter * loop.accum_iter, self.steps)
