@@ -8,12 +8,13 @@ import torch
 from PIL import Image
 
 from models.formats import encoder_record
+from models.registry import create_model
 from models.vit import VisionTransformer
 from tests.helpers import run_script
 from util import misc
-from util.datasets import DigitsDataset, ShardSampler
+from util.datasets import DigitsDataset, ShardSampler, build_dataset, build_transform
 from util.errors import UserError
-from util.images import imagenet_normalize, imagenet_unnormalize, panels_figure, panels_image
+from util.images import first_images, imagenet_normalize, imagenet_unnormalize, panels_figure, panels_image, save_panels
 from util.lr_sched import Schedule, adjust_learning_rate
 from util.misc import rng_state, set_rng_state
 from util.train_loop import OptimizerStep, check_finite
@@ -118,9 +119,22 @@ def test_plain_timm_vit_checkpoint_loads_with_inferred_architecture(tmp_path, gl
     torch.testing.assert_close(ours.eval()(x), theirs(x), rtol=0, atol=1e-6)
 
 
+def panel_grid(picture: np.ndarray, rows: int, cols: int, side: int) -> tuple[int, list[list[np.ndarray]]]:
+    """The whole-number enlargement of a figure of rows × cols panels of ``side``-px images (4-px gaps, the titles
+    above), and each panel's pixels [row][col], found from the picture's size."""
+    height, width = picture.shape[:2]
+    scale, rest = divmod(width - (cols + 1) * 4, cols * side)
+    assert rest == 0, "the panels are not a whole-number enlargement"
+    panel = side * scale
+    header = height - rows * (panel + 4)
+    assert 30 <= header <= 80, "the rows do not fill the figure under its titles"
+    return scale, [[picture[header + r * (panel + 4):header + r * (panel + 4) + panel,
+                            4 + c * (panel + 4):4 + (c + 1) * panel + c * 4] for c in range(cols)] for r in range(rows)]
+
+
 def test_attention_maps_of_any_vit_checkpoint_are_drawn(tmp_path):
-    """visualize.py --attn_maps: a plain ViT classifier file gives a figure of input and cls-attention columns (the
-    map overlaid on its image), 32-px images enlarged to 128 px per panel; imagenet_normalize is
+    """visualize.py --attn_maps: a plain ViT classifier file gives a figure of input and cls-attention columns, the
+    map overlaid on its image (the second column is the first tinted), over 400 px wide; imagenet_normalize is
     imagenet_unnormalize's inverse on [0, 1]."""
     x = torch.rand(2, 3, 8, 8)
     torch.testing.assert_close(imagenet_unnormalize(imagenet_normalize(x)), x)
@@ -130,18 +144,36 @@ def test_attention_maps_of_any_vit_checkpoint_are_drawn(tmp_path):
     proc = run_script("visualize.py", "--checkpoint", tmp_path / "vit.pth", "--attn_maps", "--dataset", "synthetic",
                       "--num_images", 2, "--output", out)
     assert "columns: input, cls attention" in proc.stdout
-    assert Image.open(out).size == (2 * 128, 2 * 128 + 75)  # 2 × 2 panels of 128 px, 0.75 inch of titles
+    picture = np.asarray(Image.open(out).convert("RGB"))
+    assert picture.shape[1] >= 400
+    scale, panels = panel_grid(picture, rows=2, cols=2, side=32)
+    assert scale >= 4 and all(not np.array_equal(image, overlaid) for image, overlaid in panels)
 
 
-def test_a_figure_titles_its_columns_and_itself_and_enlarges_small_images():
-    """Four panels of three 32-px images: each column titled, the figure titled, pixels drawn nearest-neighbour at
-    4× (over 400 px wide); a 224-px image is drawn at its own size; the same figure as an array for TensorBoard."""
-    panels = {"input": torch.randn(3, 3, 32, 32), "masked_input": torch.randn(3, 3, 32, 32),
-              "prediction": torch.randn(3, 3, 32, 32), "map": torch.rand(3, 1, 32, 32)}
-    fig = panels_figure(panels, "mae_vit_tiny, epoch 2")
-    assert [ax.get_title() for ax in fig.axes[:4]] == ["input", "masked input", "prediction", "map"]
-    assert fig._suptitle.get_text() == "mae_vit_tiny, epoch 2"
-    assert all(im.get_interpolation() == "nearest" for ax in fig.axes for im in ax.images)
-    picture = panels_image(panels, "mae_vit_tiny, epoch 2")
-    assert picture.shape == (3 * 128 + 75, 4 * 128, 3) and picture.dtype == np.uint8
-    assert panels_image({"input": torch.randn(1, 3, 224, 224)}, "big").shape[:2] == (224 + 75, 224)
+def test_a_tiny_presets_figure_titles_its_columns_and_itself_and_enlarges_pixel_for_pixel(tmp_path):
+    """The panels of mae_vit_tiny (four columns) and xtra_vit_tiny (three, the narrowest) on three digits: each
+    column titled with its panel's name, the figure with its title; the PNG over 400 px wide, three rows of square
+    panels under the titles, each 32-px image enlarged by a whole factor >= 4 pixel for pixel (nearest); the array
+    for TensorBoard is that PNG. A 224-px image is drawn at its own size."""
+    imgs = first_images(build_dataset("digits", "val", build_transform(32, is_train=False), 32, None), 3,
+                        torch.device("cpu"))
+    for name, columns in (("mae_vit_tiny", ["input", "masked", "reconstruction", "reconstruction visible"]),
+                          ("xtra_vit_tiny", ["input", "target", "prediction"])):
+        panels = create_model(name).eval().visualize(imgs)
+        fig = panels_figure(panels, f"{name}, epoch 2")
+        assert [ax.get_title().replace("\n", " ") for ax in fig.axes[:len(columns)]] == columns
+        assert [text.get_text() for text in fig.texts] == [f"{name}, epoch 2"]
+        assert all(im.get_interpolation() == "nearest" for ax in fig.axes for im in ax.images)
+        save_panels(panels, str(tmp_path / f"{name}.png"), f"{name}, epoch 2")
+        picture = np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB"))
+        assert picture.shape[1] >= 400
+        scale, drawn = panel_grid(picture, rows=3, cols=len(columns), side=32)
+        assert scale >= 4
+        for row in range(3):
+            pixels = (imagenet_unnormalize(imgs[row:row + 1])[0].permute(1, 2, 0).numpy() * 255).round()
+            expected = pixels.repeat(scale, 0).repeat(scale, 1)
+            assert np.abs(drawn[row][0].astype(float) - expected).max() <= 1
+        tensorboard = panels_image(panels, f"{name}, epoch 2")
+        assert tensorboard.dtype == np.uint8 and np.array_equal(tensorboard, picture)
+    big = panels_image({"input": torch.randn(1, 3, 224, 224), "target": torch.randn(1, 3, 224, 224)}, "big")
+    assert panel_grid(big, rows=1, cols=2, side=224)[0] == 1

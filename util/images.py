@@ -1,9 +1,17 @@
 """Labelled figures of image panels (what a pretraining model sees and predicts, attention maps)."""
 from __future__ import annotations
 
+import math
+import textwrap
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _imagenet_mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,33 +36,41 @@ def first_images(dataset, n: int, device: torch.device) -> torch.Tensor:
 
 
 def panels_figure(panels: dict[str, torch.Tensor], title: str, overlays: dict[str, torch.Tensor] | None = None,
-                  min_panel_px: int = 128):
+                  min_panel_px: int = 128, min_width_px: int = 400) -> Figure:
     """A matplotlib figure: one row per image, one column per panel ([B, 3 or 1, H, W] each, ImageNet-normalised),
-    each column titled with its panel's name, the figure with ``title``. Images are drawn pixel for pixel (nearest)
-    and enlarged to at least ``min_panel_px`` so that small images stay legible. ``overlays``: panel name -> maps
-    [B, 1, h, w] in [0, 1], drawn over that panel with a colour map (attention maps)."""
+    each column titled with its panel's name, the figure with ``title``. Images are enlarged by a whole factor
+    (nearest: every pixel a sharp square) until a panel is ``min_panel_px`` wide and the figure ``min_width_px``,
+    so that 32-px digits are legible and the titles fit; 224-px images stay as they are. ``overlays``: panel name
+    -> maps [B, 1, h, w] in [0, 1], drawn over that panel with a colour map (attention maps)."""
     from matplotlib.figure import Figure  # lazily: only pictures need matplotlib
 
     overlays = overlays or {}
     rows, side = next(iter(panels.values())).shape[0], next(iter(panels.values())).shape[-1]
-    panel_in = max(side, min_panel_px) / 100  # inches at 100 dpi
-    height = rows * panel_in + 0.75  # inches: the panels, then the column titles and the figure title above
-    fig = Figure(figsize=(len(panels) * panel_in, height), dpi=100)
-    axes = fig.subplots(rows, len(panels), squeeze=False)
-    for col, (name, images) in enumerate(panels.items()):
-        images = imagenet_unnormalize(images.detach().float().expand(-1, 3, -1, -1)).cpu()
-        for row in range(rows):
-            ax = axes[row][col]
-            ax.imshow(images[row].permute(1, 2, 0).numpy(), interpolation="nearest")
+    cols, dpi, gap = len(panels), 100, 4  # gap: pixels between and around panels
+    scale = max(1, math.ceil(max(min_panel_px, min_width_px / cols) / side))
+    panel = side * scale
+    width = cols * panel + (cols + 1) * gap
+    # long names wrap under the panel's width (~7 px a character at 9 pt); the header is as tall as its lines
+    names = [textwrap.fill(name.replace("_", " "), max(8, panel // 7)) for name in panels]
+    title = textwrap.fill(title, max(16, width // 8))
+    header = 8 + 17 * (title.count("\n") + 1) + 15 * max(n.count("\n") + 1 for n in names) + 6
+    height = header + rows * panel + rows * gap
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    fig.suptitle(title, fontsize=10, y=1 - 6 / height, va="top")
+    images = {name: imagenet_unnormalize(x.detach().float().expand(-1, 3, -1, -1)).cpu() for name, x in panels.items()}
+    for row in range(rows):
+        for col, (name, x) in enumerate(images.items()):
+            # axes placed in whole pixels, so each image pixel covers exactly scale × scale of them
+            left, top = gap + col * (panel + gap), header + row * (panel + gap)
+            ax = fig.add_axes((left / width, 1 - (top + panel) / height, panel / width, panel / height))
+            ax.imshow(x[row].permute(1, 2, 0).numpy(), interpolation="nearest")
             if name in overlays:
-                heat = torch.nn.functional.interpolate(overlays[name][row:row + 1].float(), size=images.shape[-2:],
-                                                       mode="nearest")[0, 0].cpu().numpy()
-                ax.imshow(heat, cmap="inferno", alpha=0.55, vmin=0.0, vmax=1.0, interpolation="nearest")
+                heat = F.interpolate(overlays[name][row:row + 1].float(), size=x.shape[-2:], mode="nearest")
+                ax.imshow(heat[0, 0].cpu().numpy(), cmap="inferno", alpha=0.5, vmin=0.0, vmax=1.0,
+                          interpolation="nearest")
             ax.set_axis_off()
             if row == 0:
-                ax.set_title(name.replace("_", " "), fontsize=9)
-    fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.6 / height, wspace=0.04, hspace=0.04)
+                ax.set_title(names[col], fontsize=9, pad=4)
     return fig
 
 
