@@ -1,4 +1,4 @@
-"""Long runs: a stop signal (SIGTERM, SIGINT to the whole process group, SIGUSR1 twice) makes a run commit a
+"""Long runs: a stop signal (SIGINT to the whole process group, SIGUSR1 twice) makes a run commit a
 mid-epoch checkpoint and exit with one line; the rerun of the same command continues at that step and ends with
 the uninterrupted run's log.txt, byte for byte (but for a measured throughput), and its weights, with and without
 loader workers. Also: the
@@ -49,11 +49,11 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
+# SIGTERM: tests/test_shards.py (one process, two workers); SIGUSR1 to one of two ranks: tests/test_fsdp.py
 @pytest.mark.parametrize("run, signals, workers, to_group", [
-    ("pretrain", [signal.SIGTERM], 0, False),
     ("pretrain", [signal.SIGINT], 2, True),  # Ctrl-C in a terminal: the loader workers receive it too
     ("slimmable", [signal.SIGUSR1, signal.SIGUSR1], 0, False),  # a second signal during the stop changes nothing
-], ids=["SIGTERM", "SIGINT-to-the-group-with-workers", "SIGUSR1-twice-scala"])
+], ids=["SIGINT-to-the-group-with-workers", "SIGUSR1-twice-scala"])
 def test_a_stop_signal_commits_mid_epoch_and_the_rerun_ends_as_the_uninterrupted_run(uninterrupted, tmp_path, run,
                                                                                       signals, workers, to_group):
     script, argv = RUNS[run]
