@@ -204,13 +204,14 @@ def _torchrun(argv: list, nproc: int = 2, **popen) -> subprocess.Popen:
 
 
 def test_a_sharded_run_killed_anywhere_inside_an_epoch_resumes_there_bit_identically(runs, tmp_path):
-    """Mid-epoch sharded checkpoints every update (--save_every_minutes 0.0001); SIGKILL to both ranks once one is
-    committed (the kill then lands anywhere: training, writing shards, renaming), plus a torn save; the same
-    command again continues inside that epoch, and every epoch's numbers equal the uninterrupted run's. Only the
-    newest mid-epoch directory is ever kept."""
+    """Mid-epoch sharded checkpoints every update (--save_every_minutes 0.0001), two loader workers per rank; SIGKILL
+    to both ranks once one is committed (the kill then lands anywhere: training, writing shards, renaming), plus a
+    torn save; the same command again continues inside that epoch, and every epoch's numbers equal the
+    uninterrupted run's (which had no workers). Only the newest mid-epoch directory is ever kept."""
     out = tmp_path / "killed"
+    # with two loader workers per rank: the reference ran without (per-sample augmentation seeds: no difference)
     argv = ["main_pretrain.py", "--model", "xtra_vit_tiny", *PRETRAIN, "--epochs", XTRA_EPOCHS, "--fsdp",
-            "--save_every_minutes", "0.0001", "--output_dir", out]
+            "--num_workers", "2", "--save_every_minutes", "0.0001", "--output_dir", out]
     proc = _torchrun(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
 
