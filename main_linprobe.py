@@ -26,7 +26,7 @@ from util.config import SHARED_GROUPS, AugmentSettings, DataSettings, OptimSetti
 from util.datasets import build_loader, save_class_names, supervised_datasets
 from util.distributed import cleanup_distributed, init_distributed, print0
 from util.errors import UserError
-from util.misc import make_log_writer, seed_everything
+from util.misc import log_epoch, make_log_writer, seed_everything
 from util.parallel import wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
 from util.train_loop import MidEpochSaves, OptimizerStep, adamw, make_loop
@@ -221,9 +221,7 @@ def main(argv: Sequence[str]) -> None:
                                                "epoch": epoch, "n_parameters": n_params},
                          state_after(epoch), s.epochs, s.save_freq, s.keep_last)
             print0(f"accuracy on {test_stats['n']} val images: {test_stats['acc1']:.2f}%  (best {best:.2f}%)")
-            if log_writer is not None:
-                for k in ("acc1", "acc5", "loss"):
-                    log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
+            log_epoch(log_writer, epoch, {f"perf/test_{k}": test_stats[k] for k in ("acc1", "acc5", "loss")})
     finish_run(s.output_dir, s.epochs)
     if log_writer is not None:
         log_writer.close()

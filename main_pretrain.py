@@ -37,7 +37,7 @@ from util.config import (
 from util.datasets import build_dataset, build_loader, build_transform
 from util.distributed import cleanup_distributed, init_distributed, is_main_process, print0
 from util.images import first_images, panels_image, save_panels
-from util.misc import forked_rng, make_log_writer, seed_everything
+from util.misc import forked_rng, log_epoch, make_log_writer, seed_everything
 from util.parallel import full_state_dict, parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
 from util.train_loop import MidEpochSaves, OptimizerStep, adamw, make_loop
@@ -154,9 +154,7 @@ def main(argv: Sequence[str]) -> None:
             record = {**{f"train_{k}": v for k, v in stats.items()}, **monitored, "epoch": epoch,
                       "n_parameters": n_params}
             commit_epoch(s.output_dir, epoch, record, state_after(epoch), s.epochs, s.save_freq, s.keep_last, files)
-            if log_writer is not None:
-                for name, value in monitored.items():
-                    log_writer.add_scalar(f"monitor/{name}", value, epoch)
+            log_epoch(log_writer, epoch, {f"monitor/{name}": value for name, value in monitored.items()})
             if s.visualize_every and s.output_dir and (epoch + 1) % s.visualize_every == 0:
                 # every rank runs it (a sharded forward is collective), on its own RNG stream: resuming stays exact
                 model.eval()

@@ -54,7 +54,7 @@ from util.config import (
 from util.datasets import build_loader, build_transform, make_mixup, save_class_names, supervised_datasets
 from util.distributed import cleanup_distributed, init_distributed, is_main_process, print0
 from util.errors import UserError
-from util.misc import make_log_writer, seed_everything
+from util.misc import log_epoch, make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, setting
 from util.train_loop import MidEpochSaves, OptimizerStep, adamw, autocast_context, make_loop
@@ -263,10 +263,8 @@ def main(argv: Sequence[str]) -> None:
                                                "epoch": epoch},
                          state, s.epochs, s.save_freq, s.keep_last,
                          {"checkpoint-best.pth": weights_only_state(state, model)} if improved else {})
-            if log_writer is not None:
-                log_writer.add_scalar("perf/test_acc1_full", test_stats["acc1"], epoch)
-                for name, value in monitored.items():
-                    log_writer.add_scalar(f"monitor/{name}", value, epoch)
+            log_epoch(log_writer, epoch, {"perf/test_acc1_full": test_stats["acc1"],
+                                          **{f"monitor/{name}": value for name, value in monitored.items()}})
     print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best full-width acc1 {best:.2f}%")
     # the table of every width closes the run (its log line carries epoch = epochs, so a rerun redoes it)
     write_json_line(s.output_dir, {"eval_table": evaluate_ratios(model, eval_ratios, val_loader, device, s),

@@ -18,6 +18,7 @@ from util.distributed import get_rank, get_world_size, print0
 from util.errors import UserError
 from util.misc import sample_seed, seeded_cpu_rng
 from util.shards import INDEX, ShardSet, is_shard_split
+from util.train_loop import STOP_SIGNALS
 from util.train_state import save_json_atomic
 
 DIGITS_VAL_FRACTION = 0.2  # fixed split of scikit-learn's 1797 digits: 1438 train / 359 val
@@ -252,10 +253,10 @@ class EpochSampler(DistributedSampler):
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGINT/SIGTERM/SIGUSR1 to the training process, which stops at a step boundary (a
-    terminal's Ctrl-C or a scheduler's signal reaches the whole process group; a worker that died of it would
-    break the loader first)."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    """Loader workers leave the stop signals (SIGTERM, SIGUSR1, SIGINT) to the training process, which stops at a
+    step boundary (a terminal's Ctrl-C or a scheduler's signal reaches the whole process group; a worker that died
+    of it would break the loader first)."""
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
 
@@ -279,23 +280,21 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, is_train: 
     seeded by ``seed`` and the epoch, each sample's augmentation by (seed, epoch, index): a resumed run, even
     mid-epoch, sees what an uninterrupted one sees); the loader's own worker seeding draws from a generator of its
     own, not from the training RNG. Evaluation: exact shards, or the full set on each rank."""
+    images = len(dataset)
     if isinstance(dataset, ShardSet):  # the stream reads this rank's share in its own order
-        stream = dataset.stream(batch_size, seed, get_rank() if is_train or shard_eval else 0,
-                                get_world_size() if is_train or shard_eval else 1)
-        if is_train and stream.num_samples < batch_size:
-            raise UserError(f"{len(dataset)} training images are fewer than one batch of {batch_size} "
-                            f"per process × {get_world_size()} processes")
-        return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                          drop_last=is_train, worker_init_fn=_ignore_stop_signals,
-                          generator=torch.Generator().manual_seed(seed))
-    if is_train:
+        distributed = is_train or shard_eval
+        dataset, sampler = dataset.stream(batch_size, seed, get_rank() if distributed else 0,
+                                          get_world_size() if distributed else 1), None
+        per_rank = dataset.num_samples
+    elif is_train:
         sampler = EpochSampler(dataset, seed)
-        if len(sampler) < batch_size:
-            raise UserError(f"{len(dataset)} training images are fewer than one batch of {batch_size} "
-                            f"per process × {get_world_size()} processes")
+        per_rank = len(sampler)
         dataset = SeededSamples(dataset)
     else:
         sampler = ShardSampler(len(dataset)) if shard_eval else range(len(dataset))
+    if is_train and per_rank < batch_size:
+        raise UserError(f"{images} training images are fewer than one batch of {batch_size} "
+                        f"per process × {get_world_size()} processes")
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=is_train, persistent_workers=False,
                       worker_init_fn=_ignore_stop_signals,

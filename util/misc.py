@@ -182,6 +182,14 @@ def log_step(log_writer, epoch: float, **scalars: float | torch.Tensor) -> None:
             log_writer.add_scalar(name, value.item() if isinstance(value, torch.Tensor) else value, int(epoch * 1000))
 
 
+def log_epoch(log_writer, epoch: int, scalars: dict[str, float]) -> None:
+    """Tensorboard scalars of a finished epoch (validation accuracy, the monitors) against the epoch; a no-op
+    without a writer."""
+    if log_writer is not None:
+        for name, value in scalars.items():
+            log_writer.add_scalar(name, value, epoch)
+
+
 def make_log_writer(output_dir: str, log_dir: str | None):
     """TensorBoard writer on rank 0 into ``log_dir`` (None: ``output_dir``); None on other ranks or for an empty
     directory. It is also closed (flushed) at exit: a run stopped by a signal keeps its last events."""

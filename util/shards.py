@@ -68,11 +68,11 @@ class ShardSet:
         self.starts = [0]
         for _, n in self.shards:
             self.starts.append(self.starts[-1] + n)
-        self.unreadable = torch.zeros(len(self), dtype=torch.uint8).share_memory_()
-        self.limit = len(self)
+        self.unreadable = torch.zeros(self.starts[-1], dtype=torch.uint8).share_memory_()
+        self.limit = self.starts[-1]  # the images read: all of them, or the first ones of a prefix
 
     def __len__(self) -> int:
-        return self.starts[-1]
+        return self.limit
 
     def prefix(self, n: int) -> ShardSet:
         """The first ``n`` samples (in index order) as a set of their own (the kNN memory bank)."""
@@ -171,7 +171,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, split: ShardSet, batch_size: int, seed: int, rank: int, world: int):
         self.split, self.batch_size, self.seed, self.rank, self.world = split, batch_size, seed, rank, world
-        n = split.limit
+        n = len(split)
         if split.train:
             self.num_samples = n // world
             self.first = rank * self.num_samples
