@@ -7,37 +7,26 @@ import torch
 import torch.nn.functional as F
 
 from models.vit import upcast
-from util.distributed import all_reduce_max, all_reduce_sum, is_dist, is_sharded, print0
-from util.misc import log_step
-from util.train_loop import Loop, MidEpochSaves, OptimizerStep, TrainingEpoch, autocast_context, verify_update
+from util.distributed import all_reduce, is_dist, is_sharded, print0, reduced_values
+from util.images import device_images
+from util.train_loop import TrainingEpoch, autocast_context
 
 
-def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, loader, optim_step: OptimizerStep,
-                    epoch: int, loop: Loop, saves: MidEpochSaves, mixup_fn=None, model_ema=None,
-                    log_writer=None) -> dict[str, float]:
+def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, epoch: TrainingEpoch, mixup_fn=None,
+                    model_ema=None) -> dict[str, float]:
+    """One supervised epoch (fine-tuning, probes); ``model_ema`` (timm's ModelEmaV3) follows every update."""
     model.train()
-    batches = TrainingEpoch(loader, optim_step.optimizer, epoch, loop, saves)
-    logger = batches.logger
-    params = [p for p in model.parameters() if p.requires_grad]
-    for step, epoch_f, images, targets in batches:
-        if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
-        with optim_step.sync_context(model, optim_step.is_update_step(step)):
-            with autocast_context(loop.device, loop.amp):
+    for batch in epoch:
+        images, targets = mixup_fn(batch.images, batch.targets) if mixup_fn is not None else \
+            (batch.images, batch.targets)
+        with epoch.gradient_sync(model, batch.update):
+            with epoch.autocast():
                 loss = criterion(model(images), targets)
-            batches.check(loss, step)
-            grad_norm = optim_step(loss, params, step)
-        if grad_norm is not None and model_ema is not None:
+            epoch.backward(loss)
+        if epoch.step(loss=loss) and model_ema is not None:
             model_ema.update(model)
-        lr = max(g["lr"] for g in optim_step.optimizer.param_groups)  # the head's lr under layer decay
-        logger.update(loss=loss.detach(), lr=lr, grad_norm=grad_norm, n=images.shape[0])
-        if grad_norm is not None:
-            log_step(log_writer, epoch_f, loss=loss, lr=lr)
-    with autocast_context(loop.device, loop.amp):
-        verify_update(model, lambda m: criterion(m(images), targets), epoch)
-    logger.synchronize_between_processes()
-    print0(f"Epoch [{epoch}] averaged stats: {logger}")
-    return logger.averages()
+        epoch.save_if_agreed()
+    return epoch.end(model, lambda m: criterion(m(images), targets))
 
 
 def shard_batches(loader, device: torch.device, collective: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -46,16 +35,16 @@ def shard_batches(loader, device: torch.device, collective: bool) -> Iterator[tu
     ones repeat one image with targets None, to be run and not counted."""
     steps = len(loader)
     if collective and is_dist():
-        steps = int(all_reduce_max(torch.tensor([steps], device=device)).item())
+        steps = int(reduced_values([steps], "max")[0])
     batches, images = iter(loader), None
     for step in range(steps):
         if step < len(loader):
             images, targets = next(batches)
-            yield images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            yield device_images(images, device), targets.to(device, non_blocking=True)
         else:  # this rank's shard is done
             if images is None:  # no batch at all on this rank
-                images = loader.dataset[0][0][None].to(device)
-            yield images[:1], None
+                images = loader.dataset[0][0][None]
+            yield device_images(images[:1], device), None
 
 
 @torch.no_grad()
@@ -76,7 +65,7 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, amp: str = "o
         totals += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
                                correct[:, 0].sum().double(), correct.any(1).sum().double(),
                                readable.sum().double(), (~readable).sum().double()])
-    loss, top1, top5, n, unreadable = all_reduce_sum(totals).tolist()
+    loss, top1, top5, n, unreadable = all_reduce(totals).tolist()
     stats = {"acc1": 100.0 * top1 / max(n, 1), "acc5": 100.0 * top5 / max(n, 1), "loss": loss / max(n, 1),
              "n": int(n), "unreadable": int(unreadable)}
     skipped = f", {int(unreadable)} unreadable left out" if unreadable else ""

@@ -15,7 +15,6 @@ import copy
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
@@ -26,7 +25,7 @@ from models.probes import LinearHead, default_pool, pooled_features
 from models.vit import upcast
 from util.config import KnnSettings, OnlineProbeSettings
 from util.datasets import build_loader
-from util.distributed import get_world_size, is_dist, is_sharded, print0
+from util.distributed import all_gather_rows, all_reduce, get_world_size, is_dist, is_sharded, print0
 from util.errors import UserError
 from util.misc import forked_rng
 from util.shards import ShardSet
@@ -85,22 +84,11 @@ def dataset_features(features: Features, dataset: Dataset, batch_size: int, num_
             readable = targets >= 0  # an unreadable validation image comes with label -1 (ImageFiles)
             feats.append(f[readable])
             labels.append(targets[readable])
-    local = (torch.cat(feats) if feats else torch.zeros(0, features.dim, device=device),
-             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
-    return _gathered_rows(*local) if is_dist() else local
-
-
-def _gathered_rows(feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's rows, concatenated in rank order (shards differ in length by at most one batch)."""
-    counts = [torch.zeros(1, dtype=torch.long, device=feats.device) for _ in range(get_world_size())]
-    dist.all_gather(counts, torch.tensor([len(feats)], device=feats.device))
-    longest = int(max(c.item() for c in counts))
-    rows = torch.cat([torch.cat([feats, labels[:, None].to(feats.dtype)], 1),
-                      feats.new_zeros(longest - len(feats), feats.shape[1] + 1)])
-    gathered = [torch.empty_like(rows) for _ in counts]
-    dist.all_gather(gathered, rows)
-    whole = torch.cat([g[:int(c.item())] for g, c in zip(gathered, counts)])
-    return whole[:, :-1], whole[:, -1].long()
+    feats = torch.cat(feats) if feats else torch.zeros(0, features.dim, device=device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    # every rank's rows in rank order, the labels as one more column of the features
+    rows = all_gather_rows(torch.cat([feats, labels[:, None].to(feats.dtype)], 1))
+    return rows[:, :-1], rows[:, -1].long()
 
 
 @torch.no_grad()
@@ -142,9 +130,7 @@ class OnlineProbe:
 
     def _average_over_ranks(self) -> None:
         tensors = [p.grad for p in self.head.parameters()] + [self.head.bn.running_mean, self.head.bn.running_var]
-        flat = torch.cat([t.flatten() for t in tensors])
-        dist.all_reduce(flat)
-        flat /= get_world_size()
+        flat = all_reduce(torch.cat([t.flatten() for t in tensors])) / get_world_size()
         offset = 0
         for t in tensors:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))

@@ -39,13 +39,14 @@ from util.config import (
     resolve_run,
 )
 from util.datasets import build_loader, make_mixup, save_class_names, supervised_datasets
-from util.distributed import cleanup_distributed, init_distributed, print0
+from util.distributed import cleanup_distributed, init_distributed, launch_world_size, print0
 from util.errors import UserError
 from util.misc import log_epoch, make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
-from util.train_loop import MidEpochSaves, OptimizerStep, adamw, make_loop
+from util.train_loop import MidEpochSaves, Trainer, adamw, configure_kernels
 from util.train_state import (
+    check_shared_output,
     commit_epoch,
     evaluate_only,
     finish_run,
@@ -146,8 +147,12 @@ def main(argv: Sequence[str]) -> None:
         return
     if s.eval and ckpt is None and init is None:
         raise UserError("--eval needs --resume (or --finetune) weights")
-    dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp and not s.eval)
+    dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp and not s.eval,
+                                 timeout_minutes=s.dist_timeout)
     device = dist_info.device
+    configure_kernels(device, s.tf32, s.deterministic)
+    if not s.eval:
+        check_shared_output(s.output_dir)
     seed_everything(s.seed)
 
     train_set, val_set = supervised_datasets(s.of(DataSettings), s.input_size, s.of(AugmentSettings), not s.eval)
@@ -168,14 +173,13 @@ def main(argv: Sequence[str]) -> None:
     criterion = (SoftTargetCrossEntropy() if mixup_fn is not None else
                  LabelSmoothingCrossEntropy(s.smoothing) if s.smoothing > 0 else torch.nn.CrossEntropyLoss())
 
-    loop = make_loop(s.of(OptimSettings), device, s.print_freq, max_unreadable=int(s.max_unreadable * len(train_set)))
-    print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp))  # before the optimiser sees the parameters
+    # before the optimiser sees the parameters
+    print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp, s.compile))
     groups = param_groups_layer_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay(),
                                       layer_decay=s.layer_decay)
-    optimizer = adamw(groups, lr=loop.schedule.lr, betas=tuple(s.betas))
-    optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, device)
+    optimizer = adamw(groups, lr=s.of(OptimSettings).peak_lr(launch_world_size()), betas=tuple(s.betas))
     model_ema = ModelEmaV3(model, decay=s.model_ema_decay) if s.model_ema else None
-    start_at, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
+    start_at, extra = resume(ckpt, ckpt_path, model, optimizer)
     if model_ema is not None and "model_ema" in extra:
         model_ema.module.load_state_dict(extra["model_ema"])
     if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
@@ -184,6 +188,8 @@ def main(argv: Sequence[str]) -> None:
 
     model_ddp = wrap_model(model, dist_info, s.compile)
     log_writer = make_log_writer(s.output_dir, s.log_dir)
+    trainer = Trainer(model, optimizer, s.of(OptimSettings), device, s.print_freq,
+                      int(s.max_unreadable * len(train_set)), log_writer, (ckpt or {}).get("scaler"))
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{n_params / 1e6:.2f}M trainable parameters; start training for {s.epochs} epochs")
     best = extra.get("best_acc1", 0.0)
@@ -191,14 +197,14 @@ def main(argv: Sequence[str]) -> None:
     def state_after(epoch: int, position: dict | None = None) -> dict:
         """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
         extra = {"best_acc1": best, **({"model_ema": model_ema.module.state_dict()} if model_ema else {})}
-        return {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), extra, position),
+        return {**training_state(model, epoch, s.as_dict(), optimizer, trainer.state_dict(), extra, position),
                 **encoder_record(model, "", None), "model_name": s.model}
 
     start = time.time()
     with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
         for epoch in range(start_at.epoch, s.epochs):
-            train_stats = train_one_epoch(model_ddp, criterion, train_loader, optim_step, epoch, loop, saves,
-                                          mixup_fn, model_ema, log_writer)
+            train_stats = train_one_epoch(model_ddp, criterion, trainer.epoch(train_loader, epoch, saves), mixup_fn,
+                                          model_ema)
             test_stats = evaluate(model, val_loader, device, s.amp)
             record = {**{f"train_{k}": v for k, v in train_stats.items()},
                       **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch, "n_parameters": n_params}

@@ -24,13 +24,14 @@ from models.vit import VisionTransformer
 from util.cli import run_cli
 from util.config import SHARED_GROUPS, AugmentSettings, DataSettings, OptimSettings, print_settings, resolve_run
 from util.datasets import build_loader, save_class_names, supervised_datasets
-from util.distributed import cleanup_distributed, init_distributed, print0
+from util.distributed import cleanup_distributed, init_distributed, launch_world_size, print0
 from util.errors import UserError
 from util.misc import log_epoch, make_log_writer, seed_everything
 from util.parallel import wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
-from util.train_loop import MidEpochSaves, OptimizerStep, adamw, make_loop
+from util.train_loop import MidEpochSaves, Trainer, adamw, configure_kernels
 from util.train_state import (
+    check_shared_output,
     commit_epoch,
     evaluate_only,
     finish_run,
@@ -161,8 +162,11 @@ def main(argv: Sequence[str]) -> None:
         return
     if s.eval and ckpt is None:
         raise UserError("--eval needs --resume (a probe checkpoint)")
-    dist_info = init_distributed(s.device, s.dist_url)
+    dist_info = init_distributed(s.device, s.dist_url, timeout_minutes=s.dist_timeout)
     device = dist_info.device
+    configure_kernels(device, s.tf32, s.deterministic)
+    if not s.eval:
+        check_shared_output(s.output_dir)
     seed_everything(s.seed)
 
     augment = s.of(AugmentSettings) if s.probe == "attentive" else None  # the linear probe: crop and flip only
@@ -174,22 +178,20 @@ def main(argv: Sequence[str]) -> None:
     val_loader = build_loader(val_set, s.batch_size, s.num_workers, is_train=False, pin_memory=pin,
                               shard_eval=s.dist_eval)
 
-    loop = make_loop(s.of(OptimSettings), device, s.print_freq,
-                     max_unreadable=int(s.max_unreadable * len(train_set or val_set)))
+    lr = s.of(OptimSettings).peak_lr(launch_world_size())
     head = model.head
     # weight decay (and LARS trust-ratio adaptation) only for weight matrices, not biases, as MAE's LARS
     groups = [{"params": [p for p in head.parameters() if p.ndim > 1], "always_adapt": True},
               {"params": [p for p in head.parameters() if p.ndim <= 1], "weight_decay": 0.0, "always_adapt": False}]
     if s.optimizer == "lars":
-        optimizer = Lars(groups, lr=loop.schedule.lr, momentum=0.9, weight_decay=s.weight_decay)
+        optimizer = Lars(groups, lr=lr, momentum=0.9, weight_decay=s.weight_decay)
     elif s.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=loop.schedule.lr, momentum=0.9, weight_decay=s.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=s.weight_decay)
     else:
-        optimizer = adamw(groups, lr=loop.schedule.lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
-    optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, device)
+        optimizer = adamw(groups, lr=lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
     if s.eval:
         return evaluate_only(ckpt, ckpt_path, model, lambda: evaluate(model, val_loader, device, s.amp))
-    start_at, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
+    start_at, extra = resume(ckpt, ckpt_path, model, optimizer)
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
     if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
@@ -197,6 +199,8 @@ def main(argv: Sequence[str]) -> None:
 
     model_ddp = wrap_model(model, dist_info, s.compile)
     log_writer = make_log_writer(s.output_dir, s.log_dir)
+    trainer = Trainer(model, optimizer, s.of(OptimSettings), device, s.print_freq,
+                      int(s.max_unreadable * len(train_set)), log_writer, (ckpt or {}).get("scaler"))
     criterion = torch.nn.CrossEntropyLoss()
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"{s.probe} probe: {n_params} trainable parameters; mask: {'on' if model.mask is not None else 'off'}")
@@ -204,7 +208,7 @@ def main(argv: Sequence[str]) -> None:
 
     def state_after(epoch: int, position: dict | None = None) -> dict:
         """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
-        return {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), {"best_acc1": best},
+        return {**training_state(model, epoch, s.as_dict(), optimizer, trainer.state_dict(), {"best_acc1": best},
                                  position),
                 **encoder_record(backbone, "backbone.", encoder_mask_from_dict(init.get("encoder_mask"))),
                 "model_name": f"{s.probe}_probe"}
@@ -212,8 +216,7 @@ def main(argv: Sequence[str]) -> None:
     start = time.time()
     with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
         for epoch in range(start_at.epoch, s.epochs):
-            train_stats = train_one_epoch(model_ddp, criterion, train_loader, optim_step, epoch, loop, saves,
-                                          log_writer=log_writer)
+            train_stats = train_one_epoch(model_ddp, criterion, trainer.epoch(train_loader, epoch, saves))
             test_stats = evaluate(model, val_loader, device, s.amp)
             best = max(best, test_stats["acc1"])
             commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in train_stats.items()},

@@ -35,13 +35,14 @@ from util.config import (
     resumed_model,
 )
 from util.datasets import build_dataset, build_loader, build_transform
-from util.distributed import cleanup_distributed, init_distributed, is_main_process, print0
+from util.distributed import cleanup_distributed, init_distributed, is_main_process, launch_world_size, print0
 from util.images import first_images, panels_image, save_panels
 from util.misc import forked_rng, log_epoch, make_log_writer, seed_everything
 from util.parallel import full_state_dict, parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
-from util.train_loop import MidEpochSaves, OptimizerStep, adamw, make_loop
+from util.train_loop import MidEpochSaves, Trainer, adamw, configure_kernels
 from util.train_state import (
+    check_shared_output,
     commit_epoch,
     finish_run,
     is_due,
@@ -101,11 +102,14 @@ def main(argv: Sequence[str]) -> None:
     if s.print_config:
         return
     config = s.of(method.config_class)
-    dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp)
+    dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp, timeout_minutes=s.dist_timeout)
+    configure_kernels(dist_info.device, s.tf32, s.deterministic)
+    check_shared_output(s.output_dir)
     seed_everything(s.seed)
 
     model = method.model_class(config).to(dist_info.device)
-    print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp))  # before the optimiser sees the parameters
+    # before the optimiser sees the parameters
+    print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp, s.compile))
     transform = build_transform(config.input_size, is_train=True, crop_scale=s.crop_scale, crop_ratio=s.crop_ratio)
     dataset = build_dataset(s.dataset, "train", transform, config.input_size, s.data_path, s.synthetic_size)
     loader = build_loader(dataset, s.batch_size, s.num_workers, is_train=True, seed=s.seed,
@@ -113,11 +117,8 @@ def main(argv: Sequence[str]) -> None:
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"model {s.model}: {n_params / 1e6:.2f}M trainable parameters "
            f"(encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M)")
-    loop = make_loop(s.of(OptimSettings), dist_info.device, s.print_freq,
-                     max_unreadable=int(s.max_unreadable * len(dataset)))
     optimizer = adamw(param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay()),
-                      lr=loop.schedule.lr, betas=tuple(s.betas))
-    optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, dist_info.device)
+                      lr=s.of(OptimSettings).peak_lr(launch_world_size()), betas=tuple(s.betas))
     monitors = None
     if Monitors.wanted(s.of(KnnSettings), s.of(OnlineProbeSettings)):  # on fixed training and validation images
         evaluation = build_transform(config.input_size, is_train=False)
@@ -127,26 +128,28 @@ def main(argv: Sequence[str]) -> None:
                             build_dataset(s.dataset, "val", evaluation, config.input_size, s.data_path,
                                           s.synthetic_size), len(dataset.classes), s.batch_size, s.num_workers)
     online_probe = monitors.online_probe if monitors else None
-    start_at, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
+    start_at, extra = resume(ckpt, ckpt_path, model, optimizer)
     if online_probe is not None and "online_probe" in extra:
         online_probe.load_state_dict(extra["online_probe"])
     if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
+    log_writer = make_log_writer(s.output_dir, s.log_dir)
+    trainer = Trainer(model, optimizer, s.of(OptimSettings), dist_info.device, s.print_freq,
+                      int(s.max_unreadable * len(dataset)), log_writer, (ckpt or {}).get("scaler"))
 
     def state_after(epoch: int, position: dict | None = None) -> dict:
         """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
         extra = {"online_probe": online_probe.state_dict()} if online_probe else {}
-        return {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), extra, position),
+        return {**training_state(model, epoch, s.as_dict(), optimizer, trainer.state_dict(), extra, position),
                 **encoder_record(model.encoder, "encoder.", model.encoder_mask),
                 "model_name": s.model, "model_config": plain_config(model.config)}
 
     model_ddp = wrap_model(model, dist_info, s.compile)
-    log_writer = make_log_writer(s.output_dir, s.log_dir)
     print0(f"start training for {s.epochs} epochs from epoch {start_at.epoch}")
     start = time.time()
     with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
         for epoch in range(start_at.epoch, s.epochs):
-            stats = train_one_epoch(model_ddp, loader, optim_step, epoch, loop, saves, log_writer, online_probe)
+            stats = train_one_epoch(model_ddp, trainer.epoch(loader, epoch, saves), online_probe)
             monitored = monitors.epoch_end(epoch) if monitors else {}
             files = {"encoder.pth": {"model": full_state_dict(model, "encoder."),
                                      **encoder_record(model.encoder, "", model.encoder_mask)}} \

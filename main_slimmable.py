@@ -52,13 +52,14 @@ from util.config import (
     resumed_model,
 )
 from util.datasets import build_loader, build_transform, make_mixup, save_class_names, supervised_datasets
-from util.distributed import cleanup_distributed, init_distributed, is_main_process, print0
+from util.distributed import cleanup_distributed, init_distributed, is_main_process, launch_world_size, print0
 from util.errors import UserError
 from util.misc import log_epoch, make_log_writer, seed_everything
 from util.parallel import parallelize, wrap_model
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, setting
-from util.train_loop import MidEpochSaves, OptimizerStep, adamw, autocast_context, make_loop
+from util.train_loop import MidEpochSaves, Trainer, adamw, autocast_context, configure_kernels
 from util.train_state import (
+    check_shared_output,
     commit_epoch,
     evaluate_only,
     finish_run,
@@ -187,8 +188,12 @@ def main(argv: Sequence[str]) -> None:
     init = load_checkpoint(s.init_from, s.num_heads if s.source("num_heads") == "command line" else None) \
         if s.init_from and ckpt is None else None
     teacher = load_teacher(s.teacher, s.teacher_weights or None) if s.teacher and not s.eval else None
-    dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp and not s.eval)
+    dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp and not s.eval,
+                                 timeout_minutes=s.dist_timeout)
     device = dist_info.device
+    configure_kernels(device, s.tf32, s.deterministic)
+    if not s.eval:
+        check_shared_output(s.output_dir)
     seed_everything(s.seed)
 
     train_set, val_set = supervised_datasets(s.of(DataSettings), s.input_size, s.of(AugmentSettings), not s.eval)
@@ -208,13 +213,10 @@ def main(argv: Sequence[str]) -> None:
     pin = s.pin_mem and device.type == "cuda"
     val_loader = build_loader(val_set, s.batch_size, s.num_workers, is_train=False, pin_memory=pin)
 
-    loop = make_loop(s.of(OptimSettings), device, s.print_freq,
-                     max_unreadable=int(s.max_unreadable * len(train_set or val_set)))
-    if not s.eval:  # evaluation and export use the whole model on every rank
-        print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp))  # before the optimiser sees the weights
+    if not s.eval:  # evaluation and export use the whole model on every rank; before the optimiser sees the weights
+        print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp, s.compile))
     optimizer = adamw(param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay()),
-                      lr=loop.schedule.lr, betas=tuple(s.betas))
-    optim_step = OptimizerStep(optimizer, s.amp, s.accum_iter, s.clip_grad, device)
+                      lr=s.of(OptimSettings).peak_lr(launch_world_size()), betas=tuple(s.betas))
     if s.eval:
         def evaluate_and_export() -> None:
             evaluate_ratios(model, eval_ratios, val_loader, device, s)
@@ -229,7 +231,7 @@ def main(argv: Sequence[str]) -> None:
         monitors = Monitors(s.of(KnnSettings), None, features,
                             with_transform(train_set, build_transform(s.input_size, False, crop_pct=s.crop_pct)),
                             val_set, num_classes, s.batch_size, s.num_workers)
-    start_at, extra = resume(ckpt, ckpt_path, model, optimizer, optim_step)
+    start_at, extra = resume(ckpt, ckpt_path, model, optimizer)
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
     if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
         return cleanup_distributed()
@@ -237,6 +239,8 @@ def main(argv: Sequence[str]) -> None:
     mixup_fn = make_mixup(s.of(MixupSettings), num_classes)
     model_ddp = wrap_model(model, dist_info, s.compile)
     log_writer = make_log_writer(s.output_dir, s.log_dir)
+    trainer = Trainer(model, optimizer, s.of(OptimSettings), device, s.print_freq,
+                      int(s.max_unreadable * len(train_set)), log_writer, (ckpt or {}).get("scaler"))
     print0(f"{s.model}: {model.num_params(s.largest_ratio) / 1e6:.2f}M parameters at r={s.largest_ratio}; "
            f"widths {model.width_space.grid()}; teacher {s.teacher or 'none'}; {s.epochs} epochs "
            f"({s.full_warm_epochs} full-width only)")
@@ -244,15 +248,15 @@ def main(argv: Sequence[str]) -> None:
 
     def state_after(epoch: int, position: dict | None = None) -> dict:
         """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
-        return {**training_state(model, epoch, s.as_dict(), optimizer, optim_step.state_dict(), {"best_acc1": best},
+        return {**training_state(model, epoch, s.as_dict(), optimizer, trainer.state_dict(), {"best_acc1": best},
                                  position),
                 **encoder_record(model, "", None), "model_name": s.model, "model_config": plain_config(scala)}
 
     start = time.time()
     with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
         for epoch in range(start_at.epoch, s.epochs):
-            train_stats = train_one_epoch(model_ddp, teacher, train_loader, optim_step, epoch, loop, saves, scala,
-                                          mixup_fn, s.smoothing, num_classes, s.seed, log_writer)
+            train_stats = train_one_epoch(model_ddp, teacher, trainer.epoch(train_loader, epoch, saves), scala,
+                                          mixup_fn, s.smoothing, num_classes, s.seed)
             test_stats = evaluate(AtRatio(model, s.largest_ratio), val_loader, device, s.amp)
             monitored = monitors.epoch_end(epoch) if monitors else {}
             improved = test_stats["acc1"] > best  # official: best checkpoint on the full width only

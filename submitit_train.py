@@ -40,6 +40,7 @@ class Job:
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:  # what torchrun would announce; init_distributed reads it
             os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank),
+                              LOCAL_WORLD_SIZE=str(env.num_tasks // env.num_nodes),
                               WORLD_SIZE=str(env.num_tasks), MASTER_ADDR=env.hostnames[0],
                               MASTER_PORT=str(20000 + int(str(env.job_id).split("_")[0]) % 20000))
         sys.argv = [self.script, *self.argv]

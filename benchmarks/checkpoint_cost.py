@@ -24,7 +24,7 @@ import models
 from models.registry import create_model
 from util.distributed import cleanup_distributed, init_distributed
 from util.parallel import parallelize
-from util.train_loop import OptimizerStep, adamw
+from util.train_loop import adamw, clip_gradients, optimizer_step
 from util.train_state import save_mid_epoch, training_state
 
 assert models  # importing the package registers every method
@@ -32,10 +32,12 @@ assert models  # importing the package registers every method
 DEFAULT_MODELS = ("xtra_vit_tiny", "mae_vit_tiny", "xtra_vit_small_patch16", "saim_vit_small_patch16")
 
 
-def _step(model: torch.nn.Module, optim_step: OptimizerStep, images: torch.Tensor) -> float:
+def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> float:
     start = time.perf_counter()
     loss, _ = model(images)
-    optim_step(loss, model.parameters(), 0)
+    loss.backward()
+    clip_gradients(list(model.parameters()), None, images.device)
+    optimizer_step(optimizer)
     return time.perf_counter() - start
 
 
@@ -45,17 +47,16 @@ def measure(name: str, sharded: bool, batch_size: int, steps: int, repeats: int,
     try:
         model = create_model(name, "pretrain").to(dist_info.device)
         parallelize(model, dist_info, sharded, False, "off")
-        optim_step = OptimizerStep(adamw(model.parameters(), lr=1e-4), "off")
+        optimizer = adamw(model.parameters(), lr=1e-4)
         images = torch.randn(batch_size, 3, model.config.input_size, model.config.input_size,
                              device=dist_info.device)
-        step_s = statistics.median(_step(model, optim_step, images) for _ in range(steps))
+        step_s = statistics.median(_step(model, optimizer, images) for _ in range(steps))
         out = tempfile.mkdtemp(dir=root)
         position = {"epoch": 1, "images": batch_size, "meters": {}}
         times = []
         for repeat in range(repeats):
             start = time.perf_counter()
-            state = training_state(model, 0, {"batch_size": batch_size}, optim_step.optimizer,
-                                   optim_step.state_dict(), position=position)
+            state = training_state(model, 0, {"batch_size": batch_size}, optimizer, position=position)
             path = save_mid_epoch(state, out, repeat + 1)
             times.append(time.perf_counter() - start)
         size = (sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) if os.path.isdir(path)

@@ -38,7 +38,7 @@ import models
 from models.registry import METHODS, create_model, model_names, stand_in_teacher
 from util.distributed import cleanup_distributed, init_distributed
 from util.parallel import parallelize, wrap_model
-from util.train_loop import OptimizerStep, adamw, autocast_context
+from util.train_loop import adamw, autocast_context, clip_gradients, optimizer_step
 
 assert models  # importing the package registers every method
 
@@ -118,8 +118,8 @@ def worker(args: argparse.Namespace) -> None:
     sampler = PeakSampler() if device.type == "cpu" else None
     model = build(args.model, **json.loads(args.overrides)).to(device)
     parallelize(model, dist_info, args.fsdp, args.grad_ckpt, args.amp)
-    optimizer = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    optim_step = OptimizerStep(optimizer, args.amp, clip_grad=1.0, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(params, lr=1e-4)
     net = wrap_model(model, dist_info)
     img = model.patch_embed.img_size[0] if hasattr(model, "patch_embed") else model.encoder.patch_embed.img_size[0]
     imgs = torch.randn(args.batch_size, 3, img, img, device=device)
@@ -135,8 +135,9 @@ def worker(args: argparse.Namespace) -> None:
                     torch.nn.functional.cross_entropy(dist.float(), targets)
             else:
                 loss = net(imgs)[0]
-        optim_step(loss, model.parameters(), 0)
-        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(params, 1.0, device)
+        optimizer_step(optimizer)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step:  # the first step allocates the optimiser state and warms up

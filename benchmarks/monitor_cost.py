@@ -22,7 +22,7 @@ import torch
 import models
 from engine_monitors import OnlineProbe, encoder_features
 from models.registry import create_model
-from util.train_loop import OptimizerStep, adamw
+from util.train_loop import adamw, clip_gradients, optimizer_step
 
 assert models  # importing the package registers every method
 
@@ -41,13 +41,15 @@ def seconds_per_image(step, images: torch.Tensor, repeats: int) -> float:
 
 def measure(name: str, batch_size: int, repeats: int, device: torch.device) -> dict:
     model = create_model(name, "pretrain").to(device)
-    optim_step = OptimizerStep(adamw(model.parameters(), lr=1e-4), "off")
+    optimizer = adamw(model.parameters(), lr=1e-4)
     images = torch.randn(batch_size, 3, model.config.input_size, model.config.input_size, device=device)
     labels = torch.randint(0, 10, (batch_size,), device=device)
 
     def train(x: torch.Tensor) -> None:
         loss, _ = model(x)
-        optim_step(loss, model.parameters(), 0)
+        loss.backward()
+        clip_gradients(list(model.parameters()), None, device)
+        optimizer_step(optimizer)
 
     features = encoder_features(model, "off", device)
     probe = OnlineProbe(features, 10, 1e-3)

@@ -99,11 +99,12 @@ def permutation_two_stream_masks(order: torch.Tensor) -> tuple[torch.Tensor, tor
     ``order`` [B, L]: ``order[b, t]`` is the patch generated t-th in image b. Returns two boolean masks
     [B, 1, L+1, L+1] (cls first, then patches in raster order). Content: a patch sees the patches generated
     before it and itself. Query: strictly earlier patches only, so a prediction never sees its own patch.
-    Both: every row sees the cls key; the cls row sees only itself (as in the official SAIM code)."""
+    Both: every row sees the cls key; the cls row sees only itself (as in the official SAIM code). Each row of
+    ``order`` must be a permutation: orders given from outside are checked by the caller (:func:`check_orders`, a
+    host read), the model's own random ones need no check."""
     if order.dim() != 2:
         raise ValueError(f"order must be [batch, patches], got shape {tuple(order.shape)}")
     B, L = order.shape
-    order = check_orders(order, B, L)
     steps = torch.arange(L, device=order.device).expand(B, L)
     rank = torch.empty_like(order).scatter_(1, order, steps)
     rank = torch.cat([rank.new_full((B, 1), -1), rank], dim=1)  # cls ranks first: visible to all, sees only itself

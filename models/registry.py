@@ -36,6 +36,9 @@ class PretrainingModel(nn.Module):
     * ``transformer_blocks()``: the blocks that FSDP shards one by one and ``--grad_ckpt`` recomputes; each must run
       through its own ``forward`` (a hook or a checkpointed forward sees nothing of a block whose layers are
       called directly). The default: the elements of every ModuleList whose name ends in ``blocks``.
+    * ``shard_units()``: large modules outside the blocks that FSDP shards on their own (each run through its own
+      ``forward``), so that they are gathered only while they run, not with the root for the whole step. Default:
+      none.
     """
 
     encoder: VisionTransformer
@@ -54,6 +57,9 @@ class PretrainingModel(nn.Module):
                 for blk in module:
                     seen.setdefault(id(blk), blk)
         return list(seen.values())
+
+    def shard_units(self) -> list[nn.Module]:
+        return []
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

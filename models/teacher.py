@@ -93,11 +93,11 @@ class FrozenTeacher(nn.Module):
 
 def teacher_tokens(teacher: FrozenTeacher, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's (cls [B, T], patch tokens [B, Gt*Gt, T]) for ImageNet-normalised images ``x`` at any
-    resolution, in at least float32 (the teacher's dtype if wider); computed without gradients, in bf16 autocast on
-    CUDA."""
+    resolution, in at least float32 (the teacher's dtype if wider); computed without gradients, in the caller's
+    precision (the training step's autocast, --amp: bf16 or fp16 autocast, or float32 with --amp off)."""
     if not isinstance(teacher, FrozenTeacher):
         raise ValueError(f"expected a FrozenTeacher from load_teacher, got {type(teacher).__name__}")
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.is_cuda):
+    with torch.no_grad():
         cls, patches = teacher.tokens(teacher.prepare(x))
     if patches.shape[1] != teacher.grid_size ** 2:
         raise ValueError(f"teacher returned {patches.shape[1]} patch tokens, expected {teacher.grid_size}²")

@@ -182,6 +182,11 @@ class XTRA(PretrainingModel):
             # the model's other generators, so a resumed run continues the same sequence of orders.
             self.perm_generator = torch.Generator(device="cpu").manual_seed(config.perm_seed)
 
+    def shard_units(self) -> list[nn.Module]:
+        """The encoder-to-predictor MLP and the pixel heads: 195M parameters at H/14 (a pixel head alone 185M, nine
+        times an encoder block), sharded on their own under --fsdp."""
+        return [self.proj, *self.aim_proj]
+
     # no_weight_decay() stays empty: the official optimiser decays pos_embed and the patch conv too; only 1-D
     # parameters and biases are exempt, which param_groups_weight_decay does by itself.
 

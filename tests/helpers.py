@@ -25,9 +25,9 @@ def threads() -> int:
 
 
 def run_script(script: str, *args: str, nproc: int = 0, timeout: int = 300, check: bool = True,
-               subprocess_run: bool = False) -> subprocess.CompletedProcess:
+               subprocess_run: bool = False, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """Run ``script`` (an entry script ``x.py`` or a module ``models.convert`` / ``benchmarks.x``) as a user would,
-    from the repository root, with ``threads()`` threads (one per process under torchrun).
+    from ``cwd`` (the repository root), with ``threads()`` threads (one per process under torchrun).
 
     Under torchrun (``nproc``) or with ``subprocess_run`` it is a new interpreter. Otherwise it runs in this process
     (the same ``main`` through the same ``run_cli``, with sys.argv, stdout and stderr swapped and the exit code
@@ -37,10 +37,10 @@ def run_script(script: str, *args: str, nproc: int = 0, timeout: int = 300, chec
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(1 if nproc else threads())}
         target = [script] if script.endswith(".py") else ["-m", script]
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
-        proc = subprocess.run([sys.executable, *launcher, *target, *argv], cwd=ROOT, env=env, capture_output=True,
+        proc = subprocess.run([sys.executable, *launcher, *target, *argv], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=timeout)
     else:
-        proc = _in_process(script, argv)
+        proc = _in_process(script, argv, cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -307,7 +307,6 @@ def test_the_readme_multi_node_recipe_runs_at_tiny_size(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["main_pretrain.py", "--model", "xtra_vit_tiny", "--fsdp", "--compile"], "--fsdp with --compile"),
     (["main_pretrain.py", "--model", "xtra_vit_tiny", "--fsdp", "--amp", "fp16"], "--fsdp supports --amp"),
     (["main_pretrain.py", "--model", "saim_vit_tiny", "--fsdp", "--fuse_streams"], "--fuse_streams cannot run"),
     (["main_finetune.py", "--model", "vit_tiny_patch4", "--fsdp", "--model_ema"], "--model_ema is not supported"),

@@ -63,8 +63,13 @@ def test_mask_invariants_for_random_orders():
 
 
 def test_bad_orders_raise():
+    """An order given from outside is checked (the model's own random orders are not: no host read per step)."""
+    model = create_model("saim_vit_tiny")
+    imgs = torch.randn(2, 3, 32, 32)
+    bad = torch.arange(64).expand(2, -1).clone()
+    bad[0, 1] = 0
     with pytest.raises(ValueError, match="permutation"):
-        permutation_two_stream_masks(torch.tensor([[0, 0, 1, 2]]))
+        model.forward_with_outputs(imgs, order=bad)
     with pytest.raises(ValueError, match="batch, patches"):
         permutation_two_stream_masks(torch.arange(4))
 

@@ -12,13 +12,14 @@ from models.registry import create_model
 from models.vit import VisionTransformer
 from tests.helpers import run_script
 from util import misc
-from util.datasets import DigitsDataset, ShardSampler, build_dataset, build_transform
+from util.config import OptimSettings
+from util.datasets import DigitsDataset, ShardSampler, SyntheticDataset, build_dataset, build_loader, build_transform
 from util.errors import UserError
 from util.images import first_images, imagenet_normalize, imagenet_unnormalize, panels_figure, panels_image, save_panels
 from util.lr_sched import Schedule, adjust_learning_rate
 from util.misc import rng_state, set_rng_state
-from util.train_loop import OptimizerStep, check_finite
-from util.train_state import load_file, save_atomic, save_checkpoint, training_state
+from util.train_loop import MidEpochSaves, Trainer, TrainingEpoch
+from util.train_state import Position, load_file, save_atomic, save_checkpoint, training_state
 
 
 def schedule(**kw):
@@ -84,21 +85,40 @@ def test_digits_split_is_fixed_and_disjoint():
     assert DigitsDataset("val", 16).targets == val.targets
 
 
-def test_non_finite_loss_stops_naming_the_step():
-    check_finite(torch.tensor(1.0), 0, 0)
-    with pytest.raises(UserError, match="epoch 2, step 7"):
-        check_finite(torch.tensor(float("nan")), 2, 7)
+def tiny_epoch(model: torch.nn.Module, accum_iter: int = 1, clip_grad: float | None = None) -> TrainingEpoch:
+    """An epoch of 8 micro-steps (64 synthetic images, batch 8) that trains ``model`` with SGD at lr 0.1."""
+    loader = build_loader(SyntheticDataset(64, 4), 8, 0, is_train=True)
+    optim = OptimSettings(batch_size=8, epochs=1, accum_iter=accum_iter, lr=0.1, warmup_epochs=0, min_lr=0.1,
+                          clip_grad=clip_grad, amp="off")
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), optim, torch.device("cpu"), 1000)
+    return trainer.epoch(loader, 0, MidEpochSaves(0, "", Position(0), lambda epoch, position: {}))
+
+
+def test_non_finite_loss_stops_naming_the_step_before_the_update():
+    model = torch.nn.Linear(3, 1)
+    epoch = tiny_epoch(model)
+    with pytest.raises(UserError, match="non-finite loss on 1 rank\\(s\\) at epoch 0, step 5"):
+        for batch in epoch:
+            loss = model(torch.ones(1, 3)).sum() * (float("nan") if batch.step == 5 else 1.0)
+            epoch.backward(loss)
+            before = [p.detach().clone() for p in model.parameters()]
+            epoch.step(loss=loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the NaN update was not applied
 
 
 def test_accumulation_steps_only_every_k_micro_batches():
-    model = torch.nn.Linear(3, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    step = OptimizerStep(opt, "off", accum_iter=2, clip_grad=1e-3)
+    model = torch.nn.Linear(3, 1).double()  # float64: the 1e-4 update is measured exactly
+    epoch = tiny_epoch(model, accum_iter=2, clip_grad=1e-3)
+    batches = iter(epoch)
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
-    assert step(model(torch.ones(1, 3)).sum(), model.parameters(), 0) is None
+    next(batches)
+    epoch.backward(model(torch.ones(1, 3, dtype=torch.float64)).sum())
+    assert not epoch.step(loss=torch.tensor(1.0))
     assert torch.equal(torch.cat([p.detach().flatten() for p in model.parameters()]), before)
-    norm = step(model(torch.ones(1, 3)).sum(), model.parameters(), 1)
-    assert norm.item() == pytest.approx(2.0)  # grads (1, 1, 1 | 1), averaged over the two micro-batches
+    next(batches)
+    epoch.backward(model(torch.ones(1, 3, dtype=torch.float64)).sum())
+    assert epoch.step(loss=torch.tensor(1.0))
+    assert epoch.meters.meters["grad_norm"].value == pytest.approx(2.0)  # grads (1, 1, 1 | 1), mean of the two
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert (after - before).norm().item() == pytest.approx(0.1 * 1e-3, rel=1e-4)  # clipped to norm 1e-3
 

@@ -67,6 +67,8 @@ class OptimSettings:
     clip_grad: float | None = setting(None, "max gradient norm; none: no clipping (the norm is logged either way)")
     amp: Literal["auto", "bf16", "fp16", "off"] = setting(
         "auto", "mixed precision (a GradScaler only for fp16); auto: bf16 on CUDA, off elsewhere")
+    tf32: bool = setting(True, "CUDA: float32 matmuls and convolutions in TF32 (10-bit mantissa, the tensor cores); "
+                               "false: IEEE float32. No effect on the CPU")
     compile: bool = setting(False, "torch.compile the model")
 
     def __post_init__(self) -> None:
@@ -153,6 +155,11 @@ class RunSettings:
                                               "at epoch ends only)")
     print_freq: int = setting(20, "progress line every N steps")
     dist_url: str = setting("env://", "process-group initialisation URL")
+    dist_timeout: float = setting(30.0, "minutes a collective waits for the other ranks (a hung or dead rank) before "
+                                        "the run fails")
+    deterministic: bool = setting(False, "deterministic kernels (torch.use_deterministic_algorithms, cuDNN "
+                                         "deterministic and not benchmarking, a fixed cuBLAS workspace): what an exact "
+                                         "resume on a GPU needs; slower")
     print_config: bool = setting(False, "print the resolved settings and exit without touching data or output_dir")
 
     def __post_init__(self) -> None:
@@ -163,6 +170,8 @@ class RunSettings:
             raise ValueError(f"--keep_last must be >= 0, got {self.keep_last}")
         if self.save_every_minutes < 0:
             raise ValueError(f"--save_every_minutes must be >= 0, got {self.save_every_minutes}")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"--dist_timeout must be > 0 minutes, got {self.dist_timeout}")
 
 
 @dataclass(frozen=True)
@@ -272,8 +281,6 @@ class ParallelSettings:
 def check_parallel(settings: Settings) -> None:
     """What sharding cannot be combined with."""
     parallel, optim = settings.of(ParallelSettings), settings.of(OptimSettings)
-    if parallel.fsdp and optim.compile:
-        raise ValueError("--fsdp with --compile is not supported here; use one of them")
     if parallel.fsdp and optim.amp == "fp16":
         raise ValueError("--fsdp supports --amp bf16, auto or off (fp16 needs a gradient scaler for sharded "
                          "gradients, which this project does not use)")
@@ -300,7 +307,8 @@ PARALLEL_GROUP = Group("memory and sharding", ParallelSettings, check=check_para
 
 # Settings that describe this invocation, not the run: never taken from a resumed checkpoint.
 RUN_LOCAL = frozenset({"output_dir", "log_dir", "device", "resume", "auto_resume", "num_workers", "pin_mem",
-                       "print_freq", "dist_url", "print_config", "eval", "fsdp", "grad_ckpt", "save_every_minutes"})
+                       "print_freq", "dist_url", "dist_timeout", "deterministic", "print_config", "eval", "fsdp",
+                       "grad_ckpt", "save_every_minutes"})
 
 
 def checkpoint_layer(stored: dict | None) -> tuple[str, dict]:

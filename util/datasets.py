@@ -136,23 +136,26 @@ def with_safe_posterize(transform):
 def build_transform(input_size: int, is_train: bool, crop_scale: tuple[float, float] = (0.08, 1.0),
                     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), crop_pct: float | None = None,
                     augment: AugmentSettings | None = None):
-    """Transforms through timm's create_transform, ImageNet mean/std, bicubic.
+    """Transforms through timm's create_transform, bicubic.
 
     Training: RandomResizedCrop(``crop_scale``, ``crop_ratio``) + flip, plus, with ``augment``, timm's supervised
     recipe (RandAugment, colour jitter when RandAugment is off, random erasing); without it, nothing else (the
-    pretraining and MAE linear-probe pipelines). Evaluation: resize to input/crop_pct, centre crop."""
-    mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    pretraining and MAE linear-probe pipelines). Evaluation: resize to input/crop_pct, centre crop.
+
+    The transforms that end with the crop give uint8 pixels [3, H, W], which the training loop moves to the device
+    and ImageNet-normalises there (util.images.device_images); timm's supervised recipe gives normalised float32,
+    because its random erasing fills normalised pixels."""
     if not is_train:
         return create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
-                                mean=mean, std=std)
+                                use_prefetcher=True)
     if augment is None:
         return create_transform(input_size, is_training=True, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
-                                color_jitter=None, interpolation="bicubic", mean=mean, std=std)
+                                color_jitter=None, interpolation="bicubic", use_prefetcher=True)
     aa = augment.aa if augment.aa not in ("", "none") else None
     return with_safe_posterize(create_transform(
         input_size, is_training=True, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
         color_jitter=augment.color_jitter, auto_augment=aa, interpolation="bicubic", re_prob=augment.reprob,
-        re_mode=augment.remode, re_count=augment.recount, mean=mean, std=std))
+        re_mode=augment.remode, re_count=augment.recount, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD))
 
 
 def build_dataset(dataset: str, split: str, transform, input_size: int, data_path: str = "",
@@ -295,7 +298,9 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, is_train: 
     if is_train and per_rank < batch_size:
         raise UserError(f"{images} training images are fewer than one batch of {batch_size} "
                         f"per process × {get_world_size()} processes")
+    # workers live as long as the loader (no start-up each epoch): the epoch reaches them through the sampler, or
+    # through the shard stream's shared position
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=is_train, persistent_workers=False,
+                      pin_memory=pin_memory, drop_last=is_train, persistent_workers=num_workers > 0,
                       worker_init_fn=_ignore_stop_signals,
                       generator=torch.Generator().manual_seed(seed))

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from util.distributed import all_reduce_sum, get_rank, get_world_size, is_main_process, print0
+from util.distributed import get_rank, get_world_size, is_main_process, print0, reduced_values
 
 
 def seed_everything(seed: int) -> None:
@@ -24,22 +24,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def rng_state() -> dict:
-    """RNG states as tensors and plain values only, so that checkpoints load with weights_only=True."""
+    """RNG states as tensors and plain values only, so that checkpoints load with weights_only=True. Of CUDA, the
+    generator of this process's device only (None when the process uses no GPU): a run resumed with another number
+    of visible GPUs per process (8 per node, then one bound to each task) finds the one state it needs."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos),
                                                    int(has_gauss), float(gauss)],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state() if _cuda_in_use() else None}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`; a CUDA state goes to this process's current device (none is restored into a
+    process that uses no GPU, or from a run that used none)."""
     random.setstate(_to_tuple(state["python"]))
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if isinstance(state.get("cuda"), torch.Tensor) and _cuda_in_use():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _to_tuple(x):
@@ -49,7 +57,7 @@ def _to_tuple(x):
 
 def forked_rng():
     """A context whose random draws (CPU and the current CUDA device) leave the training RNG streams untouched."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = [torch.cuda.current_device()] if _cuda_in_use() else []
     return torch.random.fork_rng(devices=devices)
 
 
@@ -90,8 +98,8 @@ class SmoothedValue:
         self.total += value * n
 
     def synchronize_between_processes(self) -> None:
-        t = all_reduce_sum(torch.tensor([self.count, self.total], dtype=torch.float64))
-        self.count, self.total = int(t[0].item()), t[1].item()
+        count, self.total = reduced_values([self.count, self.total])
+        self.count = int(count)
 
     @property
     def median(self) -> float:
@@ -167,7 +175,7 @@ class MetricLogger:
             if i % print_freq == 0 or i == n - 1:
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (n - i - 1)))
                 rate = batch_size * get_world_size() / max(iter_time.median, 1e-9)
-                mem = f"  mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB" if torch.cuda.is_available() else ""
+                mem = f"  mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB" if _cuda_in_use() else ""
                 print0(f"{header} [{i}/{n}]  eta: {eta}  {self}  img/s: {rate:.1f}  "
                        f"time/it: {iter_time.median:.4f}{mem}")
         total = time.time() - start

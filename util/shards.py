@@ -177,12 +177,21 @@ class ShardStream(IterableDataset):
             self.first = rank * self.num_samples
         else:
             self.first, self.num_samples = rank * n // world, (rank + 1) * n // world - rank * n // world
-        self.epoch, self.start = 0, 0
+        # (epoch, start) in memory shared with the loader's workers, which outlive an epoch (persistent_workers)
+        self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
         self.unreadable = split.unreadable
         self.classes = split.classes
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
+        self.position[0], self.position[1] = epoch, start
+
+    @property
+    def epoch(self) -> int:
+        return int(self.position[0])
+
+    @property
+    def start(self) -> int:
+        return int(self.position[1])
 
     def unreadable_paths(self) -> list[str]:
         return self.split.unreadable_paths()

@@ -20,13 +20,13 @@ import glob
 import json
 import os
 import re
+import secrets
 import shutil
 import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint import CheckpointException
@@ -38,7 +38,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from util.distributed import (
+    barrier,
     cleanup_distributed,
+    gather_objects,
     get_rank,
     get_world_size,
     is_dist,
@@ -184,15 +186,6 @@ def save_json_atomic(obj: dict | list, path: str) -> None:
         json.dump(obj, f, indent=2)
 
 
-def _gathered(obj) -> list:
-    """``obj`` of every rank, in rank order (a collective)."""
-    if not is_dist():
-        return [obj]
-    objs: list = [None] * get_world_size()
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
 def module_generators(model: nn.Module) -> dict[str, torch.Generator]:
     """The model's own ``torch.Generator`` attributes (e.g. XTRA's order choice), by module path. Their states
     go into checkpoints next to the global RNG states, so that a resumed run continues their sequences."""
@@ -216,10 +209,10 @@ def training_state(model: nn.Module, epoch: int, settings: dict, optimizer: torc
     """Everything needed to continue training after ``epoch``, or, with ``position`` (``epoch``, ``images`` and
     this rank's ``meters``), from inside the next epoch. Every rank must call it (RNG states and meters are
     gathered); only rank 0's result is written, except a sharded model's ``sharded`` part (every rank's shards)."""
-    state = {"epoch": epoch, "args": dict(settings), "scaler": scaler_state or {}, "rng": _gathered(rng_state()),
+    state = {"epoch": epoch, "args": dict(settings), "scaler": scaler_state or {}, "rng": gather_objects(rng_state()),
              "generators": {k: g.get_state() for k, g in module_generators(model).items()}, "extra": extra or {}}
     if position is not None:
-        state["position"] = {**position, "meters": _gathered(position["meters"])}
+        state["position"] = {**position, "meters": gather_objects(position["meters"])}
     if is_sharded(model):
         return {**state, "model": None, "optimizer": None, "sharded": _dcp_state(model, optimizer)}
     return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None}
@@ -273,8 +266,7 @@ def save_mid_epoch(state: dict, output_dir: str, step: int) -> str:
         _commit_sharded(state, output_dir, name, state["epoch"])
         if is_main_process():
             _prune_mid_epoch(output_dir, keep=name)
-        if is_dist():
-            dist.barrier()
+        barrier()
         return os.path.join(output_dir, name)
     path = os.path.join(output_dir, "checkpoint-last.pth")
     if is_main_process():
@@ -309,16 +301,14 @@ def _commit_sharded(state: dict, output_dir: str, name: str, epoch: int) -> None
     tmp = final + ".tmp"
     if is_main_process() and os.path.exists(tmp):
         shutil.rmtree(tmp)
-    if is_dist():
-        dist.barrier()
+    barrier()
     try:
         dcp.save(state["sharded"], checkpoint_id=tmp)
     except (Exception, CheckpointException) as e:  # every rank: DCP gathers the ranks' failures
         if is_main_process():
             shutil.rmtree(tmp, ignore_errors=True)
         raise write_failure(tmp, _first_failure(e), every_rank=True) from None
-    if is_dist():
-        dist.barrier()
+    barrier()
     if is_main_process():
         save_atomic({k: v for k, v in state.items() if k != "sharded"}, os.path.join(tmp, META))
         if os.path.exists(final):  # an uncommitted directory of this name, from a run killed before its pointer
@@ -342,8 +332,7 @@ def save_sharded(state: dict, output_dir: str, epoch: int, due: Callable[[int], 
         final = os.path.join(output_dir, name)
         _prune([(e, p) for e, p in numbered if due(e) and e != epoch] + ([(epoch, final)] if due(epoch) else []),
                keep_last)
-    if is_dist():
-        dist.barrier()
+    barrier()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,7 +366,7 @@ def clean_start(output_dir: str, last_committed: int) -> None:
     epochs after ``last_committed`` (-1: none), so that log.txt and the checkpoints agree."""
     if not output_dir or not is_main_process() or not os.path.isdir(output_dir):
         return
-    for tmp in glob.glob(os.path.join(output_dir, "*.tmp.*")):
+    for tmp in glob.glob(os.path.join(output_dir, "*.tmp.*")) + glob.glob(os.path.join(output_dir, ".shared-check-*")):
         os.remove(tmp)
     for tmp in glob.glob(os.path.join(output_dir, "*.dcp.tmp")):  # a sharded save that did not complete
         shutil.rmtree(tmp)
@@ -391,6 +380,37 @@ def clean_start(output_dir: str, last_committed: int) -> None:
             with open(tmp, "w") as f:
                 f.write("".join(line + "\n" for line in kept))
             os.replace(tmp, log)
+
+
+def check_shared_output(output_dir: str) -> None:
+    """Under several ranks, before they read or write ``output_dir`` together: every rank must see a file that rank 0
+    writes there (sharded checkpoints write every rank's shards there, and every rank resumes from what it finds
+    there; a node-local directory would silently miss shards). Otherwise one error line names the ranks that do not;
+    the file, and the directory if the check made it, are removed again either way."""
+    if not output_dir or get_world_size() == 1:
+        return
+    name = gather_objects(f".shared-check-{secrets.token_hex(8)}")[0]  # rank 0's name, on every rank
+    path, created = os.path.join(output_dir, name), False
+    if is_main_process():
+        created = not os.path.isdir(output_dir)
+        os.makedirs(output_dir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(name)
+    barrier()
+    try:
+        with open(path) as f:
+            sees = f.read() == name
+    except OSError:
+        sees = False
+    blind = [rank for rank, saw in enumerate(gather_objects(sees)) if not saw]  # every rank has looked
+    if is_main_process():
+        os.remove(path)
+        if created:
+            os.rmdir(output_dir)
+    if blind:
+        raise UserError(f"--output_dir {output_dir} is not one directory that every rank sees: rank(s) "
+                        f"{', '.join(map(str, blind))} of {get_world_size()} do not see the file rank 0 wrote there; "
+                        "put it on a filesystem that every node shares", every_rank=True)
 
 
 def start_output(output_dir: str, epochs: int, start_epoch: int, settings: dict) -> bool:
@@ -423,8 +443,7 @@ def finish_run(output_dir: str, epochs: int) -> None:
     rank 0 has written it: what comes next (another run in the same processes) finds every file in place."""
     if output_dir and is_main_process():
         save_json_atomic({"epochs": epochs}, os.path.join(output_dir, DONE))
-    if is_dist():
-        dist.barrier()
+    barrier()
 
 
 def finished(output_dir: str, epochs: int) -> bool:
@@ -467,11 +486,12 @@ def _load_sharded(directory: str, path: str, model: nn.Module, optimizer: torch.
         set_model_state_dict(model, state["model"])
 
 
-def resume(ckpt: dict | None, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-           optim_step=None) -> tuple[Position, dict]:
-    """Continue from a loaded training checkpoint: model (strict), optimizer and scaler (when given), the model's
-    own generators and this rank's RNG state. Returns (where training continues, the checkpoint's ``extra``). A
-    sharded checkpoint loads into a sharded or a plain model; a single-file one into a plain model only."""
+def resume(ckpt: dict | None, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+           ) -> tuple[Position, dict]:
+    """Continue from a loaded training checkpoint: model (strict), optimizer (when given), the model's own generators
+    and this rank's RNG state (the GradScaler's state, ``ckpt["scaler"]``, goes to util.train_loop.Trainer).
+    Returns (where training continues, the checkpoint's ``extra``). A sharded checkpoint loads into a sharded or a
+    plain model; a single-file one into a plain model only."""
     if ckpt is None:  # a fresh run
         return Position(0), {}
     if "sharded_dir" in ckpt and ckpt.get("model") is None:
@@ -486,8 +506,6 @@ def resume(ckpt: dict | None, path: str, model: nn.Module, optimizer: torch.opti
             raise UserError(f"{path} does not fit this model: {' '.join(str(e).split())[:300]}") from None
         if optimizer is not None and ckpt.get("optimizer"):
             optimizer.load_state_dict(ckpt["optimizer"])
-    if optimizer is not None and optim_step is not None:
-        optim_step.load_state_dict(ckpt.get("scaler") or {})
     for name, generator in module_generators(model).items():
         if name in ckpt.get("generators", {}):
             generator.set_state(ckpt["generators"][name])
