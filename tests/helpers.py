@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
+import pytest
 import torch
 
 from util.cli import run_cli
@@ -98,3 +100,17 @@ def tensorboard_scalars(log_dir: Path) -> dict[str, list]:
     """Every scalar tag of a run's TensorBoard events -> its events (``.step``, ``.value``)."""
     events = tensorboard_events(log_dir)
     return {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``mount`` (created) with ``options`` ("size=6M", "size=1M,ro") for the block; the test is
+    skipped where mounting is not permitted (it needs root, which also writes through any file mode)."""
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

@@ -1,8 +1,10 @@
 """Sharded checkpoints (--fsdp runs) load as safely as weights_only=True files: a hostile ``.metadata`` or byte item
-never runs code on any loading path, and a missing or torn shard is one error line on rank 0 with every rank exiting.
+never runs code on any loading path, no file outside the directory is read, a forged shape allocates nothing, and a
+missing or torn shard is one error line on rank 0 with every rank exiting.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -10,16 +12,19 @@ import pickle
 import re
 import shutil
 import subprocess
+import sys
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex
 
 from tests.helpers import FAST, read_log, run_script
 from util.safe_dcp import METADATA_FILE, read_metadata
-from util.train_state import POINTER
+from util.train_state import META, POINTER
 
 PT = [*FAST, "--dataset", "synthetic", "--synthetic_size", "32", "--batch_size", "16", "--warmup_epochs", "1",
       "--save_freq", "1"]
@@ -129,6 +134,111 @@ def test_a_pickled_optimiser_byte_item_is_read_with_weights_only(genuine, tmp_pa
     _hostile_byte_item(run, marker, "optim.param_groups.0.lr")
     script, argv = _loading_commands(run, out)["resume"]
     _assert_refused(run_script(script, *argv, check=False), marker, out, "refusing byte item 'optim.param_groups.0.lr'")
+
+
+_opened: list[str] | None = None  # the paths this process opens while a test records them
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if event == "open" and _opened is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _opened.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_record_open)  # sees every open: builtins, os.open, pathlib, torch.load, DCP's reader
+
+
+@contextlib.contextmanager
+def _recording_opens() -> Iterator[set[str]]:
+    """The files this process opens in the block, links resolved (filled in as the block ends)."""
+    global _opened
+    _opened, resolved = [], set()
+    try:
+        yield resolved
+    finally:
+        resolved.update(os.path.realpath(p) for p in _opened)
+        _opened = None
+
+
+# the paths that opened a linked shard before it was checked (auto-resume with --fsdp)
+LINK_PATHS = ["consolidate", "export_timm", "linear_probe", "finetune", "teacher", "auto_resume"]
+
+
+@pytest.mark.parametrize("path", LINK_PATHS)
+def test_a_shard_linked_to_a_file_outside_the_directory_is_refused_unread(genuine, tmp_path, path):
+    """The genuine shard moved out of the directory and linked back: it would load as it is, but it is not the
+    directory's own file; refused with one line naming it, and never opened."""
+    run, out, outside = _copy(genuine, tmp_path / "run"), tmp_path / "out", tmp_path / "elsewhere.distcp"
+    shard = next((run / "checkpoint-0.dcp").glob("*.distcp"))
+    shard.rename(outside)
+    shard.symlink_to(outside)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    script, argv = _loading_commands(run, out)[path]
+    with _recording_opens() as opened:
+        proc = run_script(script, *argv, *(["--fsdp"] if path == "auto_resume" else []), check=False)
+    _assert_refused(proc, tmp_path / "marker", out, f"{shard} lies outside {shard.parent}")
+    assert str(outside) not in opened, "the file outside was read"
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("name", [METADATA_FILE, META])
+def test_an_index_or_meta_file_linked_outside_the_directory_is_refused_unread(genuine, tmp_path, name):
+    run, out, outside = _copy(genuine, tmp_path / "run"), tmp_path / "out", tmp_path / "elsewhere"
+    linked = run / "checkpoint-0.dcp" / name
+    linked.rename(outside)
+    linked.symlink_to(outside)
+    script, argv = _loading_commands(run, out)["consolidate"]
+    with _recording_opens() as opened:
+        proc = run_script(script, *argv, check=False)
+    _assert_refused(proc, tmp_path / "marker", out, f"{linked} lies outside {linked.parent}")
+    assert str(outside) not in opened, "the file outside was read"
+
+
+def _forged_shape(run: Path, forgery: str) -> None:
+    """``model.encoder.pos_embed`` declared 100000 x 100000 x 64 (2.5 TB of float32): the shape alone, also its
+    chunk, or also the bytes stored for that chunk."""
+    directory, key = run / "checkpoint-0.dcp", "model.encoder.pos_embed"
+    metadata = read_metadata(directory)
+    item, huge = metadata.state_dict_metadata[key], torch.Size([100000, 100000, 64])
+    item.size = huge
+    if forgery in ("chunk", "bytes"):
+        item.chunks = [ChunkStorageMetadata(torch.Size([0, 0, 0]), huge)]
+    if forgery == "bytes":
+        metadata.storage_data[MetadataIndex(key, torch.Size([0, 0, 0]))].length = huge.numel() * 4
+    with open(directory / METADATA_FILE, "wb") as f:
+        pickle.dump(metadata, f)
+
+
+@pytest.mark.parametrize("path", ["consolidate", "finetune"])
+@pytest.mark.parametrize("forgery, why", [("shape", "do not cover its declared shape (100000, 100000, 64)"),
+                                          ("chunk", "needs 2560000000000 bytes"),
+                                          ("bytes", "which do not fit the")])
+def test_a_forged_shape_is_refused_before_anything_is_allocated(genuine, tmp_path, path, forgery, why):
+    run, out = _copy(genuine, tmp_path / "run"), tmp_path / "out"
+    _forged_shape(run, forgery)
+    script, argv = _loading_commands(run, out)[path]
+    _assert_refused(run_script(script, *argv, check=False), tmp_path / "marker", out, why)
+
+
+@pytest.mark.parametrize("kind", ["meta.pt", "single file", "TorchScript file"])
+def test_a_pickled_object_in_a_checkpoint_file_is_one_line_without_the_unsafe_advice(genuine, tmp_path, kind):
+    """torch's refusal spans lines and advises loading with weights_only=False; the user sees one line that says
+    what the file holds."""
+    run, marker, out = _copy(genuine, tmp_path / "run"), tmp_path / "marker", tmp_path / "out"
+    target = run / "checkpoint-0.dcp" / META if kind == "meta.pt" else tmp_path / "evil.pth"
+    if kind == "TorchScript file":
+        with warnings.catch_warnings():  # torch.jit is deprecated; users still have such files
+            warnings.simplefilter("ignore")
+            torch.jit.script(torch.nn.Linear(2, 2)).save(target)
+    else:
+        torch.save({"epoch": 0, "model": Payload(marker)}, target)
+    script, argv = _loading_commands(run, out)["finetune"]
+    if kind != "meta.pt":
+        argv = [*argv[:-1], target]
+    proc = run_script(script, *argv, check=False)
+    named = "" if kind == "TorchScript file" else " (posix.system)"
+    _assert_refused(proc, marker, out, f"cannot read checkpoint {target}: it holds objects other than tensors and "
+                                       f"plain values{named}, so it was not loaded")
+    assert "weights_only" not in proc.stderr
 
 
 def test_genuine_sharded_checkpoints_still_resume_and_consolidate(genuine, tmp_path):

@@ -4,10 +4,12 @@ rank, mid-epoch resume, validation exactly once), every entry script on shards u
 missing shards."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import FAST, ROOT, read_log, run_script, run_sequence, threads
+from tests.helpers import FAST, ROOT, read_log, run_script, run_sequence, threads, tmpfs
 from util.datasets import DigitsDataset, build_dataset, build_loader
+from util.errors import UserError
+from util.shards import ShardSet
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # the DataLoader's length estimate of a stream
 
@@ -78,6 +82,43 @@ def test_a_killed_conversion_is_completed_and_unreadable_images_are_skipped_and_
     assert {p.name: p.read_bytes() for p in (out / "train").iterdir()} == first  # byte for byte
     proc = run_script("util.make_shards", tmp_path / "folder", out, "--samples_per_shard", "5", check=False)
     assert proc.returncode == 2 and "holds another conversion" in proc.stderr
+
+
+@pytest.mark.parametrize("output", ["under a file", "read-only"])
+def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, output):
+    """Refused before the images are listed or the writing processes start (root writes through any file mode: a
+    read-only filesystem stands for a folder without write permission)."""
+    if output == "under a file":
+        parent = tmp_path / "afile"
+        parent.write_text("keep me")
+        context, why = contextlib.nullcontext(parent), "is a file, not a directory"
+    else:
+        context, why = tmpfs(tmp_path / "ro", "size=1M,ro"), "is not writable"
+    with context as parent:
+        proc = run_script("util.make_shards", "--dataset", "digits", parent / "out", check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: the output folder "), proc.stderr
+    assert why in lines[0] and proc.stdout == ""
+
+
+@pytest.mark.parametrize("entry", ["a path that leaves the folder", "a link to a file elsewhere"])
+def test_a_shard_outside_the_split_folder_is_refused(digit_shards, tmp_path, entry):
+    """index.json's shard names are read inside the split folder only: a name with ``..`` or a shard that is a link
+    to a file outside is one error line naming the entry, before anything is read."""
+    split, elsewhere = tmp_path / "shards" / "train", tmp_path / "other" / "train"
+    shutil.copytree(digit_shards / "train", split)
+    shutil.copytree(digit_shards / "train", elsewhere)
+    name = "../../other/train/shard-000002.tar" if entry == "a path that leaves the folder" else "shard-000002.tar"
+    if entry == "a link to a file elsewhere":
+        (split / name).unlink()
+        (split / name).symlink_to(elsewhere / name)
+    index = json.loads((split / "index.json").read_text())
+    index["shards"][2]["name"] = name
+    (split / "index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError) as refused:
+        ShardSet(str(split), None, train=True)
+    assert f"shard {name!r} listed in {split / 'index.json'} lies outside {split}" in str(refused.value)
+    assert str(elsewhere / "shard-000002.tar") in str(refused.value) and "\n" not in str(refused.value)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from webdataset import TarWriter
 
 from util.cli import run_cli
+from util.config import check_writable_dir
 from util.errors import UserError
 from util.shards import INDEX
 from util.train_state import save_json_atomic
@@ -140,6 +141,11 @@ def main(argv: Sequence[str]) -> None:
         if not source or missing:
             raise UserError(f"the source must be an ImageFolder root with {' and '.join(SPLITS)} folders; "
                             f"not found: {os.path.join(source or '(none given)', missing[0] if missing else '')}")
+    try:  # before any image is listed or decoded
+        for split in SPLITS:
+            check_writable_dir(os.path.join(flags.output, split), "the output folder")
+    except ValueError as e:
+        raise UserError(str(e)) from None
     with multiprocessing.get_context("spawn").Pool(flags.workers) as pool:
         for split in SPLITS:
             convert(source, flags.output, split, flags.samples_per_shard, flags.digits_size, pool)

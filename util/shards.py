@@ -2,8 +2,9 @@
 
 A split directory holds ``shard-NNNNNN.tar`` files and ``index.json``: the class names and, per shard, its name and
 sample count. Each sample is ``<index>.<ext>`` (the source image's bytes, as they were) and ``<index>.cls`` (the
-label), ``<index>`` being the sample's number in the split (nine digits). The tars are read sequentially with the
-``webdataset`` library's tar iterators and shuffle buffer.
+label), ``<index>`` being the sample's number in the split (nine digits). Every shard the index names must lie
+inside the split directory, symbolic links resolved. The tars are read sequentially with the ``webdataset``
+library's tar iterators and shuffle buffer.
 
 One training epoch: the shards in an order seeded by (seed, epoch), their samples concatenated into one sequence;
 rank r of W takes the r-th of W equal contiguous ranges of it (N // W samples each, as DistributedSampler's
@@ -39,6 +40,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from util.errors import UserError
 from util.misc import sample_seed, seeded_cpu_rng
+from util.paths import inside
 
 INDEX = "index.json"
 SHUFFLE_BUFFER = 1000  # samples per worker (~110 MB of ImageNet JPEGs): mixes a shard's consecutive samples
@@ -58,9 +60,10 @@ class ShardSet:
             with open(path) as f:
                 index = json.load(f)
             self.classes = list(index["classes"])
-            self.shards = [(os.path.join(root, s["name"]), int(s["samples"])) for s in index["shards"]]
+            entries = [(str(s["name"]), int(s["samples"])) for s in index["shards"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read shard index {path}: {type(e).__name__}: {e}") from None
+        self.shards = [(inside(root, name, f"shard {name!r} listed in {path}"), n) for name, n in entries]
         missing = [p for p, _ in self.shards if not os.path.isfile(p)]
         if missing:
             raise UserError(f"{len(missing)} shard(s) listed in {path} are missing, e.g. {missing[0]}")

@@ -51,7 +51,8 @@ from util.distributed import (
 from util.errors import UserError
 from util.misc import rng_state, set_rng_state
 from util.parallel import full_state_dict
-from util.safe_dcp import SafePlanner, SafeReader, read_metadata
+from util.paths import inside
+from util.safe_dcp import SafePlanner, SafeReader, load_failure, read_metadata
 
 POINTER = "checkpoint-last.json"  # names the last committed sharded checkpoint
 META = "meta.pt"
@@ -97,9 +98,8 @@ def _dcp_load(state: dict, directory: str, alone: bool) -> None:
         try:
             dcp.load(state, storage_reader=SafeReader(directory), planner=SafePlanner(), no_dist=alone)
         except (Exception, CheckpointException) as e:  # torn or missing shards, refused items (every rank)
-            cause = _first_failure(e)
-            raise UserError(f"cannot read sharded checkpoint {directory}: {type(cause).__name__}: "
-                            f"{' '.join(str(cause).split())[:300]}", every_rank=True) from None
+            raise UserError(f"cannot read sharded checkpoint {directory}: {load_failure(_first_failure(e))}",
+                            every_rank=True) from None
 
 
 def _first_failure(e: BaseException) -> BaseException:
@@ -120,16 +120,18 @@ def load_file(path: str, weights: bool = True) -> dict:
     if directory is not None:
         if not os.path.isfile(os.path.join(directory, META)):
             raise UserError(f"checkpoint not found: {directory} (named by {path})")
-        meta = {**load_file(os.path.join(directory, META)), "sharded_dir": directory}
+        meta = {**load_file(inside(directory, META, os.path.join(directory, META))), "sharded_dir": directory}
         return {**meta, "model": sharded_weights(directory)} if weights else meta
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
         # official MAE/DeiT/Scala files pickle their flags as an argparse.Namespace: allow that one class
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # a TorchScript file is refused below; torch's warning that it would run it instead is not the news
+            warnings.filterwarnings("ignore", message="'torch.load' received a zip file that looks like a TorchScript")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, or pickled objects that weights_only refuses
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read checkpoint {path}: {load_failure(e)}") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt
@@ -305,9 +307,12 @@ def _commit_sharded(state: dict, output_dir: str, name: str, epoch: int) -> None
     try:
         dcp.save(state["sharded"], checkpoint_id=tmp)
     except (Exception, CheckpointException) as e:  # every rank: DCP gathers the ranks' failures
+        # described while the partial directory still fills the disk: DCP passes each rank's failure on pickled,
+        # without the OSError behind the zip writer's "unexpected pos", so the free space is what tells
+        failure = write_failure(tmp, _first_failure(e), every_rank=True)
         if is_main_process():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise write_failure(tmp, _first_failure(e), every_rank=True) from None
+        raise failure from None
     barrier()
     if is_main_process():
         save_atomic({k: v for k, v in state.items() if k != "sharded"}, os.path.join(tmp, META))
