@@ -241,6 +241,18 @@ def test_a_pickled_object_in_a_checkpoint_file_is_one_line_without_the_unsafe_ad
     assert "weights_only" not in proc.stderr
 
 
+@pytest.mark.parametrize("name", ["../elsewhere/checkpoint-0.dcp", "/tmp/checkpoint-0.dcp"])
+def test_a_pointer_that_names_a_directory_elsewhere_is_refused(genuine, tmp_path, name):
+    """checkpoint-last.json names a directory beside it, never one elsewhere on the machine."""
+    elsewhere = _copy(genuine, tmp_path / "elsewhere")
+    run, out = _copy(genuine, tmp_path / "run"), tmp_path / "out"
+    (run / POINTER).write_text(json.dumps({"checkpoint": name, "epoch": 0}))
+    proc = run_script("models.convert", "--consolidate", run / POINTER, out / "c.pth", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: checkpoint pointer {run / POINTER} names {name!r}, not a directory beside it"], proc.stderr
+    assert not out.exists() and (elsewhere / "checkpoint-0.dcp").is_dir()
+
+
 def test_genuine_sharded_checkpoints_still_resume_and_consolidate(genuine, tmp_path):
     run = _copy(genuine, tmp_path / "run")
     run_script("main_pretrain.py", *XTRA, "--epochs", "2", "--fsdp", "--output_dir", run)

@@ -62,11 +62,11 @@ class ShardSet:
             self.classes = list(index["classes"])
             entries = [(str(s["name"]), int(s["samples"])) for s in index["shards"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"cannot read shard index {path}: {type(e).__name__}: {e}") from None
+            raise UserError(f"cannot read shard index {path}: {type(e).__name__}: {e}", every_rank=True) from None
         self.shards = [(inside(root, name, f"shard {name!r} listed in {path}"), n) for name, n in entries]
         missing = [p for p, _ in self.shards if not os.path.isfile(p)]
         if missing:
-            raise UserError(f"{len(missing)} shard(s) listed in {path} are missing, e.g. {missing[0]}")
+            raise UserError(f"{len(missing)} shard(s) listed in {path} are missing, e.g. {missing[0]}", every_rank=True)
         self.root, self.transform, self.train = root, transform, train
         self.starts = [0]
         for _, n in self.shards:

@@ -318,7 +318,9 @@ class TrainingEpoch:
         trainer = self.trainer
         nonfinite = self.nonfinite if self.nonfinite is not None else \
             torch.zeros((), dtype=torch.float64, device=trainer.device)
-        self.pending.append((nonfinite, {"n": n if n is not None else trainer.batch_size, **logged}))
+        n = n if n is not None else trainer.batch_size
+        self.meters.update(n=n, lr=max(g["lr"] for g in trainer.optimizer.param_groups))  # a host number
+        self.pending.append((nonfinite, {"n": n, **logged}))
         self.nonfinite = None
         if (self.step_index + 1) % trainer.accum_iter:
             return False
@@ -370,15 +372,15 @@ class TrainingEpoch:
         return values, grad_norm
 
     def _log(self, values: list[dict], grad_norm: float) -> None:
-        """The update's micro-steps into the meters, in order (the first logged value, then lr, then the gradient
-        norm with the last micro-step, then the rest: the order of the meters in the progress line and log.txt),
-        and the update into TensorBoard: ``train_<name>`` of its last micro-step, ``lr`` and ``grad_norm``."""
+        """The update's micro-steps into the meters, in order (the first logged value, then the gradient norm with
+        the last micro-step, then the rest: the order of the meters in the progress line and log.txt), and the
+        update into TensorBoard: ``train_<name>`` of its last micro-step, ``lr`` and ``grad_norm``."""
         lr = max(g["lr"] for g in self.trainer.optimizer.param_groups)  # the head's lr under layer decay
         for i, logged in enumerate(values):
             n = logged.pop("n")
             (first, value), *rest = logged.items()
-            self.meters.update(n=n, **{first: value, "lr": lr, "grad_norm": grad_norm if i == len(values) - 1 else
-                                       None, **dict(rest)})
+            self.meters.update(n=n, **{first: value, "grad_norm": grad_norm if i == len(values) - 1 else None,
+                                       **dict(rest)})
         log_step(self.trainer.log_writer, self.epoch + self.step_index / self.steps, lr=lr, grad_norm=grad_norm,
                  **{f"train_{k}": v for k, v in values[-1].items()})
         self.agreed = self.saves.due or bool(self.saves.signum)

@@ -65,9 +65,12 @@ def sharded_dir(path: str) -> str | None:
     if path.endswith(".json") and os.path.isfile(path):
         try:
             with open(path) as f:
-                return os.path.join(os.path.dirname(path), json.load(f)["checkpoint"])
+                name = json.load(f)["checkpoint"]
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"cannot read checkpoint pointer {path}: {type(e).__name__}: {e}") from None
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+            raise UserError(f"checkpoint pointer {path} names {name!r}, not a directory beside it", every_rank=True)
+        return inside(os.path.dirname(path), name, f"{name} (named by {path})")
     return None
 
 
