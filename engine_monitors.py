@@ -27,7 +27,7 @@ from util.config import KnnSettings, OnlineProbeSettings
 from util.datasets import build_loader
 from util.distributed import all_gather_rows, all_reduce, get_world_size, is_dist, is_sharded, print0
 from util.errors import UserError
-from util.misc import forked_rng
+from util.rng import forked_rng
 from util.shards import ShardSet
 from util.train_loop import autocast_context
 

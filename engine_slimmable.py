@@ -3,7 +3,9 @@ update (the gradient of the summed losses; only one width's graph is alive at a 
 from __future__ import annotations
 
 import random
+from typing import Callable
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -15,20 +17,18 @@ from util.train_loop import TrainingEpoch
 WIDTH_NAMES = ("full", "r3", "r2", "s")
 
 
-def train_one_epoch(model: nn.Module, teacher: nn.Module | None, epoch: TrainingEpoch, scala: ScalaConfig, mixup_fn,
-                    smoothing: float, num_classes: int, seed: int) -> dict[str, float]:
+def train_one_epoch(model: nn.Module, teacher: nn.Module | None, epoch: TrainingEpoch, scala: ScalaConfig,
+                    soft_targets: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+                    seed: int) -> dict[str, float]:
     """The first ``scala.full_warm_epochs`` epochs train the largest width only; then every step runs
     [l, r3, r2, s] from stable sampling (each rank draws its own r3, r2, as the official seed + rank does).
-    Gradients are all-reduced once per update: by the backward of the last width of its last micro-step."""
+    ``soft_targets`` mixes the batch and makes its targets distributions (mixup, label smoothing). Gradients are
+    all-reduced once per update: by the backward of the last width of its last micro-step."""
     model.train()
     full_only = epoch.epoch < scala.full_warm_epochs
     space = scala.width_space
     for batch in epoch:
-        images, targets = batch.images, batch.targets
-        if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
-        elif smoothing > 0:
-            targets = F.one_hot(targets, num_classes) * (1 - smoothing) + smoothing / num_classes
+        images, targets = soft_targets(batch.images, batch.targets)
         # seeded per step, so that a run resumed anywhere draws the same widths
         rng = random.Random(f"scala-{seed}-{get_rank()}-{epoch.epoch}-{batch.step}")
         ratios = [space.largest] if full_only else space.sample(rng)

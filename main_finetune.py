@@ -6,8 +6,6 @@
 """
 from __future__ import annotations
 
-import datetime
-import time
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -27,7 +25,6 @@ from models.formats import (
 )
 from models.registry import setting_owners
 from models.vit import VIT_PRESETS, VisionTransformer, vit_config
-from util.cli import run_cli
 from util.config import (
     PARALLEL_GROUP,
     SHARED_GROUPS,
@@ -38,23 +35,13 @@ from util.config import (
     print_settings,
     resolve_run,
 )
-from util.datasets import build_loader, make_mixup, save_class_names, supervised_datasets
-from util.distributed import cleanup_distributed, init_distributed, launch_world_size, print0
-from util.errors import UserError
-from util.misc import log_epoch, make_log_writer, seed_everything
-from util.parallel import parallelize, wrap_model
+from util.datasets import build_loader, make_mixup, supervised_datasets
+from util.distributed import launch_world_size, print0
+from util.errors import UserError, run_cli
+from util.parallel import parallelize
+from util.run import EpochResult, TrainingRun, evaluate_only, start_process
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
-from util.train_loop import MidEpochSaves, Trainer, adamw, configure_kernels
-from util.train_state import (
-    check_shared_output,
-    commit_epoch,
-    evaluate_only,
-    finish_run,
-    resume,
-    start_output,
-    training_state,
-    weights_only_state,
-)
+from util.train_loop import adamw
 
 assert models  # importing the package registers the official-checkpoint converters
 
@@ -147,13 +134,8 @@ def main(argv: Sequence[str]) -> None:
         return
     if s.eval and ckpt is None and init is None:
         raise UserError("--eval needs --resume (or --finetune) weights")
-    dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp and not s.eval,
-                                 timeout_minutes=s.dist_timeout)
+    dist_info = start_process(s, process_group=s.fsdp and not s.eval, trains=not s.eval)
     device = dist_info.device
-    configure_kernels(device, s.tf32, s.deterministic)
-    if not s.eval:
-        check_shared_output(s.output_dir)
-    seed_everything(s.seed)
 
     train_set, val_set = supervised_datasets(s.of(DataSettings), s.input_size, s.of(AugmentSettings), not s.eval)
     num_classes = s.nb_classes or len((train_set or val_set).classes)
@@ -179,52 +161,25 @@ def main(argv: Sequence[str]) -> None:
                                       layer_decay=s.layer_decay)
     optimizer = adamw(groups, lr=s.of(OptimSettings).peak_lr(launch_world_size()), betas=tuple(s.betas))
     model_ema = ModelEmaV3(model, decay=s.model_ema_decay) if s.model_ema else None
-    start_at, extra = resume(ckpt, ckpt_path, model, optimizer)
-    if model_ema is not None and "model_ema" in extra:
-        model_ema.module.load_state_dict(extra["model_ema"])
-    if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
-        return cleanup_distributed()
-    save_class_names(train_set, s.output_dir)
+    run = TrainingRun(s, dist_info, model, optimizer, ckpt, ckpt_path,
+                      describe=lambda: {**encoder_record(model, "", None), "model_name": s.model},
+                      states={"model_ema": model_ema.module} if model_ema else {})
 
-    model_ddp = wrap_model(model, dist_info, s.compile)
-    log_writer = make_log_writer(s.output_dir, s.log_dir)
-    trainer = Trainer(model, optimizer, s.of(OptimSettings), device, s.print_freq,
-                      int(s.max_unreadable * len(train_set)), log_writer, (ckpt or {}).get("scaler"))
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"{n_params / 1e6:.2f}M trainable parameters; start training for {s.epochs} epochs")
-    best = extra.get("best_acc1", 0.0)
+    def end_of_epoch(epoch: int, averages: dict) -> EpochResult:
+        """Top-1 of the model and of its EMA; the better one picks checkpoint-best.pth."""
+        test = evaluate(model, val_loader, device, s.amp)
+        record = {f"test_{k}": v for k, v in test.items()}
+        score = test["acc1"]
+        if model_ema is not None:
+            ema = evaluate(model_ema.module, val_loader, device, s.amp)
+            record.update({f"test_ema_{k}": v for k, v in ema.items()})
+            score = max(score, ema["acc1"])
+        return EpochResult(record=record, score=score,
+                           scalars={f"perf/test_{k}": test[k] for k in ("acc1", "acc5", "loss")})
 
-    def state_after(epoch: int, position: dict | None = None) -> dict:
-        """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
-        extra = {"best_acc1": best, **({"model_ema": model_ema.module.state_dict()} if model_ema else {})}
-        return {**training_state(model, epoch, s.as_dict(), optimizer, trainer.state_dict(), extra, position),
-                **encoder_record(model, "", None), "model_name": s.model}
-
-    start = time.time()
-    with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
-        for epoch in range(start_at.epoch, s.epochs):
-            train_stats = train_one_epoch(model_ddp, criterion, trainer.epoch(train_loader, epoch, saves), mixup_fn,
-                                          model_ema)
-            test_stats = evaluate(model, val_loader, device, s.amp)
-            record = {**{f"train_{k}": v for k, v in train_stats.items()},
-                      **{f"test_{k}": v for k, v in test_stats.items()}, "epoch": epoch, "n_parameters": n_params}
-            acc = test_stats["acc1"]
-            if model_ema is not None:
-                ema_stats = evaluate(model_ema.module, val_loader, device, s.amp)
-                record.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
-                acc = max(acc, ema_stats["acc1"])
-            improved = acc > best
-            best = max(best, acc)
-            state = state_after(epoch)
-            commit_epoch(s.output_dir, epoch, record, state, s.epochs, s.save_freq, s.keep_last,
-                         {"checkpoint-best.pth": weights_only_state(state, model)} if improved else {})
-            print0(f"accuracy on {test_stats['n']} val images: {test_stats['acc1']:.2f}%  (best {best:.2f}%)")
-            log_epoch(log_writer, epoch, {f"perf/test_{k}": test_stats[k] for k in ("acc1", "acc5", "loss")})
-    finish_run(s.output_dir, s.epochs)
-    if log_writer is not None:
-        log_writer.close()
-    print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best acc1 {best:.2f}%")
-    cleanup_distributed()
+    run.fit(train_loader, len(train_set),
+            lambda net, epoch: train_one_epoch(net, criterion, epoch, mixup_fn, model_ema), end_of_epoch,
+            classes=train_set.classes)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@
 """
 from __future__ import annotations
 
-import datetime
-import time
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -21,24 +19,13 @@ from models.masks import BlockCausal, EncoderMask, encoder_mask_from_dict
 from models.probes import AttentivePoolingHead, LinearHead, Probe, default_pool
 from models.registry import setting_owners
 from models.vit import VisionTransformer
-from util.cli import run_cli
 from util.config import SHARED_GROUPS, AugmentSettings, DataSettings, OptimSettings, print_settings, resolve_run
-from util.datasets import build_loader, save_class_names, supervised_datasets
-from util.distributed import cleanup_distributed, init_distributed, launch_world_size, print0
-from util.errors import UserError
-from util.misc import log_epoch, make_log_writer, seed_everything
-from util.parallel import wrap_model
+from util.datasets import build_loader, supervised_datasets
+from util.distributed import launch_world_size, print0
+from util.errors import UserError, run_cli
+from util.run import EpochResult, TrainingRun, evaluate_only, start_process
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
-from util.train_loop import MidEpochSaves, Trainer, adamw, configure_kernels
-from util.train_state import (
-    check_shared_output,
-    commit_epoch,
-    evaluate_only,
-    finish_run,
-    resume,
-    start_output,
-    training_state,
-)
+from util.train_loop import adamw
 
 assert models  # importing the package registers the official-checkpoint converters
 
@@ -162,12 +149,8 @@ def main(argv: Sequence[str]) -> None:
         return
     if s.eval and ckpt is None:
         raise UserError("--eval needs --resume (a probe checkpoint)")
-    dist_info = init_distributed(s.device, s.dist_url, timeout_minutes=s.dist_timeout)
+    dist_info = start_process(s, process_group=False, trains=not s.eval)
     device = dist_info.device
-    configure_kernels(device, s.tf32, s.deterministic)
-    if not s.eval:
-        check_shared_output(s.output_dir)
-    seed_everything(s.seed)
 
     augment = s.of(AugmentSettings) if s.probe == "attentive" else None  # the linear probe: crop and flip only
     train_set, val_set = supervised_datasets(s.of(DataSettings), s.input_size, augment, not s.eval)
@@ -191,45 +174,21 @@ def main(argv: Sequence[str]) -> None:
         optimizer = adamw(groups, lr=lr, betas=tuple(s.betas), weight_decay=s.weight_decay)
     if s.eval:
         return evaluate_only(ckpt, ckpt_path, model, lambda: evaluate(model, val_loader, device, s.amp))
-    start_at, extra = resume(ckpt, ckpt_path, model, optimizer)
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
-    if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
-        return cleanup_distributed()
-    save_class_names(train_set, s.output_dir)
-
-    model_ddp = wrap_model(model, dist_info, s.compile)
-    log_writer = make_log_writer(s.output_dir, s.log_dir)
-    trainer = Trainer(model, optimizer, s.of(OptimSettings), device, s.print_freq,
-                      int(s.max_unreadable * len(train_set)), log_writer, (ckpt or {}).get("scaler"))
     criterion = torch.nn.CrossEntropyLoss()
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"{s.probe} probe: {n_params} trainable parameters; mask: {'on' if model.mask is not None else 'off'}")
-    best = extra.get("best_acc1", 0.0)
+    print0(f"{s.probe} probe; backbone mask: {'on' if model.mask is not None else 'off'}")
+    run = TrainingRun(s, dist_info, model, optimizer, ckpt, ckpt_path,
+                      describe=lambda: {**encoder_record(backbone, "backbone.",
+                                                         encoder_mask_from_dict(init.get("encoder_mask"))),
+                                        "model_name": f"{s.probe}_probe"})
 
-    def state_after(epoch: int, position: dict | None = None) -> dict:
-        """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
-        return {**training_state(model, epoch, s.as_dict(), optimizer, trainer.state_dict(), {"best_acc1": best},
-                                 position),
-                **encoder_record(backbone, "backbone.", encoder_mask_from_dict(init.get("encoder_mask"))),
-                "model_name": f"{s.probe}_probe"}
+    def end_of_epoch(epoch: int, averages: dict) -> EpochResult:
+        test = evaluate(model, val_loader, device, s.amp)
+        return EpochResult(record={f"test_{k}": v for k, v in test.items()}, score=test["acc1"],
+                           scalars={f"perf/test_{k}": test[k] for k in ("acc1", "acc5", "loss")})
 
-    start = time.time()
-    with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
-        for epoch in range(start_at.epoch, s.epochs):
-            train_stats = train_one_epoch(model_ddp, criterion, trainer.epoch(train_loader, epoch, saves))
-            test_stats = evaluate(model, val_loader, device, s.amp)
-            best = max(best, test_stats["acc1"])
-            commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                               **{f"test_{k}": v for k, v in test_stats.items()},
-                                               "epoch": epoch, "n_parameters": n_params},
-                         state_after(epoch), s.epochs, s.save_freq, s.keep_last)
-            print0(f"accuracy on {test_stats['n']} val images: {test_stats['acc1']:.2f}%  (best {best:.2f}%)")
-            log_epoch(log_writer, epoch, {f"perf/test_{k}": test_stats[k] for k in ("acc1", "acc5", "loss")})
-    finish_run(s.output_dir, s.epochs)
-    if log_writer is not None:
-        log_writer.close()
-    print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best acc1 {best:.2f}%")
-    cleanup_distributed()
+    run.fit(train_loader, len(train_set), lambda net, epoch: train_one_epoch(net, criterion, epoch), end_of_epoch,
+            classes=train_set.classes)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,7 @@ preset, the checkpoint being resumed, the command line (later wins); ``--print_c
 """
 from __future__ import annotations
 
-import datetime
 import os
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,7 +21,7 @@ from engine_monitors import Monitors, encoder_features, with_transform
 from engine_pretrain import train_one_epoch
 from models.formats import encoder_record, plain_config, resumed_checkpoint
 from models.registry import lookup, model_names, official_global_batch, setting_owners
-from util.cli import run_cli
+from util.checkpoint import is_due
 from util.config import (
     PARALLEL_GROUP,
     SHARED_GROUPS,
@@ -35,21 +33,14 @@ from util.config import (
     resumed_model,
 )
 from util.datasets import build_dataset, build_loader, build_transform
-from util.distributed import cleanup_distributed, init_distributed, is_main_process, launch_world_size, print0
+from util.distributed import is_main_process, launch_world_size, print0
+from util.errors import run_cli
 from util.images import first_images, panels_image, save_panels
-from util.misc import forked_rng, log_epoch, make_log_writer, seed_everything
-from util.parallel import full_state_dict, parallelize, wrap_model
+from util.parallel import full_state_dict, parallelize
+from util.rng import forked_rng
+from util.run import EpochResult, TrainingRun, start_process
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
-from util.train_loop import MidEpochSaves, Trainer, adamw, configure_kernels
-from util.train_state import (
-    check_shared_output,
-    commit_epoch,
-    finish_run,
-    is_due,
-    resume,
-    start_output,
-    training_state,
-)
+from util.train_loop import adamw
 
 assert models  # importing the package registers every method
 
@@ -102,78 +93,52 @@ def main(argv: Sequence[str]) -> None:
     if s.print_config:
         return
     config = s.of(method.config_class)
-    dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp, timeout_minutes=s.dist_timeout)
-    configure_kernels(dist_info.device, s.tf32, s.deterministic)
-    check_shared_output(s.output_dir)
-    seed_everything(s.seed)
+    dist_info = start_process(s, process_group=s.fsdp, trains=True)
+    device = dist_info.device
 
-    model = method.model_class(config).to(dist_info.device)
+    model = method.model_class(config).to(device)
     # before the optimiser sees the parameters
     print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp, s.compile))
     transform = build_transform(config.input_size, is_train=True, crop_scale=s.crop_scale, crop_ratio=s.crop_ratio)
     dataset = build_dataset(s.dataset, "train", transform, config.input_size, s.data_path, s.synthetic_size)
     loader = build_loader(dataset, s.batch_size, s.num_workers, is_train=True, seed=s.seed,
-                          pin_memory=s.pin_mem and dist_info.device.type == "cuda")
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print0(f"model {s.model}: {n_params / 1e6:.2f}M trainable parameters "
-           f"(encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M)")
+                          pin_memory=s.pin_mem and device.type == "cuda")
+    print0(f"model {s.model}: encoder {sum(p.numel() for p in model.encoder.parameters()) / 1e6:.2f}M parameters")
     optimizer = adamw(param_groups_weight_decay(model, s.weight_decay, no_weight_decay_list=model.no_weight_decay()),
                       lr=s.of(OptimSettings).peak_lr(launch_world_size()), betas=tuple(s.betas))
     monitors = None
     if Monitors.wanted(s.of(KnnSettings), s.of(OnlineProbeSettings)):  # on fixed training and validation images
         evaluation = build_transform(config.input_size, is_train=False)
-        monitors = Monitors(s.of(KnnSettings), s.of(OnlineProbeSettings),
-                            encoder_features(model, s.amp, dist_info.device),
+        monitors = Monitors(s.of(KnnSettings), s.of(OnlineProbeSettings), encoder_features(model, s.amp, device),
                             with_transform(dataset, evaluation),
                             build_dataset(s.dataset, "val", evaluation, config.input_size, s.data_path,
                                           s.synthetic_size), len(dataset.classes), s.batch_size, s.num_workers)
     online_probe = monitors.online_probe if monitors else None
-    start_at, extra = resume(ckpt, ckpt_path, model, optimizer)
-    if online_probe is not None and "online_probe" in extra:
-        online_probe.load_state_dict(extra["online_probe"])
-    if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
-        return cleanup_distributed()
-    log_writer = make_log_writer(s.output_dir, s.log_dir)
-    trainer = Trainer(model, optimizer, s.of(OptimSettings), dist_info.device, s.print_freq,
-                      int(s.max_unreadable * len(dataset)), log_writer, (ckpt or {}).get("scaler"))
+    run = TrainingRun(s, dist_info, model, optimizer, ckpt, ckpt_path,
+                      describe=lambda: {**encoder_record(model.encoder, "encoder.", model.encoder_mask),
+                                        "model_name": s.model, "model_config": plain_config(model.config)},
+                      states={"online_probe": online_probe} if online_probe else {})
 
-    def state_after(epoch: int, position: dict | None = None) -> dict:
-        """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
-        extra = {"online_probe": online_probe.state_dict()} if online_probe else {}
-        return {**training_state(model, epoch, s.as_dict(), optimizer, trainer.state_dict(), extra, position),
-                **encoder_record(model.encoder, "encoder.", model.encoder_mask),
-                "model_name": s.model, "model_config": plain_config(model.config)}
+    def end_of_epoch(epoch: int, averages: dict) -> EpochResult:
+        monitored = monitors.epoch_end(epoch) if monitors else {}
+        files = {"encoder.pth": {"model": full_state_dict(model, "encoder."),
+                                 **encoder_record(model.encoder, "", model.encoder_mask)}} \
+            if s.save_encoder and is_due(epoch, s.epochs, s.save_freq) else {}
+        if s.visualize_every and s.output_dir and (epoch + 1) % s.visualize_every == 0:
+            # every rank runs it (a sharded forward is collective), on its own RNG stream: resuming stays exact
+            model.eval()
+            with forked_rng():
+                panels = model.visualize(first_images(dataset, 8, device))
+            model.train()
+            if is_main_process():
+                title = f"{s.model}, epoch {epoch}"
+                save_panels(panels, os.path.join(s.output_dir, f"vis-{epoch}.png"), title)
+                if run.log_writer is not None:
+                    run.log_writer.add_image("visualize/panels", panels_image(panels, title), epoch, dataformats="HWC")
+        return EpochResult(record=monitored, files=files,
+                           scalars={f"monitor/{name}": value for name, value in monitored.items()})
 
-    model_ddp = wrap_model(model, dist_info, s.compile)
-    print0(f"start training for {s.epochs} epochs from epoch {start_at.epoch}")
-    start = time.time()
-    with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
-        for epoch in range(start_at.epoch, s.epochs):
-            stats = train_one_epoch(model_ddp, trainer.epoch(loader, epoch, saves), online_probe)
-            monitored = monitors.epoch_end(epoch) if monitors else {}
-            files = {"encoder.pth": {"model": full_state_dict(model, "encoder."),
-                                     **encoder_record(model.encoder, "", model.encoder_mask)}} \
-                if s.save_encoder and is_due(epoch, s.epochs, s.save_freq) else {}
-            record = {**{f"train_{k}": v for k, v in stats.items()}, **monitored, "epoch": epoch,
-                      "n_parameters": n_params}
-            commit_epoch(s.output_dir, epoch, record, state_after(epoch), s.epochs, s.save_freq, s.keep_last, files)
-            log_epoch(log_writer, epoch, {f"monitor/{name}": value for name, value in monitored.items()})
-            if s.visualize_every and s.output_dir and (epoch + 1) % s.visualize_every == 0:
-                # every rank runs it (a sharded forward is collective), on its own RNG stream: resuming stays exact
-                model.eval()
-                with forked_rng():
-                    panels = model.visualize(first_images(dataset, 8, dist_info.device))
-                if is_main_process():
-                    title = f"{s.model}, epoch {epoch}"
-                    save_panels(panels, os.path.join(s.output_dir, f"vis-{epoch}.png"), title)
-                    if log_writer is not None:
-                        log_writer.add_image("visualize/panels", panels_image(panels, title), epoch, dataformats="HWC")
-                model.train()
-    finish_run(s.output_dir, s.epochs)
-    if log_writer is not None:
-        log_writer.close()
-    print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}")
-    cleanup_distributed()
+    run.fit(loader, len(dataset), lambda net, epoch: train_one_epoch(net, epoch, online_probe), end_of_epoch)
 
 
 if __name__ == "__main__":

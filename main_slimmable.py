@@ -14,7 +14,6 @@ losses.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 
 import models
@@ -38,7 +38,7 @@ from models.formats import (
 from models.registry import lookup, model_names, official_global_batch, setting_owners
 from models.scala import ScalaConfig, SlimmableViT
 from models.teacher import load_teacher
-from util.cli import run_cli
+from util.checkpoint import save_atomic
 from util.config import (
     PARALLEL_GROUP,
     SHARED_GROUPS,
@@ -51,25 +51,13 @@ from util.config import (
     resolve_run,
     resumed_model,
 )
-from util.datasets import build_loader, build_transform, make_mixup, save_class_names, supervised_datasets
-from util.distributed import cleanup_distributed, init_distributed, is_main_process, launch_world_size, print0
-from util.errors import UserError
-from util.misc import log_epoch, make_log_writer, seed_everything
-from util.parallel import parallelize, wrap_model
+from util.datasets import build_loader, build_transform, make_mixup, supervised_datasets
+from util.distributed import is_main_process, launch_world_size, print0
+from util.errors import UserError, run_cli
+from util.parallel import parallelize
+from util.run import EpochResult, TrainingRun, evaluate_only, start_process
 from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, setting
-from util.train_loop import MidEpochSaves, Trainer, adamw, autocast_context, configure_kernels
-from util.train_state import (
-    check_shared_output,
-    commit_epoch,
-    evaluate_only,
-    finish_run,
-    resume,
-    save_atomic,
-    start_output,
-    training_state,
-    weights_only_state,
-    write_json_line,
-)
+from util.train_loop import adamw, autocast_context
 
 assert models  # importing the package registers the presets
 
@@ -188,13 +176,8 @@ def main(argv: Sequence[str]) -> None:
     init = load_checkpoint(s.init_from, s.num_heads if s.source("num_heads") == "command line" else None) \
         if s.init_from and ckpt is None else None
     teacher = load_teacher(s.teacher, s.teacher_weights or None) if s.teacher and not s.eval else None
-    dist_info = init_distributed(s.device, s.dist_url, process_group=s.fsdp and not s.eval,
-                                 timeout_minutes=s.dist_timeout)
+    dist_info = start_process(s, process_group=s.fsdp and not s.eval, trains=not s.eval)
     device = dist_info.device
-    configure_kernels(device, s.tf32, s.deterministic)
-    if not s.eval:
-        check_shared_output(s.output_dir)
-    seed_everything(s.seed)
 
     train_set, val_set = supervised_datasets(s.of(DataSettings), s.input_size, s.of(AugmentSettings), not s.eval)
     num_classes = s.nb_classes or len((train_set or val_set).classes)
@@ -231,52 +214,36 @@ def main(argv: Sequence[str]) -> None:
         monitors = Monitors(s.of(KnnSettings), None, features,
                             with_transform(train_set, build_transform(s.input_size, False, crop_pct=s.crop_pct)),
                             val_set, num_classes, s.batch_size, s.num_workers)
-    start_at, extra = resume(ckpt, ckpt_path, model, optimizer)
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
-    if not start_output(s.output_dir, s.epochs, start_at.epoch, s.as_dict()):  # validated: the first write
-        return cleanup_distributed()
-    save_class_names(train_set, s.output_dir)
     mixup_fn = make_mixup(s.of(MixupSettings), num_classes)
-    model_ddp = wrap_model(model, dist_info, s.compile)
-    log_writer = make_log_writer(s.output_dir, s.log_dir)
-    trainer = Trainer(model, optimizer, s.of(OptimSettings), device, s.print_freq,
-                      int(s.max_unreadable * len(train_set)), log_writer, (ckpt or {}).get("scaler"))
+
+    def soft_targets(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and their targets as distributions: mixup / cutmix (with label smoothing), or smoothed labels."""
+        if mixup_fn is not None:
+            return mixup_fn(images, labels)
+        if s.smoothing > 0:
+            return images, F.one_hot(labels, num_classes) * (1 - s.smoothing) + s.smoothing / num_classes
+        return images, labels
+
     print0(f"{s.model}: {model.num_params(s.largest_ratio) / 1e6:.2f}M parameters at r={s.largest_ratio}; "
            f"widths {model.width_space.grid()}; teacher {s.teacher or 'none'}; {s.epochs} epochs "
            f"({s.full_warm_epochs} full-width only)")
-    best = extra.get("best_acc1", 0.0)
+    run = TrainingRun(s, dist_info, model, optimizer, ckpt, ckpt_path,
+                      describe=lambda: {**encoder_record(model, "", None), "model_name": s.model,
+                                        "model_config": plain_config(scala)})
 
-    def state_after(epoch: int, position: dict | None = None) -> dict:
-        """The checkpoint after ``epoch`` (with ``position``: inside the next one); a collective."""
-        return {**training_state(model, epoch, s.as_dict(), optimizer, trainer.state_dict(), {"best_acc1": best},
-                                 position),
-                **encoder_record(model, "", None), "model_name": s.model, "model_config": plain_config(scala)}
+    def end_of_epoch(epoch: int, averages: dict) -> EpochResult:
+        """The full width's top-1 picks checkpoint-best.pth, as in the official code."""
+        test = evaluate(AtRatio(model, s.largest_ratio), val_loader, device, s.amp)
+        monitored = monitors.epoch_end(epoch) if monitors else {}
+        return EpochResult(record={**{f"test_{k}": v for k, v in test.items()}, **monitored}, score=test["acc1"],
+                           scalars={"perf/test_acc1_full": test["acc1"],
+                                    **{f"monitor/{name}": value for name, value in monitored.items()}})
 
-    start = time.time()
-    with MidEpochSaves(s.save_every_minutes, s.output_dir, start_at, state_after) as saves:
-        for epoch in range(start_at.epoch, s.epochs):
-            train_stats = train_one_epoch(model_ddp, teacher, trainer.epoch(train_loader, epoch, saves), scala,
-                                          mixup_fn, s.smoothing, num_classes, s.seed)
-            test_stats = evaluate(AtRatio(model, s.largest_ratio), val_loader, device, s.amp)
-            monitored = monitors.epoch_end(epoch) if monitors else {}
-            improved = test_stats["acc1"] > best  # official: best checkpoint on the full width only
-            best = max(best, test_stats["acc1"])
-            state = state_after(epoch)
-            commit_epoch(s.output_dir, epoch, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                               **{f"test_{k}": v for k, v in test_stats.items()}, **monitored,
-                                               "epoch": epoch},
-                         state, s.epochs, s.save_freq, s.keep_last,
-                         {"checkpoint-best.pth": weights_only_state(state, model)} if improved else {})
-            log_epoch(log_writer, epoch, {"perf/test_acc1_full": test_stats["acc1"],
-                                          **{f"monitor/{name}": value for name, value in monitored.items()}})
-    print0(f"training time {datetime.timedelta(seconds=int(time.time() - start))}; best full-width acc1 {best:.2f}%")
-    # the table of every width closes the run (its log line carries epoch = epochs, so a rerun redoes it)
-    write_json_line(s.output_dir, {"eval_table": evaluate_ratios(model, eval_ratios, val_loader, device, s),
-                                   "epoch": s.epochs})
-    finish_run(s.output_dir, s.epochs)
-    if log_writer is not None:
-        log_writer.close()
-    cleanup_distributed()
+    run.fit(train_loader, len(train_set),
+            lambda net, epoch: train_one_epoch(net, teacher, epoch, scala, soft_targets, s.seed), end_of_epoch,
+            classes=train_set.classes,
+            closing=lambda: {"eval_table": evaluate_ratios(model, eval_ratios, val_loader, device, s)})
 
 
 if __name__ == "__main__":

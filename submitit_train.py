@@ -23,8 +23,7 @@ from typing import Sequence
 
 import submitit
 
-from util.cli import run_cli
-from util.errors import UserError
+from util.errors import UserError, run_cli
 from util.train_loop import request_stop
 
 SCRIPTS = ("main_pretrain.py", "main_finetune.py", "main_linprobe.py", "main_slimmable.py")

@@ -20,9 +20,8 @@ import torch
 import models
 from models.formats import load_checkpoint, model_from_checkpoint, vit_state_dict
 from models.vit import VisionTransformer
-from util.cli import run_cli
 from util.datasets import build_dataset, build_transform
-from util.errors import UserError
+from util.errors import UserError, run_cli
 from util.images import first_images, save_panels
 from util.settings import Group, SettingsParser, resolve, setting
 

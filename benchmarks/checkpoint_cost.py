@@ -22,10 +22,10 @@ import torch
 
 import models
 from models.registry import create_model
+from util.checkpoint import save_mid_epoch, training_state
 from util.distributed import cleanup_distributed, init_distributed
 from util.parallel import parallelize
 from util.train_loop import adamw, clip_gradients, optimizer_step
-from util.train_state import save_mid_epoch, training_state
 
 assert models  # importing the package registers every method
 

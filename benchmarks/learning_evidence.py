@@ -27,8 +27,8 @@ import models
 from engine_monitors import dataset_features, encoder_features, knn_top1
 from models.formats import encoder_record, load_checkpoint, model_from_checkpoint, plain_config
 from models.registry import MODELS, create_model, model_names, tiny_model_names
+from util.checkpoint import save_atomic
 from util.datasets import build_dataset, build_transform
-from util.train_state import save_atomic
 
 assert models  # importing the package registers every method
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,10 +27,9 @@ from models.formats import (
 )
 from models.registry import CONVERTERS, MODELS
 from models.vit import VisionTransformer, timm_kwargs
-from util.cli import run_cli
-from util.errors import UserError
+from util.checkpoint import consolidate, load_file, save_atomic, sharded_dir
+from util.errors import UserError, run_cli
 from util.settings import OneLineParser
-from util.train_state import consolidate, load_file, save_atomic, sharded_dir
 
 assert models  # importing the package registers the converters
 

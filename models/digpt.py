@@ -50,9 +50,9 @@ from models.vit import (
     take_carried_buffer,
     upcast,
 )
+from util.checkpoint import save_atomic
 from util.errors import UserError
 from util.settings import setting
-from util.train_state import save_atomic
 
 # The official teacher, OpenCLIP ViT-H/14 at 224 px, has 1024-d tokens (on a 16×16 grid).
 OFFICIAL_TEACHER_DIM = 1024

@@ -1,6 +1,6 @@
 """Checkpoint formats: what a checkpoint says about the model it holds, and official files through their converters.
 
-Every checkpoint this project writes holds, besides the training state of ``util.train_state``: ``model`` (state
+Every checkpoint this project writes holds, besides the training state of ``util.checkpoint``: ``model`` (state
 dict), ``vit_config`` (the arguments that rebuild the ViT encoder/classifier), ``vit_prefix`` (where the ViT's
 keys sit inside ``model``: ``'encoder.'`` for pretraining models, ``''`` for classifiers), ``encoder_mask`` (the
 mask the encoder keeps downstream, a plain dict), ``model_name`` and, for registered models, ``model_config`` (the
@@ -21,11 +21,11 @@ import torch.nn as nn
 from models.masks import EncoderMask
 from models.registry import CONVERTERS, METHODS, MODELS
 from models.vit import VisionTransformer, resize_pos_embed
+from util.checkpoint import load_file, resume_path
 from util.config import RunSettings
 from util.distributed import print0
 from util.errors import UserError
 from util.settings import coerce, preparse
-from util.train_state import load_file, resume_path
 
 WRAPPER_PREFIXES = ("module.", "_forward_module.", "_orig_mod.", "model.")  # DDP, Lightning, compile, DeepSpeed
 STATE_DICT_KEYS = ("model", "state_dict", "module")  # this project / MAE / DeiT, Lightning, DeepSpeed

@@ -23,8 +23,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_
 
 from models.formats import load_vit, official_state_dict
 from models.vit import upcast
+from util.checkpoint import load_file
 from util.errors import UserError
-from util.train_state import load_file
 
 OPEN_CLIP_PREFIX = "open_clip:"
 

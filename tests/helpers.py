@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from util.cli import run_cli
+from util.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small, quick settings shared by the end-to-end runs on the embedded digits data.

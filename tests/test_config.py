@@ -20,8 +20,8 @@ from models.xtra import XTRAConfig
 from tests.helpers import ROOT, run_script
 from util.config import RUN_LOCAL, OptimSettings
 from util.errors import UserError
+from util.run import start_output
 from util.settings import SettingsError
-from util.train_state import start_output
 
 
 def _teacher(tmp_path: Path) -> str:

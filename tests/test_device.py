@@ -24,14 +24,15 @@ import models
 from models.registry import create_model, stand_in_teacher, tiny_model_names
 from models.teacher import load_teacher, teacher_tokens
 from tests.helpers import FAST, ROOT, read_log, run_script
-from util import distributed, misc
+from util import distributed
 from util.config import AugmentSettings
 from util.datasets import build_dataset, build_loader, build_transform
 from util.distributed import Dist, cuda_device, init_distributed, reduced_values
 from util.errors import UserError
 from util.images import device_images
-from util.misc import MetricLogger, rng_state, set_rng_state
+from util.metrics import MetricLogger
 from util.parallel import parallelize, wrap_model
+from util.rng import rng_state, set_rng_state
 from util.train_loop import configure_kernels
 
 assert models
@@ -185,9 +186,9 @@ def test_uint8_batches_normalised_on_the_device_equal_the_host_normalisation_bit
         kwargs = dict(scale=(0.2, 1.0), color_jitter=None) if is_train else {}
         host = create_transform(32, is_training=is_train, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
                                 std=IMAGENET_DEFAULT_STD, **kwargs)
-        with misc.seeded_cpu_rng(5):
+        with rng.seeded_cpu_rng(5):
             pixels = torch.stack([ours(img) for img in images])
-        with misc.seeded_cpu_rng(5):
+        with rng.seeded_cpu_rng(5):
             expected = torch.stack([host(img) for img in images])
         assert pixels.dtype == torch.uint8
         assert torch.equal(device_images(pixels, torch.device("cpu")), expected)

@@ -241,7 +241,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_committed_checkpoin
 
 def test_an_unwritable_log_is_one_line_without_a_torn_entry(tmp_path, monkeypatch):
     """A write that fails half-way through log.txt is cut back to the last whole line."""
-    from util import train_state
+    from util import run as train_run
 
     out = tmp_path / "run"
     out.mkdir()
@@ -252,9 +252,9 @@ def test_an_unwritable_log_is_one_line_without_a_torn_entry(tmp_path, monkeypatc
         real_fsync(fd)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(train_state.os, "fsync", failing_fsync)
-    with pytest.raises(train_state.UserError, match=r"cannot write .*log.txt: No space left on device"):
-        train_state.write_json_line(str(out), {"epoch": 1, "train_loss": 0.5})
+    monkeypatch.setattr(train_run.os, "fsync", failing_fsync)
+    with pytest.raises(train_run.UserError, match=r"cannot write .*log.txt: No space left on device"):
+        train_run.write_json_line(str(out), {"epoch": 1, "train_loss": 0.5})
     assert (out / "log.txt").read_text() == '{"epoch": 0}\n'
 
 

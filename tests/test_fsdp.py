@@ -30,10 +30,10 @@ from models import registry
 from models.registry import Method, PretrainingModel, model_names, register_method, stand_in_teacher, tiny_model_names
 from models.vit import Block, EncoderConfig
 from tests.helpers import ROOT, read_log, run_script, run_sequence
-from util.cli import run_cli
+from util.checkpoint import POINTER
 from util.distributed import Dist
+from util.errors import run_cli
 from util.parallel import parallelize
-from util.train_state import POINTER
 
 # Every run: synthetic images (a pure function of the index, so any split over ranks sees the same batches), a few
 # optimiser steps, clipping and accumulation on.

@@ -23,8 +23,8 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, ChunkStorageMetadata, MetadataIndex
 
 from tests.helpers import FAST, read_log, run_script
+from util.checkpoint import META, POINTER
 from util.safe_dcp import METADATA_FILE, read_metadata
-from util.train_state import META, POINTER
 
 PT = [*FAST, "--dataset", "synthetic", "--synthetic_size", "32", "--batch_size", "16", "--warmup_epochs", "1",
       "--save_freq", "1"]

@@ -11,15 +11,15 @@ from models.formats import encoder_record
 from models.registry import create_model
 from models.vit import VisionTransformer
 from tests.helpers import run_script
-from util import misc
+from util import rng
+from util.checkpoint import Position, load_file, save_atomic, save_checkpoint, training_state
 from util.config import OptimSettings
 from util.datasets import DigitsDataset, ShardSampler, SyntheticDataset, build_dataset, build_loader, build_transform
 from util.errors import UserError
 from util.images import first_images, imagenet_normalize, imagenet_unnormalize, panels_figure, panels_image, save_panels
 from util.lr_sched import Schedule, adjust_learning_rate
-from util.misc import rng_state, set_rng_state
+from util.rng import rng_state, set_rng_state
 from util.train_loop import MidEpochSaves, Trainer, TrainingEpoch
-from util.train_state import Position, load_file, save_atomic, save_checkpoint, training_state
 
 
 def schedule(**kw):
@@ -62,7 +62,7 @@ def test_unreadable_checkpoints_give_clear_errors(tmp_path):
 
 
 def test_rng_state_round_trip_through_weights_only_file(tmp_path):
-    misc.seed_everything(3)
+    rng.seed_everything(3)
     torch.save({"rng": rng_state()}, tmp_path / "r.pth")
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(torch.load(tmp_path / "r.pth", weights_only=True)["rng"])

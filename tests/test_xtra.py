@@ -304,7 +304,8 @@ def test_pseudo_random_choice_uses_its_own_generator():
 def test_resume_continues_the_order_sequence(tmp_path):
     """The order choice's generator is saved with the checkpoint, so a resumed run draws the orders that an
     uninterrupted run would have drawn next."""
-    from util.train_state import load_file, resume, resume_path, save_checkpoint, training_state
+    from util.checkpoint import load_file, resume_path, save_checkpoint, training_state
+    from util.run import resume
 
     model = small(pseudo_random=True, perm_seed=3).train()
     imgs = torch.randn(1, 3, 32, 32)

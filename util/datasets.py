@@ -16,10 +16,9 @@ from torchvision.datasets import ImageFolder
 from util.config import AugmentSettings, DataSettings, MixupSettings
 from util.distributed import get_rank, get_world_size, print0
 from util.errors import UserError
-from util.misc import sample_seed, seeded_cpu_rng
+from util.rng import sample_seed, seeded_cpu_rng
 from util.shards import INDEX, ShardSet, is_shard_split
 from util.train_loop import STOP_SIGNALS
-from util.train_state import save_json_atomic
 
 DIGITS_VAL_FRACTION = 0.2  # fixed split of scikit-learn's 1797 digits: 1438 train / 359 val
 
@@ -204,15 +203,9 @@ def make_mixup(mixup: MixupSettings, num_classes: int) -> Mixup | None:
                  label_smoothing=mixup.smoothing, num_classes=num_classes)
 
 
-def save_class_names(dataset: Dataset, output_dir: str) -> None:
-    """output_dir/classes.json: the class names in label order (ImageFolder's sorted folder names)."""
-    if output_dir and get_rank() == 0:
-        save_json_atomic(list(dataset.classes), os.path.join(output_dir, "classes.json"))
-
-
 class SeededSamples(Dataset):
     """A training set whose keys are (index, seed): each sample is transformed with python, NumPy and torch seeded
-    from ``seed`` (:func:`util.misc.seeded_cpu_rng`), whichever process loads it. ``unreadable`` and
+    from ``seed`` (:func:`util.rng.seeded_cpu_rng`), whichever process loads it. ``unreadable`` and
     ``unreadable_paths`` are the underlying :class:`ImageFiles`' (None / [] for other sets)."""
 
     def __init__(self, base: Dataset):
@@ -235,7 +228,7 @@ class SeededSamples(Dataset):
 class EpochSampler(DistributedSampler):
     """The training order: DistributedSampler's (a permutation seeded by ``seed`` and the epoch, split across ranks,
     the same global order for any number of ranks), started ``start`` samples into this rank's share, as keys
-    (index, :func:`util.misc.sample_seed`) for :class:`SeededSamples`. Skipping the first s samples of each of W
+    (index, :func:`util.rng.sample_seed`) for :class:`SeededSamples`. Skipping the first s samples of each of W
     ranks skips the first s × W of the permutation: a mid-epoch resume sees exactly the samples it had not seen."""
 
     def __init__(self, dataset: Dataset, seed: int):

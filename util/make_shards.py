@@ -27,11 +27,10 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from tqdm import tqdm
 from webdataset import TarWriter
 
-from util.cli import run_cli
+from util.checkpoint import save_json_atomic
 from util.config import check_writable_dir
-from util.errors import UserError
+from util.errors import UserError, run_cli
 from util.shards import INDEX
-from util.train_state import save_json_atomic
 
 SPLITS = ("train", "val")
 

@@ -39,8 +39,8 @@ from webdataset.filters import shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from util.errors import UserError
-from util.misc import sample_seed, seeded_cpu_rng
 from util.paths import inside
+from util.rng import sample_seed, seeded_cpu_rng
 
 INDEX = "index.json"
 SHUFFLE_BUFFER = 1000  # samples per worker (~110 MB of ImageNet JPEGs): mixes a shard's consecutive samples

@@ -31,6 +31,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import IterableDataset
 
+from util.checkpoint import Position, save_mid_epoch
 from util.config import OptimSettings
 from util.distributed import (
     all_reduce,
@@ -47,8 +48,8 @@ from util.distributed import (
 from util.errors import RunStopped, UserError
 from util.images import device_images
 from util.lr_sched import adjust_learning_rate
-from util.misc import MetricLogger, SmoothedValue, forked_rng, log_step
-from util.train_state import Position, save_mid_epoch
+from util.metrics import MetricLogger, SmoothedValue, log_step
+from util.rng import forked_rng
 
 
 def autocast_context(device: torch.device | str, amp: str):
@@ -147,7 +148,7 @@ class MidEpochSaves:
     stop signals' handlers are installed inside it only.
 
     ``state_after(epoch, position)`` is the run's checkpoint after ``epoch`` plus ``position`` (a collective);
-    ``start`` is where the run continues (:func:`util.train_state.resume`)."""
+    ``start`` is where the run continues (:func:`util.run.resume`)."""
 
     def __init__(self, every_minutes: float, output_dir: str, start: Position,
                  state_after: Callable[[int, dict], dict]):

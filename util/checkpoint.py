@@ -1,4 +1,4 @@
-"""Training state on disk: plain dicts loaded with ``weights_only=True``, written atomically, resumable.
+"""Checkpoint files: plain dicts loaded with ``weights_only=True``, written atomically, pruned; sharded directories.
 
 A training checkpoint holds ``model`` (state dict), ``optimizer``, ``scaler``, ``epoch`` (the last completed
 epoch), ``args`` (the run's resolved settings), ``rng`` (python/numpy/torch states, one entry per rank),
@@ -11,6 +11,8 @@ A sharded model (FSDP2) is saved with ``torch.distributed.checkpoint`` instead: 
 every rank's shards of the model and optimiser (DCP's files) and ``meta.pt``, the rest of the dict above; the small
 pointer ``checkpoint-last.json`` names the last committed one. DCP reshards on load, so a run resumes with any
 number of ranks, and ``consolidate`` turns such a directory into a single-file checkpoint.
+
+The run's lifecycle around these files (start, commit, resume, finish) is ``util.run``.
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ import glob
 import json
 import os
 import re
-import secrets
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -37,21 +38,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from util.distributed import (
-    barrier,
-    cleanup_distributed,
-    gather_objects,
-    get_rank,
-    get_world_size,
-    is_dist,
-    is_main_process,
-    is_sharded,
-    print0,
-)
+from util.distributed import barrier, gather_objects, is_dist, is_main_process, is_sharded
 from util.errors import UserError
-from util.misc import rng_state, set_rng_state
 from util.parallel import full_state_dict
 from util.paths import inside
+from util.rng import rng_state
 from util.safe_dcp import SafePlanner, SafeReader, load_failure, read_metadata
 
 POINTER = "checkpoint-last.json"  # names the last committed sharded checkpoint
@@ -343,126 +334,6 @@ def save_sharded(state: dict, output_dir: str, epoch: int, due: Callable[[int], 
     barrier()
 
 
-# ---------------------------------------------------------------------------------------------------
-# A run's files survive a kill at any point. Each epoch writes, in this order: its log.txt line, its other files
-# (encoder.pth, checkpoint-best.pth, checkpoint-<epoch>.pth), then checkpoint-last.pth, which commits the epoch;
-# after the last epoch and whatever follows it, done.json says the run is complete. A rerun removes torn
-# temporary files, drops log lines of epochs that were not committed, redoes the first uncommitted epoch, and
-# finishes whatever is missing.
-DONE = "done.json"
-
-
-def write_json_line(output_dir: str, record: dict) -> None:
-    """Append one line to log.txt, durably; a failed append is cut off again (no torn last line) and is one
-    UserError."""
-    if output_dir and is_main_process():
-        path = os.path.join(output_dir, "log.txt")
-        with open(path, "a") as f:
-            committed = f.tell()
-            try:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    f.truncate(committed)
-                raise write_failure(path, e) from None
-
-
-def clean_start(output_dir: str, last_committed: int) -> None:
-    """On rank 0 before a run writes anything: remove this project's torn temporary files and the log lines of
-    epochs after ``last_committed`` (-1: none), so that log.txt and the checkpoints agree."""
-    if not output_dir or not is_main_process() or not os.path.isdir(output_dir):
-        return
-    for tmp in glob.glob(os.path.join(output_dir, "*.tmp.*")) + glob.glob(os.path.join(output_dir, ".shared-check-*")):
-        os.remove(tmp)
-    for tmp in glob.glob(os.path.join(output_dir, "*.dcp.tmp")):  # a sharded save that did not complete
-        shutil.rmtree(tmp)
-    log = os.path.join(output_dir, "log.txt")
-    if os.path.isfile(log):
-        with open(log) as f:
-            lines = f.read().splitlines()
-        kept = [line for line in lines if json.loads(line).get("epoch", -1) <= last_committed]
-        if kept != lines:
-            tmp = f"{log}.tmp.{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.write("".join(line + "\n" for line in kept))
-            os.replace(tmp, log)
-
-
-def check_shared_output(output_dir: str) -> None:
-    """Under several ranks, before they read or write ``output_dir`` together: every rank must see a file that rank 0
-    writes there (sharded checkpoints write every rank's shards there, and every rank resumes from what it finds
-    there; a node-local directory would silently miss shards). Otherwise one error line names the ranks that do not;
-    the file, and the directory if the check made it, are removed again either way."""
-    if not output_dir or get_world_size() == 1:
-        return
-    name = gather_objects(f".shared-check-{secrets.token_hex(8)}")[0]  # rank 0's name, on every rank
-    path, created = os.path.join(output_dir, name), False
-    if is_main_process():
-        created = not os.path.isdir(output_dir)
-        os.makedirs(output_dir, exist_ok=True)
-        with open(path, "w") as f:
-            f.write(name)
-    barrier()
-    try:
-        with open(path) as f:
-            sees = f.read() == name
-    except OSError:
-        sees = False
-    blind = [rank for rank, saw in enumerate(gather_objects(sees)) if not saw]  # every rank has looked
-    if is_main_process():
-        os.remove(path)
-        if created:
-            os.rmdir(output_dir)
-    if blind:
-        raise UserError(f"--output_dir {output_dir} is not one directory that every rank sees: rank(s) "
-                        f"{', '.join(map(str, blind))} of {get_world_size()} do not see the file rank 0 wrote there; "
-                        "put it on a filesystem that every node shares", every_rank=True)
-
-
-def start_output(output_dir: str, epochs: int, start_epoch: int, settings: dict) -> bool:
-    """A run's first write, once everything is validated. False (nothing written) when ``output_dir`` holds a
-    finished run of ``epochs`` epochs; else, on rank 0: create it, remove what a killed run left uncommitted
-    (:func:`clean_start`) and write ``args.json`` (``settings``)."""
-    if finished(output_dir, epochs) and start_epoch >= epochs:
-        print0(f"{output_dir} holds a finished run of {epochs} epochs ({DONE}): nothing to do")
-        return False
-    if output_dir and is_main_process():
-        os.makedirs(output_dir, exist_ok=True)
-        clean_start(output_dir, start_epoch - 1)
-        save_json_atomic(settings, os.path.join(output_dir, "args.json"))
-    return True
-
-
-def commit_epoch(output_dir: str, epoch: int, record: dict, state: dict, epochs: int, save_freq: int,
-                 keep_last: int, files: dict[str, dict] | None = None) -> None:
-    """Write an epoch's results in the crash-safe order: the log line, ``files`` (name -> contents), the numbered
-    checkpoint when due, and checkpoint-last.pth last."""
-    write_json_line(output_dir, record)
-    if output_dir and is_main_process():
-        for name, contents in (files or {}).items():
-            save_atomic(contents, os.path.join(output_dir, name))
-    save_checkpoint(state, output_dir, epoch, epochs, save_freq, keep_last)
-
-
-def finish_run(output_dir: str, epochs: int) -> None:
-    """Record that the run completed all ``epochs`` and what follows them (written last). Every rank returns once
-    rank 0 has written it: what comes next (another run in the same processes) finds every file in place."""
-    if output_dir and is_main_process():
-        save_json_atomic({"epochs": epochs}, os.path.join(output_dir, DONE))
-    barrier()
-
-
-def finished(output_dir: str, epochs: int) -> bool:
-    """Whether done.json records a completed run of ``epochs`` epochs."""
-    path = os.path.join(output_dir, DONE) if output_dir else ""
-    if not path or not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        return json.load(f).get("epochs") == epochs
-
-
 def resume_path(resume: str, output_dir: str, auto_resume: bool) -> str:
     """--resume, else the last committed checkpoint in output_dir when auto-resume is on (checkpoint-last.pth,
     or checkpoint-last.json for a sharded run; the newer if both exist), else ''."""
@@ -474,7 +345,7 @@ def resume_path(resume: str, output_dir: str, auto_resume: bool) -> str:
     return max(found, key=os.path.getmtime) if found else ""
 
 
-def _load_sharded(directory: str, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+def load_sharded(directory: str, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load a sharded checkpoint into ``model`` (sharded or not, with any number of ranks: DCP reads each rank's
     part) and ``optimizer``. Strict: the checkpoint must hold exactly the model's tensors, with their shapes."""
     state = _dcp_state(model, optimizer)
@@ -492,51 +363,3 @@ def _load_sharded(directory: str, path: str, model: nn.Module, optimizer: torch.
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         set_model_state_dict(model, state["model"])
-
-
-def resume(ckpt: dict | None, path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
-           ) -> tuple[Position, dict]:
-    """Continue from a loaded training checkpoint: model (strict), optimizer (when given), the model's own generators
-    and this rank's RNG state (the GradScaler's state, ``ckpt["scaler"]``, goes to util.train_loop.Trainer).
-    Returns (where training continues, the checkpoint's ``extra``). A sharded checkpoint loads into a sharded or a
-    plain model; a single-file one into a plain model only."""
-    if ckpt is None:  # a fresh run
-        return Position(0), {}
-    if "sharded_dir" in ckpt and ckpt.get("model") is None:
-        _load_sharded(ckpt["sharded_dir"], path, model, optimizer)
-    elif is_sharded(model):
-        raise UserError(f"{path} is a single-file checkpoint; --fsdp resumes sharded checkpoints only (continue "
-                        "this run without --fsdp)")
-    else:
-        try:
-            model.load_state_dict(ckpt["model"], strict=True)
-        except RuntimeError as e:  # another model's checkpoint, or other settings
-            raise UserError(f"{path} does not fit this model: {' '.join(str(e).split())[:300]}") from None
-        if optimizer is not None and ckpt.get("optimizer"):
-            optimizer.load_state_dict(ckpt["optimizer"])
-    for name, generator in module_generators(model).items():
-        if name in ckpt.get("generators", {}):
-            generator.set_state(ckpt["generators"][name])
-    rng = ckpt.get("rng") or []
-    if len(rng) == get_world_size():
-        set_rng_state(rng[get_rank()])
-    elif rng:
-        print0(f"warning: checkpoint has RNG states for {len(rng)} ranks, running {get_world_size()}; not restored")
-    position = ckpt.get("position")
-    if position is None:
-        start = Position(ckpt["epoch"] + 1)
-        print0(f"resumed from {path} (epoch {ckpt['epoch']}), continuing at epoch {start.epoch}")
-    else:
-        start = Position(position["epoch"], position["images"], tuple(position["meters"]))
-        per_step = (ckpt.get("args") or {}).get("batch_size", 1) * max(len(rng), 1)
-        print0(f"resumed from {path} (inside epoch {start.epoch}), continuing at epoch {start.epoch}, step "
-               f"{start.images // per_step} ({start.images} images into it)")
-    return start, ckpt.get("extra", {})
-
-
-def evaluate_only(ckpt: dict | None, path: str, model: nn.Module, evaluate: Callable[[], object]) -> None:
-    """An ``--eval`` run: ``model`` with the checkpoint's weights (as built when there is none), ``evaluate()``,
-    then the process group is torn down."""
-    resume(ckpt, path, model)
-    evaluate()
-    cleanup_distributed()
