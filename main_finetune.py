@@ -21,7 +21,6 @@ from models.formats import (
     encoder_record,
     load_checkpoint,
     load_encoder_weights,
-    resumed_checkpoint,
 )
 from models.registry import setting_owners
 from models.vit import VIT_PRESETS, VisionTransformer, vit_config
@@ -40,7 +39,7 @@ from util.distributed import launch_world_size, print0
 from util.errors import UserError, run_cli
 from util.parallel import parallelize
 from util.run import EpochResult, TrainingRun, evaluate_only, start_process
-from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
+from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, setting
 from util.train_loop import adamw
 
 assert models  # importing the package registers the official-checkpoint converters
@@ -83,16 +82,21 @@ GROUPS = [Group("fine-tuning", FinetuneSettings), Group("augmentation", AugmentS
 
 def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, dict | None, str]:
     """Settings, the --finetune checkpoint, the checkpoint being resumed and its path."""
-    ckpt, path = resumed_checkpoint(argv)
-    given = preparse(argv, finetune=str, num_heads=int)
-    # a resumed run has its own weights
-    init = load_checkpoint(given["finetune"], given["num_heads"]) if given["finetune"] and ckpt is None else None
-    if ckpt is not None and (ckpt.get("vit_prefix") != "" or not ckpt["vit_config"].get("num_classes")):
-        raise SettingsError(f"{path} is not a classifier checkpoint (it holds a pretraining model or an encoder); "
-                            "give it to --finetune instead")
-    source = ckpt or init
-    parser, layers = settings_parser({"input_size": source["vit_config"]["img_size"]} if source else {})
-    s = resolve_run(argv, parser, layers, (ckpt or {}).get("args"))
+    init: dict | None = None
+
+    def parser_for(chosen: dict, ckpt: dict | None, path: str) -> tuple[SettingsParser, Layers]:
+        nonlocal init
+        if ckpt is not None and (ckpt.get("vit_prefix") != "" or not ckpt["vit_config"].get("num_classes")):
+            raise SettingsError(f"{path} is not a classifier checkpoint (it holds a pretraining model or an "
+                                "encoder); give it to --finetune instead")
+        # a resumed run has its own weights
+        init = load_checkpoint(chosen["finetune"], chosen["num_heads"]) if chosen["finetune"] and ckpt is None \
+            else None
+        source = ckpt or init
+        return settings_parser({"input_size": source["vit_config"]["img_size"]} if source else {})
+
+    run = resolve_run(argv, load_checkpoint, parser_for, choose={"finetune": str, "num_heads": int})
+    s, ckpt, path = run.settings, run.checkpoint, run.path
     if s.fsdp and s.model_ema:
         raise SettingsError("--model_ema is not supported with --fsdp (the EMA copy would not be sharded)")
     return s, init, ckpt, path

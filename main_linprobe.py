@@ -14,7 +14,7 @@ from timm.optim import Lars
 
 import models
 from engine_finetune import evaluate, train_one_epoch
-from models.formats import encoder_record, load_checkpoint, load_encoder_weights, resumed_checkpoint
+from models.formats import encoder_record, load_checkpoint, load_encoder_weights
 from models.masks import BlockCausal, EncoderMask, encoder_mask_from_dict
 from models.probes import AttentivePoolingHead, LinearHead, Probe, default_pool
 from models.registry import setting_owners
@@ -24,7 +24,7 @@ from util.datasets import build_loader, supervised_datasets
 from util.distributed import launch_world_size, print0
 from util.errors import UserError, run_cli
 from util.run import EpochResult, TrainingRun, evaluate_only, start_process
-from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
+from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, setting
 from util.train_loop import adamw
 
 assert models  # importing the package registers the official-checkpoint converters
@@ -89,21 +89,22 @@ def probe_flag_owner(flag: str) -> list[str]:
 
 def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, dict | None, str]:
     """Settings, the encoder checkpoint (--finetune), the probe checkpoint being resumed and its path."""
-    ckpt, path = resumed_checkpoint(argv)
-    stored = (ckpt or {}).get("args") or {}
-    given = preparse(argv, finetune=str, num_heads=int, probe=str)
-    init_path = given["finetune"] or stored.get("finetune", "")
-    init = load_checkpoint(init_path, given["num_heads"]) if init_path else None
-    if init is None and ckpt is not None and ckpt.get("vit_prefix") == "backbone.":
-        init = ckpt  # an official probe file holds its encoder
-    probe = given["probe"] or stored.get("probe") or ProbeSettings.probe
-    if probe not in RECIPES:
-        raise SettingsError(f"--probe must be one of {', '.join(RECIPES)}, got {probe!r}")
-    parser, layers = settings_parser(probe, {"input_size": init["vit_config"]["img_size"]} if init else {})
-    settings = resolve_run(argv, parser, layers, stored)
-    if init is None and not settings.print_config:
+    init: dict | None = None
+
+    def parser_for(chosen: dict, ckpt: dict | None, path: str) -> tuple[SettingsParser, Layers]:
+        nonlocal init
+        init = load_checkpoint(chosen["finetune"], chosen["num_heads"]) if chosen["finetune"] else None
+        if init is None and ckpt is not None and ckpt.get("vit_prefix") == "backbone.":
+            init = ckpt  # an official probe file holds its encoder
+        probe = chosen["probe"] or ProbeSettings.probe
+        if probe not in RECIPES:
+            raise SettingsError(f"--probe must be one of {', '.join(RECIPES)}, got {probe!r}")
+        return settings_parser(probe, {"input_size": init["vit_config"]["img_size"]} if init else {})
+
+    run = resolve_run(argv, load_checkpoint, parser_for, choose={"finetune": str, "num_heads": int, "probe": str})
+    if init is None and not run.settings.print_config:
         raise SettingsError("give --finetune: the checkpoint whose encoder is probed")
-    return settings, init, ckpt, path
+    return run.settings, init, run.checkpoint, run.path
 
 
 def settings_parser(probe: str, from_checkpoint: dict | None = None) -> tuple[SettingsParser, Layers]:

@@ -19,7 +19,7 @@ from timm.optim import param_groups_weight_decay
 import models
 from engine_monitors import Monitors, encoder_features, with_transform
 from engine_pretrain import train_one_epoch
-from models.formats import encoder_record, plain_config, resumed_checkpoint
+from models.formats import encoder_record, load_checkpoint, plain_config
 from models.registry import lookup, model_names, official_global_batch, setting_owners
 from util.checkpoint import is_due
 from util.config import (
@@ -30,7 +30,6 @@ from util.config import (
     OptimSettings,
     print_settings,
     resolve_run,
-    resumed_model,
 )
 from util.datasets import build_dataset, build_loader, build_transform
 from util.distributed import is_main_process, launch_world_size, print0
@@ -39,7 +38,7 @@ from util.images import first_images, panels_image, save_panels
 from util.parallel import full_state_dict, parallelize
 from util.rng import forked_rng
 from util.run import EpochResult, TrainingRun, start_process
-from util.settings import Group, Layers, Settings, SettingsError, SettingsParser, preparse, setting
+from util.settings import Group, Layers, Settings, SettingsParser, setting
 from util.train_loop import adamw
 
 assert models  # importing the package registers every method
@@ -70,19 +69,13 @@ def settings_parser(model: str) -> tuple[SettingsParser, Layers]:
 
 def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, str]:
     """The run's settings, and the checkpoint it resumes (with its path) if any."""
-    ckpt, path = resumed_checkpoint(argv)
-    stored = (ckpt or {}).get("args") or {}
-    model = resumed_model(argv, stored, path, PretrainSettings.model)
-    unrecorded = (ckpt or {}).get("unrecorded", [])
-    given = preparse(argv, **{name: str for name in unrecorded})
-    missing = [name for name in unrecorded if given[name] is None]
-    if missing:  # an official file: settings its shapes do not show and it does not record
-        raise SettingsError(f"{path} does not record {', '.join(missing)}: give --{' --'.join(missing)}")
-    parser, layers = settings_parser(model)
-    settings = resolve_run(argv, parser, layers, stored)
-    method, _ = lookup(model, "pretrain")
-    method.model_class.check_settings(settings.of(method.config_class), settings.fsdp)
-    return settings, ckpt, path
+    run = resolve_run(argv, load_checkpoint, lambda chosen, ckpt, path: settings_parser(chosen["model"] or
+                                                                                        PretrainSettings.model),
+                      choose={"model": str})
+    s = run.settings
+    method, _ = lookup(s.model, "pretrain")
+    method.model_class.check_settings(s.of(method.config_class), s.fsdp)
+    return s, run.checkpoint, run.path
 
 
 def main(argv: Sequence[str]) -> None:

@@ -33,7 +33,6 @@ from models.formats import (
     load_checkpoint,
     load_encoder_weights,
     plain_config,
-    resumed_checkpoint,
 )
 from models.registry import lookup, model_names, official_global_batch, setting_owners
 from models.scala import ScalaConfig, SlimmableViT
@@ -49,7 +48,6 @@ from util.config import (
     OptimSettings,
     print_settings,
     resolve_run,
-    resumed_model,
 )
 from util.datasets import build_loader, build_transform, make_mixup, supervised_datasets
 from util.distributed import is_main_process, launch_world_size, print0
@@ -88,14 +86,14 @@ class AtRatio(nn.Module):
 
 
 def resolve_settings(argv: Sequence[str]) -> tuple[Settings, dict | None, str]:
-    ckpt, path = resumed_checkpoint(argv)
-    if ckpt is not None and ckpt.get("model_name") is None:
-        raise SettingsError(f"{path} is not a Scala checkpoint (it holds a plain ViT classifier; an official "
-                            "non-distilled Scala file is recognised by the Scala model name its args record)")
-    stored = (ckpt or {}).get("args") or {}
-    model = resumed_model(argv, stored, path, SlimmableSettings.model)
-    parser, layers = settings_parser(model)
-    s = resolve_run(argv, parser, layers, stored)
+    def parser_for(chosen: dict, ckpt: dict | None, path: str) -> tuple[SettingsParser, Layers]:
+        if ckpt is not None and ckpt.get("model_name") is None:
+            raise SettingsError(f"{path} is not a Scala checkpoint (it holds a plain ViT classifier; an official "
+                                "non-distilled Scala file is recognised by the Scala model name its args record)")
+        return settings_parser(chosen["model"] or SlimmableSettings.model)
+
+    run = resolve_run(argv, load_checkpoint, parser_for, choose={"model": str})
+    s, ckpt, path = run.settings, run.checkpoint, run.path
     if s.eval and ckpt is None:
         raise SettingsError("--eval needs --resume weights (a checkpoint of this script or an official Scala one)")
     if s.export and (not s.eval or s.export_ratio is None):

@@ -13,7 +13,6 @@ import dataclasses
 import math
 import re
 import typing
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -21,11 +20,10 @@ import torch.nn as nn
 from models.masks import EncoderMask
 from models.registry import CONVERTERS, METHODS, MODELS
 from models.vit import VisionTransformer, resize_pos_embed
-from util.checkpoint import load_file, resume_path
-from util.config import RunSettings
+from util.checkpoint import load_file
 from util.distributed import print0
 from util.errors import UserError
-from util.settings import coerce, preparse
+from util.settings import coerce
 
 WRAPPER_PREFIXES = ("module.", "_forward_module.", "_orig_mod.", "model.")  # DDP, Lightning, compile, DeepSpeed
 STATE_DICT_KEYS = ("model", "state_dict", "module")  # this project / MAE / DeiT, Lightning, DeepSpeed
@@ -197,16 +195,6 @@ def load_checkpoint(path: str, num_heads: int | None = None, weights: bool = Tru
     encoder's head count for files that do not record it (--num_heads). ``weights`` False: a sharded checkpoint's
     tensors stay on disk (a resumed run reads them shard by shard)."""
     return normalize_checkpoint(load_file(path, weights), path, num_heads)
-
-
-def resumed_checkpoint(argv: Sequence[str]) -> tuple[dict | None, str]:
-    """The checkpoint a command line continues (``--resume``, else output_dir's last one under ``--auto_resume``),
-    normalised, with its path; (None, '') when there is none. A sharded checkpoint's tensors stay on disk."""
-    given = preparse(argv, resume=str, output_dir=str, auto_resume=bool, num_heads=int)
-    path = resume_path(given["resume"] or RunSettings.resume,
-                       RunSettings.output_dir if given["output_dir"] is None else given["output_dir"],
-                       RunSettings.auto_resume if given["auto_resume"] is None else given["auto_resume"])
-    return (load_checkpoint(path, given["num_heads"], weights=False) if path else None), path
 
 
 def vit_state_dict(ckpt: dict) -> dict:

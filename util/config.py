@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 
-from util.distributed import launch_world_size
+from util.checkpoint import resume_path
+from util.distributed import is_main_process, launch_world_size
 from util.lr_sched import Schedule
 from util.settings import (
     Group,
@@ -22,8 +23,7 @@ from util.settings import (
     Settings,
     SettingsError,
     SettingsParser,
-    is_main_launch,
-    parse_command_line,
+    command_line_layers,
     preparse,
     print_resolved,
     resolve,
@@ -31,21 +31,52 @@ from util.settings import (
 )
 
 
-def resumed_model(argv: Sequence[str], stored: dict, path: str, default: str) -> str:
-    """``--model``, else the model of the run being resumed from ``path`` (``stored``: its settings), else
-    ``default``. A ``--model`` other than the resumed run's is refused."""
-    model = preparse(argv, model=str)["model"]
-    if stored.get("model") and model and model != stored["model"]:
-        raise SettingsError(f"{path} is a checkpoint of {stored['model']}, not {model}: use another --output_dir "
-                            "or --auto_resume false")
-    return model or stored.get("model") or default
+@dataclass(frozen=True)
+class Resolved:
+    """A command line, resolved: the run's settings, the checkpoint it continues (normalised; None for a fresh run)
+    and that checkpoint's path."""
+
+    settings: Settings
+    checkpoint: dict | None
+    path: str
 
 
-def resolve_run(argv: Sequence[str], parser: SettingsParser, base_layers: Layers, stored: dict | None) -> Settings:
-    """A run's settings: the parser's groups, ``base_layers`` (recipe, preset), the settings a resumed checkpoint
-    stored (``stored``, minus RUN_LOCAL), then the command line."""
-    return resolve(parser.groups, [*base_layers, checkpoint_layer(stored),
-                                   ("command line", parse_command_line(argv, parser))])
+def resolve_run(argv: Sequence[str], load_checkpoint: Callable[..., dict],
+                parser_for: Callable[[dict, dict | None, str], tuple[SettingsParser, Layers]],
+                choose: dict[str, type] | None = None) -> Resolved:
+    """A training script's command line, resolved in one call, before anything is built:
+
+    1. the checkpoint the run continues: --resume, else --output_dir's last one under --auto_resume, read with
+       ``load_checkpoint(path, num_heads, weights=False)`` (a sharded one's tensors stay on disk);
+    2. the settings named in ``choose`` (name -> type), which pick the script's parser (--model, --probe) or the
+       files it reads first (--finetune): the command line's, else the resumed run's; one that contradicts the
+       resumed run's is refused (an output directory holds one run);
+    3. ``parser_for(chosen, checkpoint, its path)``: the script's parser and the layers under the checkpoint's (the
+       recipe, the preset, what a --finetune checkpoint fixes);
+    4. those layers, the checkpoint's stored settings (minus those of the invocation, RUN_LOCAL), what the command
+       line implies, and the command line, each value with its source (--print_config).
+    A converted official checkpoint may not record every setting its model needs (``unrecorded``): those must come
+    from the command line."""
+    given = preparse(argv, **{"resume": str, "output_dir": str, "auto_resume": bool, "num_heads": int,
+                              **(choose or {})})
+    run = RunSettings()
+    path = resume_path(given["resume"] or run.resume,
+                       run.output_dir if given["output_dir"] is None else given["output_dir"],
+                       run.auto_resume if given["auto_resume"] is None else given["auto_resume"])
+    ckpt = load_checkpoint(path, given["num_heads"], weights=False) if path else None
+    stored = (ckpt or {}).get("args") or {}
+    chosen = {}
+    for name in choose or {}:
+        if stored.get(name) is not None and given[name] is not None and given[name] != stored[name]:
+            raise SettingsError(f"{path} is a checkpoint of a run with --{name} {stored[name]}, not {given[name]}: "
+                                "use another --output_dir or --auto_resume false")
+        chosen[name] = given[name] if given[name] is not None else stored.get(name)
+    parser, layers = parser_for(chosen, ckpt, path)
+    settings = resolve(parser.groups, [*layers, checkpoint_layer(stored), *command_line_layers(argv, parser)])
+    missing = [name for name in (ckpt or {}).get("unrecorded", []) if settings.source(name) != "command line"]
+    if missing:  # an official file: settings its shapes do not show and it does not record
+        raise SettingsError(f"{path} does not record {', '.join(missing)}: give --{' --'.join(missing)}")
+    return Resolved(settings, ckpt, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -87,9 +118,9 @@ class OptimSettings:
             raise ValueError(f"--clip_grad must be positive (or none), got {self.clip_grad}")
 
     @staticmethod
-    def on_command_line(given: dict) -> dict:
+    def implied(given: dict) -> tuple[str, dict]:
         """An explicit --blr beats an absolute lr from any earlier layer (recipe, preset, checkpoint)."""
-        return {**given, "lr": None} if "blr" in given and "lr" not in given else given
+        return "--blr on the command line", ({"lr": None} if "blr" in given and "lr" not in given else {})
 
     def peak_lr(self, world_size: int) -> float:
         """--lr, or the MAE rule blr × batch_size × accum_iter × world_size / 256."""
@@ -229,7 +260,7 @@ def derive_accum_iter(settings: Settings) -> tuple[str, dict]:
 def print_settings(settings: Settings, header: str, official_global_batch: int | None) -> None:
     """The resolved settings, then how the global batch and lr come about (on the first process of a launch)."""
     print_resolved(settings, header)
-    if is_main_launch():
+    if is_main_process():
         print(settings.of(OptimSettings).describe_batch(launch_world_size(), official_global_batch), flush=True)
 
 
@@ -299,7 +330,7 @@ def check_writable_dir(path: str | None, what: str) -> None:
         raise ValueError(f"{what} {path}: {existing} is not writable")
 
 
-SHARED_GROUPS = (Group("optimisation", OptimSettings, on_command_line=OptimSettings.on_command_line,
+SHARED_GROUPS = (Group("optimisation", OptimSettings, implied=OptimSettings.implied,
                        derive=derive_accum_iter),
                  Group("data", DataSettings), Group("run", RunSettings, check=check_run_environment))
 # the scripts that train a whole model

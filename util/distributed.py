@@ -32,7 +32,9 @@ def get_world_size() -> int:
 
 
 def is_main_process() -> bool:
-    return get_rank() == 0
+    """Rank 0 of the process group, or, before it exists, the process its launcher announces as rank 0 (torchrun's
+    RANK): an error in the settings, which every rank finds, is said once."""
+    return get_rank() == 0 if is_dist() else os.environ.get("RANK", "0") == "0"
 
 
 def print0(*args, **kwargs) -> None:

@@ -15,17 +15,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
+from util.distributed import is_main_process
 from util.errors import UserError
 
 
 class SettingsError(UserError):
-    """A setting that cannot be used; the message is the one ``error:`` line the user sees."""
+    """A setting that cannot be used; the message is the one ``error:`` line the user sees. Every rank resolves the
+    same settings, so every rank raises it and rank 0 says it."""
+
+    def __init__(self, message: str):
+        super().__init__(message, every_rank=True)
 
 
 def setting(default: Any, help: str) -> Any:  # noqa: A002  (argparse's word)
@@ -97,14 +101,15 @@ def coerce(value: Any, tp: Any) -> Any:
 @dataclass(frozen=True)
 class Group:
     """One dataclass of settings, shown under ``title`` in ``--help``, with the rules that span more than one field
-    of a run: ``on_command_line`` rewrites what the command line gave before the layers merge (e.g. an explicit
-    --blr drops an absolute lr from the recipe), ``check`` validates the resolved settings (e.g. settings of two
-    groups that cannot go together, or a directory that must be writable), ``derive`` gives values that follow
-    from the resolved ones, as a last layer (source name, {setting: value}), e.g. --global_batch's accum_iter."""
+    of a run: ``implied`` gives what the command line implies, as a layer just under it (source name, {setting:
+    value}; e.g. an explicit --blr drops an absolute lr from the recipe), ``check`` validates the resolved settings
+    (e.g. settings of two groups that cannot go together, or a directory that must be writable), ``derive`` gives
+    values that follow from the resolved ones, as a last layer (source name, {setting: value}), e.g.
+    --global_batch's accum_iter."""
 
     title: str
     cls: type
-    on_command_line: Callable[[dict], dict] | None = None
+    implied: Callable[[dict], tuple[str, dict]] | None = None
     check: Callable[[Settings], None] | None = None
     derive: Callable[[Settings], tuple[str, dict]] | None = None
 
@@ -268,13 +273,11 @@ def _build(groups: Sequence[Group], layers: Layers) -> Settings:
     return Settings({g.cls: g.cls(**{n: values[n] for n in g.names()}) for g in groups}, sources)
 
 
-def parse_command_line(argv: Sequence[str], parser: SettingsParser) -> dict:
-    """What the command line gives, after each group's ``on_command_line`` rule."""
+def command_line_layers(argv: Sequence[str], parser: SettingsParser) -> list[tuple[str, dict]]:
+    """What the command line gives (the last layer), under what each group's ``implied`` rule finds it implies."""
     given = parser.parse(argv)
-    for g in parser.groups:
-        if g.on_command_line is not None:
-            given = g.on_command_line(given)
-    return given
+    implied = [g.implied(given) for g in parser.groups if g.implied is not None]
+    return [layer for layer in implied if layer[1]] + [("command line", given)]
 
 
 def preparse(argv: Sequence[str], **kinds: type) -> dict[str, Any]:
@@ -290,11 +293,6 @@ def preparse(argv: Sequence[str], **kinds: type) -> dict[str, Any]:
     return vars(known)
 
 
-def is_main_launch() -> bool:
-    """Rank 0 of a torchrun launch, or a plain process (the process group does not exist yet at resolution)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def print_resolved(settings: Settings, header: str) -> None:
-    if is_main_launch():
+    if is_main_process():
         print(f"{header}\n{settings.table()}", flush=True)
