@@ -283,3 +283,26 @@ def test_a_run_with_global_batch_trains_with_the_derived_accumulation(tmp_path):
     assert (stored["global_batch"], stored["accum_iter"]) == (64, 2)
     assert "global batch 64 = 32 per rank × accum_iter 2 × 1 ranks" in proc.stdout
     assert "note:" not in proc.stdout  # the tiny preset's own recipe is one process of 64
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--global_batch", "48"], "--global_batch 48 is not a multiple of 16 per rank × 2 ranks"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+])
+def test_a_settings_error_under_torchrun_is_one_line_from_rank_zero(tmp_path, flags, message):
+    """Every rank resolves the same settings and finds the same error; rank 0 alone says it (torchrun then reports
+    the failed workers in its own words)."""
+    proc = run_script("main_pretrain.py", "--model", "xtra_vit_tiny", "--dataset", "digits", "--device", "cpu",
+                      "--batch_size", "16", *flags, "--output_dir", tmp_path / "out", nproc=2, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode != 0 and len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_print_config_names_blr_as_what_clears_the_recipes_lr():
+    """XTRA's recipe has an absolute lr; an explicit --blr clears it. The table says why lr is none, not that the
+    command line gave it."""
+    proc = run_script("main_pretrain.py", "--model", "xtra_vit_tiny", "--blr", "1e-3", "--print_config")
+    rows = {line.split("=")[0].strip(): line for line in proc.stdout.splitlines() if line.startswith("  ")}
+    assert rows["lr"].endswith("= None   [--blr on the command line]"), rows["lr"]
+    assert rows["blr"].endswith("[command line]")

@@ -32,7 +32,7 @@ from util.errors import UserError
 from util.images import device_images
 from util.metrics import MetricLogger
 from util.parallel import parallelize, wrap_model
-from util.rng import rng_state, set_rng_state
+from util.rng import rng_state, seeded_cpu_rng, set_rng_state
 from util.train_loop import configure_kernels
 
 assert models
@@ -186,9 +186,9 @@ def test_uint8_batches_normalised_on_the_device_equal_the_host_normalisation_bit
         kwargs = dict(scale=(0.2, 1.0), color_jitter=None) if is_train else {}
         host = create_transform(32, is_training=is_train, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
                                 std=IMAGENET_DEFAULT_STD, **kwargs)
-        with rng.seeded_cpu_rng(5):
+        with seeded_cpu_rng(5):
             pixels = torch.stack([ours(img) for img in images])
-        with rng.seeded_cpu_rng(5):
+        with seeded_cpu_rng(5):
             expected = torch.stack([host(img) for img in images])
         assert pixels.dtype == torch.uint8
         assert torch.equal(device_images(pixels, torch.device("cpu")), expected)

@@ -1,6 +1,6 @@
 """The documentation: the generated flag reference is current, the README fits its budget and starts with the
 three set-up commands CI runs, links resolve, nothing points outside the repository, and every command marked
-`bash cpu` runs as written (epochs shrunk to 1) from a fresh copy of the repository."""
+`bash cpu` runs as written from a fresh copy of the repository and shows what the page says it shows."""
 import importlib.util
 import os
 import re
@@ -92,15 +92,16 @@ def test_every_page_marks_its_cpu_commands():
     assert _commands(ROOT / "README.md")
 
 
-def _shrunk(command: str) -> list[str]:
-    """The command as words, run by this interpreter, with at most one epoch and quick throughput timing."""
+def _words(command: str) -> list[str]:
+    """The command as words, run by this interpreter."""
     words = shlex.split(command)
     if words[0] == ".venv/bin/python":
         words[0] = sys.executable
-    for i, w in enumerate(words[:-1]):
-        if w == "--epochs":
-            words[i + 1] = "1"
     return words
+
+
+def _flag(words: list[str], name: str) -> str | None:
+    return words[words.index(name) + 1] if name in words else None
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +120,23 @@ def test_the_readme_quick_start_runs_from_a_shell(fresh_copy):
     """The first command a newcomer runs, literally: a new interpreter from a fresh copy."""
     command = _commands(ROOT / "README.md")[0]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads()), "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run(_shrunk(command), cwd=fresh_copy, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(_words(command), cwd=fresh_copy, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
 
 
 @pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
 def test_cpu_commands_run_as_written(page, fresh_copy):
-    """Each marked command, in order, with its own arguments (epochs shrunk to 1), run by the same entry point
-    as the shell would run it (in this process: see tests.helpers.run_script)."""
+    """Each marked command, in order, with its own arguments, run by the same entry point as the shell would run
+    it (in this process: see tests.helpers.run_script); what the pages show it for happens: a figure every
+    --visualize_every epochs, a second command into a trained run's --output_dir continues it."""
     for command in _commands(page):
-        proc = run_command(_shrunk(command), fresh_copy)
+        words = _words(command)
+        out = _flag(words, "--output_dir")
+        resumes = out is not None and (fresh_copy / out / "checkpoint-last.pth").is_file()
+        proc = run_command(words, fresh_copy)
         assert proc.returncode == 0, f"{page.name}: {command}\n{proc.stderr[-3000:]}"
+        every, epochs = _flag(words, "--visualize_every"), _flag(words, "--epochs")
+        if every and epochs:
+            assert (fresh_copy / out / f"vis-{int(every) - 1}.png").is_file(), f"{page.name}: {command}: no figure"
+        if resumes and "--print_config" not in words:
+            assert "resumed from" in proc.stdout, f"{page.name}: {command}: did not resume"

@@ -6,9 +6,11 @@ training order and augmentation do not depend on the number of workers, and skip
 already used is the same set of samples for any number of ranks."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import FAST, ROOT, run_script, threads
+from tests.helpers import FAST, ROOT, read_log, run_script, threads
 from util.datasets import EpochSampler, build_dataset, build_loader, build_transform
 
 RUNS = {
@@ -133,3 +135,95 @@ def test_skipping_what_a_checkpoint_used_leaves_the_same_samples_for_any_number_
     covered = seen | set().union(*rest)
     # every sample of the epoch is seen exactly once, up to the few that drop_last leaves out for either count
     assert len(everything - covered) < max(ranks, resumed_ranks)
+
+
+# --- one run per output directory ----------------------------------------------------------------------
+def _start(argv: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads())}
+    return subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_a_second_run_into_a_live_runs_output_dir_is_refused_naming_it(tmp_path):
+    """The same command started twice: the second run is one error line naming the first (pid, host), writes
+    nothing, and the first goes on; its lock goes when it ends."""
+    out = tmp_path / "run"
+    argv = ["main_pretrain.py", *FAST, "--model", "mae_vit_tiny", "--epochs", "50", "--output_dir", str(out)]
+    first = _start(argv)
+    try:
+        deadline = time.time() + 120
+        while not (out / "log.txt").is_file() and time.time() < deadline:  # the first epoch is committed
+            time.sleep(0.2)
+        lock = json.loads((out / "run.lock").read_text())
+        assert lock["pid"] == first.pid and lock["host"] == socket.gethostname()
+        log_before = (out / "log.txt").read_text()
+        second = run_script(*argv, check=False)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert lines[0].startswith(f"error: {out} is in use by another run: pid {first.pid} on {socket.gethostname()}")
+        assert (out / "log.txt").read_text().startswith(log_before)  # nothing rewritten
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM and not (out / "run.lock").exists()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over_and_one_held_elsewhere_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    holder = {"host": socket.gethostname(), "pid": int(gone.stdout), "process_start": "1", "started": "earlier"}
+    (out / "run.lock").write_text(json.dumps(holder))
+    argv = [*FAST, "--model", "xtra_vit_tiny", "--epochs", "1", "--output_dir", out]
+    proc = run_script("main_pretrain.py", *argv)
+    assert f"warning: taking over {out / 'run.lock'}, left by a run that is gone" in proc.stdout
+    assert (out / "done.json").is_file() and not (out / "run.lock").exists()
+    elsewhere = {**holder, "host": "another-node", "pid": os.getpid()}
+    (out / "run.lock").write_text(json.dumps(elsewhere))
+    proc = run_script("main_pretrain.py", *argv, "--epochs", "2", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {out} is in use by another run: pid {os.getpid()} on another-node since earlier "
+        f"({out / 'run.lock'}); wait for it to end or use another --output_dir (if that run is gone, remove "
+        f"{out / 'run.lock'})"]
+    assert len(read_log(out)) == 1  # the second epoch was not trained
+
+
+SIGNAL_IN_FINISH = """
+import os, runpy, signal, sys
+sys.path.insert(0, os.getcwd())
+import util.run
+finish = util.run.finish_run
+def finish_run(*args):
+    os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's signal that arrives after the last epoch
+    finish(*args)
+util.run.finish_run = finish_run
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_signal_after_the_last_epoch_lets_the_run_finish(tmp_path):
+    """The stop signals stay handled until the run has finished: one that arrives while done.json is written is
+    recorded, and the run completes (exit 0) instead of dying on the default handler."""
+    wrapper = tmp_path / "signal_in_finish.py"
+    wrapper.write_text(SIGNAL_IN_FINISH)
+    proc = run_script(str(wrapper), "main_pretrain.py", *FAST, "--model", "xtra_vit_tiny", "--epochs", "1",
+                      "--output_dir", tmp_path / "run", subprocess_run=True, check=False)
+    assert proc.returncode == 0 and "received SIGTERM" in proc.stderr, proc.stderr[-2000:]
+    assert (tmp_path / "run" / "done.json").is_file()
+
+
+def test_a_resume_on_another_rank_count_names_the_step_it_takes(tmp_path):
+    """A mid-epoch checkpoint of two ranks resumed by one: the resume line gives the step this run continues at,
+    the same one as the warning that follows (not the two-rank step)."""
+    out = tmp_path / "run"
+    run_script("main_pretrain.py", *FAST, "--model", "xtra_vit_tiny", "--epochs", "1", "--output_dir", out)
+    ckpt = torch.load(out / "checkpoint-last.pth", weights_only=True)
+    meters = {"loss": {"window": 20, "fmt": "{median:.4f} ({global_avg:.4f})", "values": [1.0], "count": 64,
+                       "total": 64.0}}
+    torch.save({**ckpt, "epoch": 0, "rng": ckpt["rng"] * 2,
+                "position": {"epoch": 1, "images": 640, "meters": [meters, meters]}}, out / "checkpoint-last.pth")
+    (out / "done.json").unlink()
+    proc = run_script("main_pretrain.py", *FAST, "--epochs", "2", "--output_dir", out)
+    assert re.search(r"continuing at epoch 1, step 10 \(640 images into it\)", proc.stdout), proc.stdout
+    assert "continues at step 10," in proc.stdout

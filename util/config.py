@@ -65,17 +65,18 @@ def resolve_run(argv: Sequence[str], load_checkpoint: Callable[..., dict],
                        run.auto_resume if given["auto_resume"] is None else given["auto_resume"])
     ckpt = load_checkpoint(path, given["num_heads"], weights=False) if path else None
     stored = (ckpt or {}).get("args") or {}
+    unrecorded = (ckpt or {}).get("unrecorded", [])
+    missing = [name for name, value in preparse(argv, **dict.fromkeys(unrecorded, str)).items() if value is None]
+    if missing:  # an official file: settings its shapes do not show and it does not record
+        raise SettingsError(f"{path} does not record {', '.join(missing)}: give --{' --'.join(missing)}")
     chosen = {}
     for name in choose or {}:
         if stored.get(name) is not None and given[name] is not None and given[name] != stored[name]:
-            raise SettingsError(f"{path} is a checkpoint of a run with --{name} {stored[name]}, not {given[name]}: "
-                                "use another --output_dir or --auto_resume false")
+            raise SettingsError(f"{path} is a checkpoint of {stored[name]}, not {given[name]} (--{name}): use "
+                                "another --output_dir or --auto_resume false")
         chosen[name] = given[name] if given[name] is not None else stored.get(name)
     parser, layers = parser_for(chosen, ckpt, path)
     settings = resolve(parser.groups, [*layers, checkpoint_layer(stored), *command_line_layers(argv, parser)])
-    missing = [name for name in (ckpt or {}).get("unrecorded", []) if settings.source(name) != "command line"]
-    if missing:  # an official file: settings its shapes do not show and it does not record
-        raise SettingsError(f"{path} does not record {', '.join(missing)}: give --{' --'.join(missing)}")
     return Resolved(settings, ckpt, path)
 
 
