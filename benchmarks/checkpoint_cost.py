@@ -1,7 +1,9 @@
 """What a mid-epoch checkpoint costs: gathering the training state and committing it, as a single file (one
 process or DDP: rank 0 writes) and as a sharded DCP directory (--fsdp: one rank here), against one training step.
 
-    python -m benchmarks.checkpoint_cost                                    # the tiny presets and ViT-S/16 on the CPU
+    python -m benchmarks.checkpoint_cost                                    # every method's tiny preset, CPU
+    python -m benchmarks.checkpoint_cost --models xtra_vit_tiny mae_vit_tiny xtra_vit_small_patch16 \
+        saim_vit_small_patch16                                              # the table of docs/performance.md
     python -m benchmarks.checkpoint_cost --models xtra_vit_small_patch16 --dir /checkpoint/$USER/bench --device cuda
 
 Each model trains a few steps on random images (fused AdamW, so that the optimiser holds its moments), then the
@@ -21,7 +23,7 @@ import time
 import torch
 
 import models
-from models.registry import create_model
+from models.stand_ins import stand_in_model, tiny_model_names
 from util.checkpoint import save_mid_epoch, training_state
 from util.distributed import cleanup_distributed, init_distributed
 from util.parallel import parallelize
@@ -29,7 +31,6 @@ from util.train_loop import adamw, clip_gradients, optimizer_step
 
 assert models  # importing the package registers every method
 
-DEFAULT_MODELS = ("xtra_vit_tiny", "mae_vit_tiny", "xtra_vit_small_patch16", "saim_vit_small_patch16")
 
 
 def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor) -> float:
@@ -45,7 +46,7 @@ def measure(name: str, sharded: bool, batch_size: int, steps: int, repeats: int,
     """Seconds of one step and of one mid-epoch save of ``name``, and the bytes the save wrote."""
     dist_info = init_distributed(device, process_group=sharded)
     try:
-        model = create_model(name, "pretrain").to(dist_info.device)
+        model = stand_in_model(name).to(dist_info.device)
         parallelize(model, dist_info, sharded, False, "off")
         optimizer = adamw(model.parameters(), lr=1e-4)
         images = torch.randn(batch_size, 3, model.config.input_size, model.config.input_size,
@@ -70,7 +71,7 @@ def measure(name: str, sharded: bool, batch_size: int, steps: int, repeats: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--models", nargs="+", default=tiny_model_names("pretrain"))
     parser.add_argument("--batch_size", type=int, default=8, help="images of the timed step (the save does not "
                                                                    "depend on it)")
     parser.add_argument("--steps", type=int, default=3)

@@ -26,7 +26,8 @@ import torch
 import models
 from engine_monitors import dataset_features, encoder_features, knn_top1
 from models.formats import encoder_record, load_checkpoint, model_from_checkpoint, plain_config
-from models.registry import MODELS, create_model, model_names, tiny_model_names
+from models.registry import MODELS, create_model, model_names
+from models.stand_ins import tiny_model_names
 from util.checkpoint import save_atomic
 from util.datasets import build_dataset, build_transform
 

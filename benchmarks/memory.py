@@ -35,7 +35,8 @@ import timm
 import torch
 
 import models
-from models.registry import METHODS, create_model, model_names, stand_in_teacher
+from models.registry import METHODS, create_model, model_names
+from models.stand_ins import stand_in_teacher
 from util.distributed import cleanup_distributed, init_distributed
 from util.parallel import parallelize, wrap_model
 from util.train_loop import adamw, autocast_context, clip_gradients, optimizer_step

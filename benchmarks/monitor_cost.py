@@ -1,6 +1,7 @@
 """What the monitors cost: the kNN monitor and the online probe as a share of a pretraining epoch.
 
-    python -m benchmarks.monitor_cost                                   # mae_vit_tiny and ViT-S/16 presets, CPU
+    python -m benchmarks.monitor_cost                                   # every method's tiny preset, CPU
+    python -m benchmarks.monitor_cost --models mae_vit_tiny xtra_vit_small_patch16 saim_vit_small_patch16
     python -m benchmarks.monitor_cost --models xtra_vit_base_patch16 --device cuda --batch_size 64
 
 Per image, on random images: a training step (forward, backward, fused AdamW) and the monitors' feature pass
@@ -21,7 +22,7 @@ import torch
 
 import models
 from engine_monitors import OnlineProbe, encoder_features
-from models.registry import create_model
+from models.stand_ins import stand_in_model, tiny_model_names
 from util.train_loop import adamw, clip_gradients, optimizer_step
 
 assert models  # importing the package registers every method
@@ -40,7 +41,7 @@ def seconds_per_image(step, images: torch.Tensor, repeats: int) -> float:
 
 
 def measure(name: str, batch_size: int, repeats: int, device: torch.device) -> dict:
-    model = create_model(name, "pretrain").to(device)
+    model = stand_in_model(name).to(device)
     optimizer = adamw(model.parameters(), lr=1e-4)
     images = torch.randn(batch_size, 3, model.config.input_size, model.config.input_size, device=device)
     labels = torch.randint(0, 10, (batch_size,), device=device)
@@ -60,8 +61,7 @@ def measure(name: str, batch_size: int, repeats: int, device: torch.device) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["mae_vit_tiny", "xtra_vit_small_patch16",
-                                                          "saim_vit_small_patch16"])
+    parser.add_argument("--models", nargs="+", default=tiny_model_names("pretrain"))
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")

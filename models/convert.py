@@ -17,6 +17,7 @@ import os
 from typing import Sequence
 
 import models
+from models.converters import CONVERTERS
 from models.formats import (
     file_records,
     load_checkpoint,
@@ -25,7 +26,7 @@ from models.formats import (
     official_state_dict,
     vit_state_dict,
 )
-from models.registry import CONVERTERS, MODELS
+from models.registry import MODELS
 from models.vit import VisionTransformer, timm_kwargs
 from util.checkpoint import consolidate, load_file, save_atomic, sharded_dir
 from util.errors import UserError, run_cli

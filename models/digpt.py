@@ -28,19 +28,10 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Mlp, trunc_normal_
 
+from models.converters import Converted, recorded, register_converter
 from models.formats import encoder_record, vit_shapes
 from models.masks import block_ids, check_orders, random_orders, segment_causal_mask
-from models.registry import (
-    TINY_CPU_BUDGET,
-    VIT_H14,
-    Converted,
-    Method,
-    Preset,
-    PretrainingModel,
-    recorded,
-    register_converter,
-    register_method,
-)
+from models.registry import TINY_CPU_BUDGET, VIT_H14, Method, Preset, PretrainingModel, register_method
 from models.teacher import OPEN_CLIP_PREFIX, FrozenTeacher, load_teacher, teacher_tokens
 from models.vit import (
     Attention,

@@ -17,8 +17,9 @@ import typing
 import torch
 import torch.nn as nn
 
+from models.converters import CONVERTERS
 from models.masks import EncoderMask
-from models.registry import CONVERTERS, METHODS, MODELS
+from models.registry import METHODS, MODELS
 from models.vit import VisionTransformer, resize_pos_embed
 from util.checkpoint import load_file
 from util.distributed import print0

@@ -16,18 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from models.converters import Converted, recorded, register_converter
 from models.formats import vit_shapes
 from models.pixels import norm_pix, norm_pix_stats, patchify, unpatchify
-from models.registry import (
-    TINY_CPU_BUDGET,
-    Converted,
-    Method,
-    Preset,
-    PretrainingModel,
-    recorded,
-    register_converter,
-    register_method,
-)
+from models.registry import TINY_CPU_BUDGET, Method, Preset, PretrainingModel, register_method
 from models.vit import Block, EncoderConfig, VisionTransformer, sincos_pos_embed_2d
 from util.settings import setting
 

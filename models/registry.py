@@ -140,11 +140,6 @@ def model_names(kind: str) -> list[str]:
     return sorted(n for n, (m, _) in MODELS.items() if m.kind == kind)
 
 
-def tiny_model_names(kind: str) -> list[str]:
-    """The CPU-sized presets (``<key>_vit_tiny``) of ``kind``: what the tests and the benchmarks run by default."""
-    return [n for n in model_names(kind) if n.endswith("_tiny")]
-
-
 def lookup(name: str, kind: str) -> tuple[Method, Preset]:
     if name not in MODELS or MODELS[name][0].kind != kind:
         raise UserError(f"unknown {kind} model {name!r}; known: {', '.join(model_names(kind))}")
@@ -180,53 +175,6 @@ def create_model(name: str, kind: str = "pretrain", **overrides) -> nn.Module:
     return lookup(name, kind)[0].model_class(model_config(name, kind, **overrides))
 
 
-def stand_in_teacher(name: str, path: str) -> dict:
-    """The settings overrides that run model ``name`` with a random teacher of the right shape (written to
-    ``path``) if its method needs a teacher, else none."""
-    method, _ = MODELS[name]
-    return method.stand_in_teacher(model_config(name, method.kind), path) if method.needs_teacher else {}
-
-
 def setting_owners(flag: str) -> list[str]:
     """Names of the methods whose settings include ``flag`` (for the error on a foreign flag)."""
     return sorted({m.name for m in METHODS.values() if flag in m.config_names()})
-
-
-# ---------------------------------------------------------------------------------------------------
-# Official-checkpoint converters
-@dataclass
-class Converted:
-    """An official checkpoint in this project's layout.
-
-    ``kind``: 'pretrain' (the method's whole pretraining model), 'encoder' (its encoder alone, VisionTransformer
-    keys), 'classifier' (a ViT classifier, VisionTransformer keys), 'probe' (a probe of main_linprobe.py:
-    ``backbone.*`` + ``head.*``) or 'slimmable' (Scala). ``settings``: the method's settings the file fixes (tensor
-    shapes, recorded hyper-parameters); the encoder's head count is left to ``models.formats``. ``placeholders``:
-    settings the whole model needs but the file does not fix (e.g. decoder head counts), with values that only
-    serve to build it on the meta device; they must be given to rebuild the whole model. ``probe``: the probe
-    settings of a probe file."""
-
-    state_dict: dict
-    kind: Literal["pretrain", "encoder", "classifier", "probe", "slimmable"]
-    settings: dict = field(default_factory=dict)
-    placeholders: dict = field(default_factory=dict)
-    probe: dict = field(default_factory=dict)
-
-
-@dataclass
-class Converter:
-    detect: Callable[[dict, dict], bool]      # (prefix-stripped state dict, the file's records) -> is it this method's?
-    convert: Callable[[dict, dict], Converted]
-
-
-CONVERTERS: dict[str, Converter] = {}  # by method key
-
-
-def register_converter(method_key: str, detect: Callable[[dict, dict], bool],
-                       convert: Callable[[dict, dict], Converted]) -> None:
-    CONVERTERS[method_key] = Converter(detect, convert)
-
-
-def recorded(records: dict, *names: str):
-    """The first of ``names`` the file records (hyper-parameters / args), else None."""
-    return next((records[n] for n in names if records.get(n) is not None), None)

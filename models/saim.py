@@ -21,20 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
 
+from models.converters import Converted, recorded, register_converter
 from models.formats import vit_shapes
 from models.masks import check_orders, permutation_two_stream_masks, random_orders
 from models.pixels import norm_pix, norm_pix_stats, patchify, unpatchify
-from models.registry import (
-    TINY_CPU_BUDGET,
-    VIT_H14,
-    Converted,
-    Method,
-    Preset,
-    PretrainingModel,
-    recorded,
-    register_converter,
-    register_method,
-)
+from models.registry import TINY_CPU_BUDGET, VIT_H14, Method, Preset, PretrainingModel, register_method
 from models.vit import Block, EncoderConfig, VisionTransformer, take_carried_buffer, upcast
 from util.errors import UserError
 from util.settings import setting

@@ -29,8 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from models.converters import Converted, recorded, register_converter
 from models.formats import vit_shapes
-from models.registry import VIT_H14, Converted, Method, Preset, recorded, register_converter, register_method
+from models.registry import VIT_H14, Method, Preset, register_method
 from models.vit import Block, EncoderConfig, VisionTransformer, resize_pos_embed
 from util.errors import UserError
 from util.settings import setting

@@ -20,19 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from models.converters import Converted, recorded, register_converter
 from models.formats import vit_shapes
 from models.masks import BlockCausal, block_causal_mask
 from models.pixels import norm_pix, norm_pix_stats
-from models.registry import (
-    TINY_CPU_BUDGET,
-    Converted,
-    Method,
-    Preset,
-    PretrainingModel,
-    recorded,
-    register_converter,
-    register_method,
-)
+from models.registry import TINY_CPU_BUDGET, Method, Preset, PretrainingModel, register_method
 from models.vit import Block, EncoderConfig, VisionTransformer, _init_linear_and_norm, resize_pos_embed, upcast
 from util.errors import UserError
 from util.settings import setting

@@ -21,7 +21,8 @@ import main_finetune
 import main_pretrain
 import main_slimmable
 import models
-from models.registry import create_model, stand_in_teacher, tiny_model_names
+from models.registry import create_model
+from models.stand_ins import stand_in_teacher, tiny_model_names
 from models.teacher import load_teacher, teacher_tokens
 from tests.helpers import FAST, ROOT, read_log, run_script
 from util import distributed

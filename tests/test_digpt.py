@@ -7,10 +7,11 @@ from timm.optim import param_groups_weight_decay
 
 import main_pretrain
 import models  # noqa: F401  (registers presets and converters)
+from models.converters import CONVERTERS
 from models.digpt import DiGPT, DiGPTConfig, cosine_loss, resize_segments
 from models.formats import load_checkpoint, load_vit
 from models.masks import check_orders, segment_causal_mask
-from models.registry import CONVERTERS, create_model, lookup, model_config
+from models.registry import create_model, lookup, model_config
 from models.teacher import teacher_tokens
 from models.vit import VisionTransformer
 from util.settings import SettingsError

@@ -27,7 +27,8 @@ from torch.distributed.fsdp import FSDPModule
 
 import main_pretrain
 from models import registry
-from models.registry import Method, PretrainingModel, model_names, register_method, stand_in_teacher, tiny_model_names
+from models.registry import Method, PretrainingModel, model_names, register_method
+from models.stand_ins import stand_in_teacher, tiny_model_names
 from models.vit import Block, EncoderConfig
 from tests.helpers import ROOT, read_log, run_script, run_sequence
 from util.checkpoint import POINTER

@@ -12,9 +12,10 @@ from timm.models.vision_transformer import Block as TimmBlock
 from timm.models.vision_transformer import PatchEmbed
 
 import models  # noqa: F401  (registers the methods)
+from models.converters import CONVERTERS
 from models.formats import file_records, load_checkpoint, official_state_dict
 from models.mae import MAE, MAEConfig
-from models.registry import CONVERTERS, create_model
+from models.registry import create_model
 from models.vit import sincos_pos_embed_2d
 from tests.helpers import FAST, read_log, run_script
 

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import main_pretrain
+from models.converters import CONVERTERS
 from models.formats import encoder_record, load_encoder_weights
 from models.masks import permutation_two_stream_masks, random_orders
 from models.pixels import patchify, unpatchify
-from models.registry import CONVERTERS, create_model, lookup, model_config
+from models.registry import create_model, lookup, model_config
 from models.saim import SAIM, GaussianBlur, SAIMConfig, gaussian_kernel2d
 from models.vit import VisionTransformer
 from tests.helpers import FAST, read_log, run_script

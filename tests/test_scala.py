@@ -19,8 +19,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from models.converters import CONVERTERS
 from models.formats import load_encoder_weights, normalize_checkpoint
-from models.registry import CONVERTERS, create_model
+from models.registry import create_model
 from models.scala import WidthSpace, width_losses
 from models.vit import VisionTransformer
 

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 
 import main_pretrain
 import models  # noqa: F401  (registers presets)
+from models.converters import CONVERTERS
 from models.masks import BlockCausal, block_causal_mask
 from models.pixels import norm_pix
-from models.registry import CONVERTERS, create_model, lookup, model_config
+from models.registry import create_model, lookup, model_config
 from models.vit import Attention
 from models.xtra import XTRA, XTRAConfig, create_random_permutations
 
