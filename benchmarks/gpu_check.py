@@ -439,8 +439,9 @@ def versions(ck: Check) -> None:
         driver = f", driver {query.stdout.split()[0]}" if query.returncode == 0 and query.stdout.split() else ""
     ck.add(s, "CUDA", "ok", f"runtime {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}{driver}")
     nccl = torch.distributed.is_available() and torch.distributed.is_nccl_available()
-    ck.add(s, "NCCL", "ok" if nccl else "FAIL",
-           ".".join(map(str, torch.cuda.nccl.version())) if nccl else "not available", "available (DDP, FSDP)")
+    version = torch.cuda.nccl.version() if nccl else None  # (major, minor, patch), an int in older releases
+    ck.add(s, "NCCL", "ok" if nccl else "FAIL", ".".join(map(str, version)) if isinstance(version, tuple) else
+           str(version or "not available"), "available (DDP, FSDP)")
     props = torch.cuda.get_device_properties(0)
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in props.name), None)
     value = (f"{ck.gpus} × {props.name} (sm_{props.major}{props.minor}, {gib(props.total_memory)}); MFU against "
