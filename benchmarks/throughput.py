@@ -110,7 +110,11 @@ def mfu(flops: int, img_s: float, args: argparse.Namespace, device: torch.device
     return 100 * flops * img_s / args.batch_size / peak if peak else float("nan")
 
 
-def bench_pretrain(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+def pretrain_setup(name: str, args: argparse.Namespace, device: torch.device
+                   ) -> tuple[torch.nn.Module, torch.Tensor, Callable[[torch.nn.Module], Callable[[], torch.Tensor]]]:
+    """A pretraining preset's model (seed 0; a random teacher of the right shape if its method needs one), a batch
+    of ``args.batch_size`` random images, and ``loss_of(net)``: the forward that gives the loss of ``net`` (the
+    model, or the model compiled) on them under ``args.amp``."""
     torch.manual_seed(0)
     model = stand_in_model(name).to(device)
     img = model.encoder.patch_embed.img_size[0]
@@ -121,7 +125,11 @@ def bench_pretrain(name: str, args: argparse.Namespace, device: torch.device) ->
             with autocast_context(device, args.amp):
                 return net(imgs)[0]
         return forward
+    return model, imgs, loss_of
 
+
+def bench_pretrain(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    model, imgs, loss_of = pretrain_setup(name, args, device)
     calls = record_block_calls(model, imgs)
     blocks = list(dict.fromkeys(m for m, _, _ in calls))
     inputs = [(m, tuple(a.clone().requires_grad_(a.is_floating_point()) for a in a_), kw) for m, a_, kw in calls]
@@ -165,14 +173,15 @@ def standalone_deit(model: SlimmableViT, ratio: float) -> torch.nn.Module:
     return net.to(next(model.parameters()).device).train()
 
 
-def bench_slimmable(name: str, ratio: float | None, args: argparse.Namespace, device: torch.device) -> dict:
-    """Scala at one width (``ratio``) or, with ``ratio=None``, one whole Scala step: the four widths 1, 0.75, 0.5,
-    0.25 with their losses (no teacher: its forward is the same extra work in both), each backpropagated, then
-    one AdamW step; its limit trains the four standalone DeiTs of those widths."""
+def slimmable_setup(name: str, ratio: float | None, args: argparse.Namespace, device: torch.device
+                    ) -> tuple[SlimmableViT, list[float], Callable, Callable[[], torch.Tensor]]:
+    """A slimmable preset's model (seed 0, train mode), the widths of its step, ``ce(net)`` (cross-entropy of both
+    heads of ``net`` on a batch of ``args.batch_size`` random images and labels, under ``args.amp``) and the step's
+    forward: the sub-network at ``ratio``, or with ``ratio=None`` one whole Scala step (widths 1, 0.75, 0.5, 0.25
+    without a teacher; each width but the last backpropagated inside, the last one's loss returned)."""
     torch.manual_seed(0)
     model = create_model(name, "slimmable", nb_classes=1000).to(device).train()
     ratios = [ratio] if ratio is not None else [1.0, 0.75, 0.5, 0.25]
-    standalone = [standalone_deit(model, r) for r in ratios]
     imgs = torch.randn(args.batch_size, 3, model.img_size, model.img_size, device=device)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
 
@@ -192,6 +201,26 @@ def bench_slimmable(name: str, ratio: float | None, args: argparse.Namespace, de
             with autocast_context(device, args.amp):
                 _, loss = next(losses)
         return loss
+    return model, ratios, ce, slimmable_forward
+
+
+def method_forward(name: str, args: argparse.Namespace, device: torch.device
+                   ) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    """Any preset's model and the forward of one of its training steps (a slimmable preset: the whole Scala step),
+    for :func:`train_step`."""
+    if name in SLIMMABLE_MODELS:
+        model, _, _, forward = slimmable_setup(name, None, args, device)
+        return model, forward
+    model, _, loss_of = pretrain_setup(name, args, device)
+    return model, loss_of(model)
+
+
+def bench_slimmable(name: str, ratio: float | None, args: argparse.Namespace, device: torch.device) -> dict:
+    """Scala at one width (``ratio``) or, with ``ratio=None``, one whole Scala step: the four widths 1, 0.75, 0.5,
+    0.25 with their losses (no teacher: its forward is the same extra work in both), each backpropagated, then
+    one AdamW step; its limit trains the four standalone DeiTs of those widths."""
+    model, ratios, ce, slimmable_forward = slimmable_setup(name, ratio, args, device)
+    standalone = [standalone_deit(model, r) for r in ratios]
 
     def limit_forward() -> torch.Tensor:
         for net in standalone[:-1]:

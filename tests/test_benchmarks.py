@@ -1,4 +1,6 @@
 """python -m benchmarks.throughput runs from a clean checkout and prints its table (one quick round: no timing asserts)."""
+import json
+
 import models
 from models.registry import METHODS
 from tests.helpers import run_script
@@ -104,3 +106,60 @@ def test_input_pipeline_reads_the_same_jpegs_from_a_folder_and_from_shards(tmp_p
     assert all(float(r[3]) > 0 for r in rows)
     index = (tmp_path / "input_pipeline_40_10" / "shards" / "train" / "index.json").read_text()
     assert '"samples": 40' in index and "GPU JPEG decoding" in proc.stdout
+
+
+def _gpu_check_rows(stdout: str) -> dict[tuple[str, str], dict[str, str]]:
+    """The gpu_check table's rows by (section, check)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
+    return {(r["section"], r["check"]): r for r in rows}
+
+
+def test_gpu_check_reduced_cpu_form_gives_every_section_a_row_and_no_failure(tmp_path):
+    from benchmarks.gpu_check import SECTIONS, TINY
+
+    report = tmp_path / "gpu_check.json"
+    proc = run_script("benchmarks.gpu_check", "--device", "cpu", "--json", report, "--out", tmp_path / "runs")
+    rows = _gpu_check_rows(proc.stdout)
+    data = json.loads(report.read_text())
+    assert data["status"] == "ok" and [(r["section"], r["check"]) for r in data["rows"]] == list(rows)
+    assert {section for section, _ in rows} == set(SECTIONS) and set(data["seconds"]) == set(SECTIONS)
+    status = {key: row["status"] for key, row in rows.items()}
+    assert all(s == "ok" or s.startswith("skip: ") for s in status.values()), status
+    ran = [("versions", "torch"), ("correctness", "xtra_vit_tiny CPU fp32 (reference)"),
+           ("correctness", "xtra_vit_tiny cpu bf16 eager"), ("throughput", "xtra_vit_tiny eager"),
+           ("input", "CPU decode + augmentation, 0 loader workers"), *(("sdpa", p) for p in TINY)]
+    assert all(status[key] == "ok" for key in ran), status
+    for key in [("versions", "GPU"), ("syncs", "xtra_vit_tiny host syncs per update"),
+                ("h14", "xtra_vit_huge_patch14 batch 32"), ("input", "GPU decode_jpeg")]:
+        assert status[key] == "skip: no CUDA"
+    assert status[("compile", "graph breaks, recompiles")].startswith("skip: slow on CPU")
+    # bf16 against fp32 on the same seed, within the tolerance the row states; the CPU's fused attention kernel
+    bf16 = rows[("correctness", "xtra_vit_tiny cpu bf16 eager")]
+    assert bf16["expected"].startswith("≤ 0.01 rel.") and float(bf16["value"].rsplit(": ", 1)[1]) <= 0.01
+    assert all("flash_attention_for_cpu_backward" in rows[("sdpa", p)]["value"] for p in TINY)
+    # the runs are the entry script's own, with their output directory and command output under --out
+    assert (tmp_path / "runs" / "xtra_vit_tiny-cpu-bf16-eager" / "done.json").is_file()
+    assert "main_pretrain.py --model xtra_vit_tiny" in (tmp_path / "runs" / "xtra_vit_tiny-cpu-bf16-eager.txt").read_text()
+
+
+def test_gpu_check_stops_at_the_first_failure_with_the_table_and_the_json(tmp_path, monkeypatch):
+    from benchmarks import gpu_check
+
+    monkeypatch.setitem(gpu_check.SECTION_RUNNERS, "versions",
+                        lambda check: check.add("versions", "torch", "FAIL", "broken", "works"))
+    argv = ["--device", "cpu", "--sections", "versions", "input", "--json", tmp_path / "r.json"]
+    for keep_going, sections in (([], ["versions"]), (["--keep_going"], ["versions", "input", "input"])):
+        proc = run_script("benchmarks.gpu_check", *argv, *keep_going, "--out", tmp_path / str(keep_going),
+                          check=False)
+        data = json.loads((tmp_path / "r.json").read_text())
+        assert proc.returncode == 1 and data["status"] == "FAIL"
+        assert [r["section"] for r in data["rows"]] == sections
+        assert "| versions | torch | FAIL | broken | works |" in proc.stdout
+        assert (tmp_path / str(keep_going)).is_dir()  # kept for reading after a failure
+
+
+def test_gpu_check_refuses_an_unknown_section():
+    proc = run_script("benchmarks.gpu_check", "--device", "cpu", "--sections", "nope", check=False)
+    assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
