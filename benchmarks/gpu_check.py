@@ -68,11 +68,12 @@ from torch.profiler import ProfilerActivity, profile
 import models
 from benchmarks.input_pipeline import gpu_decode_rate, images_per_second, make_jpegs
 from benchmarks.throughput import PEAK_TFLOPS, count_flops, measure, method_forward, mfu, train_step
-from models.registry import model_names, stand_in_teacher, tiny_model_names
-from util.cli import run_cli
+from models.registry import model_names
+from models.stand_ins import stand_in_teacher, tiny_model_names
+from util.checkpoint import POINTER
+from util.errors import run_cli
 from util.parallel import recompute_blocks
 from util.train_loop import adamw
-from util.train_state import POINTER
 
 assert models  # importing the package registers every method
 ROOT = Path(__file__).resolve().parents[1]
