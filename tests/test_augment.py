@@ -49,8 +49,8 @@ def _default_augment(script) -> AugmentSettings:
 
 
 @pytest.mark.parametrize("script,policy", [(main_finetune, "rand-m9-mstd0.5-inc1"),
-                                           (main_slimmable, "rand-m1-mstd0.5-inc1"),
-                                           (main_linprobe, "rand-m9-mstd0.5-inc1")])
+                                           pytest.param(main_slimmable, "rand-m1-mstd0.5-inc1", marks=pytest.mark.slow),
+                                           pytest.param(main_linprobe, "rand-m9-mstd0.5-inc1", marks=pytest.mark.slow)])
 def test_default_recipe_augmentation_over_20000_draws(script, policy):
     """20,000 draws of the entry script's default training transform (RandAugment with noisy magnitudes): before
     the posterize fix about 30 of them raised 'bits must be between or equal to 1 and 8' with Pillow 13."""

@@ -1,6 +1,8 @@
 """python -m benchmarks.throughput runs from a clean checkout and prints its table (one quick round: no timing asserts)."""
 import json
 
+import pytest
+
 import models
 from models.registry import METHODS
 from tests.helpers import run_script
@@ -42,7 +44,10 @@ def _tables(stdout: str) -> list[dict[str, dict[str, str]]]:
     return [table_rows(b) for b in blocks]
 
 
+@pytest.mark.slow
 def test_memory_table_shows_fsdp_state_falling_as_one_over_n_and_measures_each_mode():
+    """The counted table for every method, and three two-rank launches of the measured one (each rank writes its
+    own result file, which each launch reads back: two ranks printing into one pipe used to merge their lines)."""
     proc = run_script("benchmarks.memory", "--measure", "xtra_vit_tiny", "--steps", "1", "--batch_size", "4",
                       "--device", "cpu")
     counted, measured = _tables(proc.stdout)
@@ -57,22 +62,6 @@ def test_memory_table_shows_fsdp_state_falling_as_one_over_n_and_measures_each_m
     xtra = measured["xtra_vit_tiny"]
     assert all(float(xtra[f"{mode} {unit}"]) > 0 for mode in ("DDP", "FSDP", "FSDP + grad_ckpt")
                for unit in ("peak MB", "img/s"))
-
-
-def test_memory_workers_results_parse_on_every_launch(monkeypatch):
-    """Each rank writes its own result file, so repeated two-rank launches always give one row per rank (two ranks
-    printing JSON lines into one pipe used to merge them now and then; the table test above launches three more)."""
-    import argparse
-
-    from benchmarks.memory import measure
-    from tests.helpers import ROOT
-
-    monkeypatch.chdir(ROOT)
-    args = argparse.Namespace(nproc=2, batch_size=2, steps=1, amp="off", device="cpu", overrides="{}")
-    for _ in range(2):
-        rows = measure("xtra_vit_tiny", [], args)
-        assert [r["rank"] for r in rows] == [0, 1]
-        assert all(r["peak_MB"] > 0 and r["img_s"] > 0 for r in rows)
 
 
 def test_checkpoint_cost_writes_both_formats_and_times_them():
@@ -96,6 +85,7 @@ def test_monitor_cost_gives_each_monitor_a_share_of_an_epoch():
     assert row["probe_steps_digits_%"] == row["probe_steps_ImageNet-1k_%"]
 
 
+@pytest.mark.slow
 def test_input_pipeline_reads_the_same_jpegs_from_a_folder_and_from_shards(tmp_path):
     proc = run_script("benchmarks.input_pipeline", "--dirs", tmp_path, "--images", "40", "--samples_per_shard", "10",
                       "--workers", "0", "1", "--models")

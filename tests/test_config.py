@@ -285,6 +285,7 @@ def test_a_run_with_global_batch_trains_with_the_derived_accumulation(tmp_path):
     assert "note:" not in proc.stdout  # the tiny preset's own recipe is one process of 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--global_batch", "48"], "--global_batch 48 is not a multiple of 16 per rank × 2 ranks"),
     (["--epochs", "0"], "--epochs must be at least 1"),

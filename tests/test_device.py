@@ -145,11 +145,13 @@ class HostReads(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("main, model, extra", [
-    *[(main_pretrain, m, ["--epochs", "1"]) for m in tiny_model_names("pretrain")],
+    *[pytest.param(main_pretrain, m, ["--epochs", "1"], marks=[] if m == "xtra_vit_tiny" else pytest.mark.slow)
+      for m in tiny_model_names("pretrain")],
     (main_pretrain, "mae_vit_tiny", ["--epochs", "1", "--accum_iter", "2"]),
     (main_finetune, "vit_tiny_patch4", ["--epochs", "1", "--input_size", "32", "--aa", "none", "--reprob", "0",
                                         "--mixup", "0.8"]),
-    (main_slimmable, "scala_vit_tiny", ["--epochs", "2", "--full_warm_epochs", "1"]),
+    pytest.param(main_slimmable, "scala_vit_tiny", ["--epochs", "2", "--full_warm_epochs", "1"],
+                 marks=pytest.mark.slow),
 ])
 def test_an_epoch_reads_the_device_once_per_optimiser_update(main, model, extra, tmp_path, monkeypatch):
     """Inside the training loop the host waits for the device once per update (the finiteness checks, the votes
@@ -289,6 +291,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_an_output_directory_that_not_every_rank_sees_is_one_error_line(tmp_path):
     """Two ranks whose relative --output_dir lands in a directory of their own, as a node-local path does."""
     wrapper = tmp_path / "node_local.py"

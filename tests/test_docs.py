@@ -44,8 +44,10 @@ def test_readme_fits_its_budget_and_ci_runs_its_test_command():
     setup = readme[: readme.index("## ", readme.index("## ") + 1)]
     assert ".venv/bin/pip install -r requirements.txt" in setup
     assert re.search(r"main_pretrain\.py --model \w+_tiny --dataset digits", setup)
-    test_command = ".venv/bin/python -m pytest -q tests"
-    assert test_command in setup and test_command in (ROOT / ".ci" / "run").read_text()
+    fast, full = ".venv/bin/python -m pytest -q tests\n", ".venv/bin/python -m pytest -q tests --full\n"
+    assert fast in setup and full in setup
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert full in ci and fast not in ci  # CI runs both tiers
 
 
 def test_links_between_pages_resolve():
@@ -116,6 +118,7 @@ def fresh_copy(tmp_path_factory) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_the_readme_quick_start_runs_from_a_shell(fresh_copy):
     """The first command a newcomer runs, literally: a new interpreter from a fresh copy."""
     command = _commands(ROOT / "README.md")[0]
@@ -124,6 +127,7 @@ def test_the_readme_quick_start_runs_from_a_shell(fresh_copy):
     assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
 def test_cpu_commands_run_as_written(page, fresh_copy):
     """Each marked command, in order, with its own arguments, run by the same entry point as the shell would run

@@ -183,6 +183,7 @@ def test_a_killed_resume_of_the_same_image_folder_is_bit_identical(tmp_path):
     assert read_log(resumed) == read_log(tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_eval_of_a_fine_tuned_checkpoint_as_the_docs_show_writes_nothing(tmp_path):
     ft = tmp_path / "ft"
     run_script("main_finetune.py", *FAST, "--model", "vit_tiny_patch4", "--input_size", "32", "--epochs", "1",
@@ -196,6 +197,7 @@ def test_eval_of_a_fine_tuned_checkpoint_as_the_docs_show_writes_nothing(tmp_pat
     assert set(os.listdir(ROOT)) == before  # no ./output_dir/args.json
 
 
+@pytest.mark.slow
 def test_run_and_eval_scripts_use_the_interpreters_launcher_and_refuse_a_wrong_preset(tmp_path):
     teacher, scala = tmp_path / "teacher", tmp_path / "scala"
     env = {**os.environ, "PYTHON": sys.executable, "NPROC": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
@@ -219,6 +221,7 @@ def small_disk(tmp_path):
         yield mount
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_committed_checkpoint(small_disk):
     out = small_disk / "run"
     proc = run_script("main_pretrain.py", *FAST, "--model", "xtra_vit_tiny", "--batch_size", "64", "--epochs", "3",
@@ -258,6 +261,7 @@ def test_an_unwritable_log_is_one_line_without_a_torn_entry(tmp_path, monkeypatc
     assert (out / "log.txt").read_text() == '{"epoch": 0}\n'
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_committed_checkpoint(small_disk):
     out = small_disk / "run"
     proc = run_script("main_pretrain.py", *FAST, "--model", "xtra_vit_tiny", "--batch_size", "64", "--epochs", "3",

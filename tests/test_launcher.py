@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT, read_log, run_script, threads
 
 FLAGS = ["--model", "xtra_vit_tiny", "--dataset", "synthetic", "--synthetic_size", "128", "--batch_size", "32",
@@ -31,6 +33,7 @@ def _tasks_of(job_dir: Path) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_a_job_signalled_mid_run_requeues_itself_and_ends_as_the_uninterrupted_run(tmp_path):
     """SIGUSR2 is what SLURM sends before a job's time limit (and on preemption): the job finishes its optimiser
     step, commits a mid-epoch checkpoint and requeues itself, the new job continues from that step, and log.txt
@@ -61,6 +64,7 @@ def test_a_job_signalled_mid_run_requeues_itself_and_ends_as_the_uninterrupted_r
     assert len(resumed_at) == 1 and committed <= resumed_at[0][0] < 6 and resumed_at[0][1] >= 1, log[-3000:]
 
 
+@pytest.mark.slow
 def test_the_launcher_refuses_bad_entry_flags_before_queuing_anything(tmp_path):
     """The entry script's settings are checked for the whole job's ranks: 8 GPUs × 64 cannot make 2088."""
     proc = run_script("submitit_train.py", "--cluster", "local", "--script", "main_pretrain.py", "--ngpus", "8",

@@ -52,6 +52,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 # SIGTERM: tests/test_shards.py (one process, two workers); SIGUSR1 to one of two ranks: tests/test_fsdp.py
+@pytest.mark.slow
 @pytest.mark.parametrize("run, signals, workers, to_group", [
     ("pretrain", [signal.SIGINT], 2, True),  # Ctrl-C in a terminal: the loader workers receive it too
     ("slimmable", [signal.SIGUSR1, signal.SIGUSR1], 0, False),  # a second signal during the stop changes nothing
@@ -144,6 +145,7 @@ def _start(argv: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_live_runs_output_dir_is_refused_naming_it(tmp_path):
     """The same command started twice: the second run is one error line naming the first (pid, host), writes
     nothing, and the first goes on; its lock goes when it ends."""
@@ -202,6 +204,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_signal_after_the_last_epoch_lets_the_run_finish(tmp_path):
     """The stop signals stay handled until the run has finished: one that arrives while done.json is written is
     recorded, and the run completes (exit 0) instead of dying on the default handler."""

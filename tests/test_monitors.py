@@ -69,6 +69,7 @@ def test_the_monitors_see_learning_and_leave_training_unchanged(tmp_path):
     assert figure.step == 2 and figure.width >= 400 and figure.height > figure.width  # 8 rows of 4 panels
 
 
+@pytest.mark.slow
 def test_under_torchrun_the_features_are_sharded_gathered_and_give_the_one_process_knn(tmp_path):
     """Two ranks, DDP and FSDP: the logged knn_acc1 is what one process computes from the saved weights over all
     1438 training and 359 validation images (to within one image: batches differ between the two)."""

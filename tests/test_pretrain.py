@@ -47,6 +47,7 @@ def test_pretrained_encoder_fine_tunes(pretrained, tmp_path):
     assert read_log(tmp_path)[-1]["test_acc1"] > 15.0  # chance: 10 %
 
 
+@pytest.mark.slow
 def test_pretraining_under_torchrun(tmp_path):
     run_script("main_pretrain.py", *PT, "--epochs", "1", "--output_dir", tmp_path, nproc=2)
     ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
@@ -62,6 +63,7 @@ def test_resume_from_an_interrupted_run_matches(pretrained, tmp_path):
     assert read_log(tmp_path)[2] == read_log(pretrained)[2]  # epoch 2: bit-identical loss, lr, grad norm
 
 
+@pytest.mark.slow
 def test_attentive_probe_of_the_pretrained_encoder_under_torchrun(pretrained, tmp_path):
     proc = run_script("main_linprobe.py", *FAST, "--finetune", pretrained / "checkpoint-last.pth", "--probe",
                       "attentive", "--batch_size", "32", "--epochs", "1", "--warmup_epochs", "0", "--blr", "0.05",
@@ -79,6 +81,7 @@ def test_tensorboard_scalars_per_step(pretrained):
     assert len(steps) == 3 * 22 and steps[0] == 0 and steps[-1] < 3000  # epoch_1000x axis, 22 steps per epoch
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(pretrained, tmp_path):
     """--compile (torch.compile of the model) trains the same: per-epoch losses as the eager run, and the same
     checkpoint keys (no compile prefix)."""

@@ -277,6 +277,7 @@ def test_a_missing_or_torn_shard_is_one_error_line_in_one_process(genuine, tmp_p
                         "cannot read sharded checkpoint")
 
 
+@pytest.mark.slow
 def test_under_torchrun_a_torn_shard_or_hostile_index_is_one_line_and_every_rank_exits(genuine, tmp_path):
     """Auto-resume of a sharded run by two ranks: each fault is one error line (rank 0's), exit 2, the committed
     files untouched."""

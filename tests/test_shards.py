@@ -84,6 +84,7 @@ def test_a_killed_conversion_is_completed_and_unreadable_images_are_skipped_and_
     assert proc.returncode == 2 and "holds another conversion" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output", ["under a file", "read-only"])
 def test_an_output_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, output):
     """Refused before the images are listed or the writing processes start (root writes through any file mode: a
@@ -163,6 +164,7 @@ def test_an_epoch_started_after_some_batches_gives_the_rest_in_the_same_order(nu
         assert _epoch(numbered_shards, "train", 1, 2, workers, 3, monkeypatch, start=done * 4) == whole[done:]
 
 
+@pytest.mark.slow
 def test_every_script_trains_on_shards_under_torchrun_with_workers(digit_shards, tmp_path):
     """Two ranks, two loader workers each: pretraining with the kNN monitor, fine-tuning, both probes and Scala, one
     epoch each; validation counts each of the 359 images once."""
@@ -185,6 +187,7 @@ def test_every_script_trains_on_shards_under_torchrun_with_workers(digit_shards,
         assert read_log(tmp_path / name)[0]["test_n"] == 359
 
 
+@pytest.mark.slow
 def test_a_run_on_shards_stopped_mid_epoch_resumes_exactly_with_workers(digit_shards, tmp_path):
     argv = ["main_pretrain.py", "--model", "mae_vit_tiny", "--dataset", "imagefolder", "--data_path", digit_shards,
             "--num_workers", "2", "--device", "cpu", "--print_freq", "1", "--epochs", "1", "--log_dir", ""]

@@ -85,6 +85,7 @@ def test_eval_only_reproduces_the_table_and_exports(slim_run, tmp_path):
     torch.testing.assert_close(net(x), model(x, 0.5), rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_from_a_pretraining_encoder(tmp_path, teacher):
     # an XTRA-style encoder (no cls token) in the pretraining-checkpoint format
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=64, depth=2, num_heads=4, class_token=False,

@@ -61,6 +61,7 @@ def test_probes_train_on_a_frozen_backbone(finetuned, tmp_path, probe):
                                backbone["blocks.0.attn.qkv.weight"])
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_exact_eval(tmp_path):
     run_script("main_finetune.py", *FT, "--epochs", "1", "--output_dir", tmp_path, nproc=2)
     log = read_log(tmp_path)
@@ -68,6 +69,7 @@ def test_torchrun_two_processes_exact_eval(tmp_path):
     assert (tmp_path / "checkpoint-last.pth").is_file()
 
 
+@pytest.mark.slow
 def test_a_run_killed_anywhere_inside_an_epoch_resumes_there_bit_identically(tmp_path):
     """Mid-epoch checkpoints every update (--save_every_minutes 0.0001), the EMA on; SIGKILL once one inside epoch
     2 is committed (the kill then lands anywhere: training, or writing the next one). The same command again
