@@ -144,3 +144,51 @@ def test_cpu_commands_run_as_written(page, fresh_copy):
             assert (fresh_copy / out / f"vis-{int(every) - 1}.png").is_file(), f"{page.name}: {command}: no figure"
         if resumes and "--print_config" not in words:
             assert "resumed from" in proc.stdout, f"{page.name}: {command}: did not resume"
+
+
+ANY_FENCE = re.compile(r"^```bash[^\n]*\n(.*?)^```", re.M | re.S)
+TRAINING = {"main_pretrain.py": "main_pretrain", "main_slimmable.py": "main_slimmable"}
+
+
+def _multi_gpu_commands() -> list[tuple[str, int, str, list[str]]]:
+    """(where, world size, the training script's module, its arguments) of every torchrun or submitit command of a
+    training script in the docs, at the world size the command launches (nodes × processes per node; an sbatch
+    template's nodes are its #SBATCH --nodes). A ``...`` stands for flags the page leaves out."""
+    found = []
+    for page in DOCS:
+        for block in ANY_FENCE.findall(page.read_text()):
+            nodes = re.search(r"#SBATCH --nodes=(\d+)", block)
+            for command in block.replace("\\\n", " ").splitlines():
+                command = command.split(" #")[0].strip()
+                if nodes:
+                    command = command.replace("$SLURM_NNODES", nodes.group(1))
+                words = shlex.split(command) if ("torchrun" in command or "submitit_train.py" in command) else []
+                script = next((w for w in words if w in TRAINING or w.split("=")[-1] in TRAINING), None)
+                if script is None:
+                    continue
+                script = script.split("=")[-1]
+                if "submitit_train.py" in words:
+                    world = int(_flag(words, "--nodes") or 1) * int(_flag(words, "--ngpus") or 1)
+                    args = words[words.index("--") + 1:]
+                else:
+                    world = int(_flag(words, "--nnodes") or 1) * int(_flag(words, "--nproc_per_node") or 1)
+                    args = words[words.index(script) + 1:]
+                args = [w for w in args if w not in ("...", "&")]  # flags left out; a shell's background job
+                found.append((f"{page.name}: {command[:80]}", world, TRAINING[script], args))
+    return found
+
+
+def test_every_multi_gpu_command_in_the_docs_passes_its_settings_check(monkeypatch, tmp_path):
+    """Each documented launch of a training script, resolved with --print_config at the world size it launches
+    (its --global_batch must divide over its ranks, its flags must exist), as torchrun's rank 0 would resolve it."""
+    commands = _multi_gpu_commands()
+    assert len(commands) >= 10
+    monkeypatch.chdir(tmp_path)  # relative output directories hold no checkpoint to resume
+    for where, world, module, args in commands:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("RANK", "0")
+        main = importlib.import_module(module)
+        try:
+            main.resolve_settings([*args, "--print_config"])
+        except Exception as e:  # noqa: BLE001  (the message says which command)
+            raise AssertionError(f"{where} ({world} ranks): {e}") from None
