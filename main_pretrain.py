@@ -92,7 +92,7 @@ def main(argv: Sequence[str]) -> None:
     model = method.model_class(config).to(device)
     # before the optimiser sees the parameters
     print0(parallelize(model, dist_info, s.fsdp, s.grad_ckpt, s.amp, s.compile))
-    transform = build_transform(config.input_size, is_train=True, crop_scale=s.crop_scale, crop_ratio=s.crop_ratio)
+    transform = build_transform(config.input_size, True, s.crop_scale, s.crop_ratio, decode=s.decode)
     dataset = build_dataset(s.dataset, "train", transform, config.input_size, s.data_path, s.synthetic_size)
     loader = build_loader(dataset, s.batch_size, s.num_workers, is_train=True, seed=s.seed,
                           pin_memory=s.pin_mem and device.type == "cuda")
@@ -101,7 +101,7 @@ def main(argv: Sequence[str]) -> None:
                       lr=s.of(OptimSettings).peak_lr(launch_world_size()), betas=tuple(s.betas))
     monitors = None
     if Monitors.wanted(s.of(KnnSettings), s.of(OnlineProbeSettings)):  # on fixed training and validation images
-        evaluation = build_transform(config.input_size, is_train=False)
+        evaluation = build_transform(config.input_size, is_train=False, decode=s.decode)
         monitors = Monitors(s.of(KnnSettings), s.of(OnlineProbeSettings), encoder_features(model, s.amp, device),
                             with_transform(dataset, evaluation),
                             build_dataset(s.dataset, "val", evaluation, config.input_size, s.data_path,

@@ -210,7 +210,8 @@ def main(argv: Sequence[str]) -> None:
         features = Features(model, lambda net, x: net.forward_features(x, s.largest_ratio)[:, 0],
                             model.widths(s.largest_ratio)[0], s.amp, device)
         monitors = Monitors(s.of(KnnSettings), None, features,
-                            with_transform(train_set, build_transform(s.input_size, False, crop_pct=s.crop_pct)),
+                            with_transform(train_set, build_transform(s.input_size, False, crop_pct=s.crop_pct,
+                                                                      decode=s.decode)),
                             val_set, num_classes, s.batch_size, s.num_workers)
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
     mixup_fn = make_mixup(s.of(MixupSettings), num_classes)

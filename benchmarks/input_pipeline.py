@@ -1,22 +1,27 @@
 """The input pipeline: images/s of reading + decoding + the pretraining augmentation per loader worker, from an
-ImageFolder and from tar shards of the same JPEGs, and the workers per GPU that each method's step rate needs.
+ImageFolder and from tar shards of the same JPEGs, for each way of decoding (--decode pil, fast, gpu), and the
+workers per GPU that each method's step rate needs.
 
     python -m benchmarks.input_pipeline                                   # 2000 JPEGs under /tmp, 1 and 2 workers
-    python -m benchmarks.input_pipeline --dirs /tmp /mnt/nfs/$USER --images 5000 --workers 1 4 8
+    python -m benchmarks.input_pipeline --repeats 3                       # the fastest of 3 passes per row
+    python -m benchmarks.input_pipeline --dirs /tmp /mnt/nfs/$USER --images 5000 --workers 1 4 8 --json rates.json
     python -m benchmarks.input_pipeline --models xtra_vit_base_patch16 mae_vit_base_patch16 --device cuda
 
 The images are synthetic JPEGs of ImageNet's typical size (500 × 375, quality 90: smooth colour fields plus
 noise, about 70 KB each), written as an ImageFolder of 10 classes into each of ``--dirs`` and converted there
 with ``python -m util.make_shards``. A pass reads the training split once through a DataLoader (batch 64) with
-the pretraining transform (RandomResizedCrop 224, scale 0.2-1, bicubic, flip, normalise); the file cache is
-dropped first when this process may (root), else the numbers include warm-cache reads. The step rates come from
-``benchmarks.throughput`` (one training step of each model on ``--device``): a method that trains at S img/s per
-GPU needs ceil(S / r) workers per GPU of r img/s each. With CUDA, ``torchvision.io.decode_jpeg`` on the GPU is
-measured too.
+the pretraining transform (RandomResizedCrop 224, scale 0.2-1, bicubic, flip; uint8 out: the normalisation
+happens on the training device and is not counted); with --decode gpu the pass also decodes and crops each batch
+on the GPU in this process. The file cache is dropped first when this process may (root), else the numbers include
+warm-cache reads. ``--json PATH`` writes the rates as a list of {source, under, decode, workers, img_s}. The step
+rates come from ``benchmarks.throughput`` (one training step of each model on ``--device``): a method that trains
+at S img/s per GPU needs ceil(S / r) workers per GPU of r img/s each. With CUDA, ``torchvision.io.decode_jpeg``
+on the GPU is measured alone too.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -31,7 +36,9 @@ from PIL import Image
 
 import models
 from benchmarks.throughput import bench_pretrain
+from util.config import Decode
 from util.datasets import build_dataset, build_loader, build_transform
+from util.decoding import EncodedBatch
 
 assert models  # importing the package registers every method
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,15 +70,20 @@ def drop_file_cache() -> bool:
         return False
 
 
-def images_per_second(data_path: Path, workers: int, images: int) -> tuple[float, bool]:
-    """One pass over the training split: images/s, and whether it started from a cold file cache."""
-    transform = build_transform(224, is_train=True, crop_scale=(0.2, 1.0))
+def images_per_second(data_path: Path, workers: int, images: int, decode: Decode = "pil") -> tuple[float, bool]:
+    """One pass over the training split, decoded as ``decode`` says (gpu: each batch decoded and cropped on the GPU
+    here): images/s, and whether it started from a cold file cache."""
+    transform = build_transform(224, is_train=True, crop_scale=(0.2, 1.0), decode=decode)
     dataset = build_dataset("imagefolder", "train", transform, 224, str(data_path))
     loader = build_loader(dataset, min(64, images), workers, is_train=True, seed=0)
     (loader.dataset if hasattr(loader.dataset, "set_epoch") else loader.sampler).set_epoch(0)
     cold = drop_file_cache()
     start = time.perf_counter()
-    seen = sum(len(batch) for batch, _ in loader)
+    seen = 0
+    for batch, _ in loader:
+        seen += len(batch.decode(torch.device("cuda")) if isinstance(batch, EncodedBatch) else batch)
+    if decode == "gpu":
+        torch.cuda.synchronize()
     return seen / (time.perf_counter() - start), cold
 
 
@@ -97,16 +109,23 @@ def main() -> None:
     parser.add_argument("--samples_per_shard", type=int, default=100,
                         help="small enough that every worker has shards of its own")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--decode", nargs="+", choices=["pil", "fast", "gpu"],
+                        default=["pil", "fast", "gpu"] if torch.cuda.is_available() else ["pil", "fast"])
+    parser.add_argument("--repeats", type=int, default=1, help="passes per row, the fastest one kept (other load on "
+                                                                   "the machine only slows a pass down)")
+    parser.add_argument("--json", default="", help="also write the rates to this file")
     parser.add_argument("--models", nargs="*", default=["xtra_vit_base_patch16", "saim_vit_base_patch16",
                                                         "digpt_vit_base_patch16", "mae_vit_base_patch16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the models' step rates are measured")
     parser.add_argument("--batch_size", type=int, default=8, help="of the step-rate measurement")
     args = parser.parse_args()
+    if "gpu" in args.decode and not torch.cuda.is_available():
+        parser.error("--decode gpu needs a CUDA device")
     print(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; {args.images} JPEGs of 500 × 375\n")
-    print("| data | under | workers | img/s | img/s per worker | cold cache |")
-    print("|---|---|---|---|---|---|")
-    per_worker = {}
+    print("| data | decode | under | workers | img/s | img/s per worker | × pil | cold cache |")
+    print("|---|---|---|---|---|---|---|---|")
+    per_worker, results = {}, []
     roots = [Path(base) / f"input_pipeline_{args.images}_{args.samples_per_shard}" for base in args.dirs]
     for base, root in zip(args.dirs, roots):
         make_jpegs(root / "folder", args.images)
@@ -115,11 +134,21 @@ def main() -> None:
                             "--samples_per_shard", str(args.samples_per_shard), "--workers", "2"], cwd=ROOT,
                            check=True, capture_output=True)
         for label, data in (("ImageFolder", root / "folder"), ("shards", root / "shards")):
-            for workers in args.workers:
-                rate, cold = images_per_second(data, workers, args.images)
-                per_worker.setdefault(label, []).append(rate / max(workers, 1))
-                print(f"| {label} | {base} | {workers} | {rate:.0f} | {rate / max(workers, 1):.0f} | "
-                      f"{'yes' if cold else 'no'} |", flush=True)
+            pil = {}
+            for decode in args.decode:
+                for workers in args.workers:
+                    rate, cold = max(images_per_second(data, workers, args.images, decode)
+                                     for _ in range(args.repeats))
+                    if decode == "pil":
+                        pil[workers] = rate
+                    per_worker.setdefault((label, decode), []).append(rate / max(workers, 1))
+                    results.append({"source": label, "under": str(base), "decode": decode, "workers": workers,
+                                    "img_s": round(rate, 1)})
+                    ratio = f"{rate / pil[workers]:.2f}" if workers in pil else "-"
+                    print(f"| {label} | {decode} | {base} | {workers} | {rate:.0f} | {rate / max(workers, 1):.0f} | "
+                          f"{ratio} | {'yes' if cold else 'no'} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     if torch.cuda.is_available():
         print(f"\nGPU JPEG decoding (torchvision.io.decode_jpeg, {torch.cuda.get_device_name()}): "
               f"{gpu_decode_rate(roots[0] / 'folder'):.0f} img/s")
@@ -130,15 +159,15 @@ def main() -> None:
     step_args = argparse.Namespace(batch_size=args.batch_size, warmup=1, rounds=1, iters=2, amp="off",
                                    compile=False)
     device = torch.device(args.device)
-    worst = {label: min(rates) for label, rates in per_worker.items()}
+    worst = {key: min(rates) for key, rates in per_worker.items()}
     print(f"\nworkers per GPU: a step rate on {args.device} (batch {args.batch_size}) over the slowest per-worker "
           "rate above\n")
-    print("| model | step img/s | workers (ImageFolder) | workers (shards) |")
-    print("|---|---|---|---|")
+    print("| model | step img/s | " + " | ".join(f"workers ({label}, {decode})" for label, decode in worst) + " |")
+    print("|---|---|" + "---|" * len(worst))
     for name in args.models:
         rate = bench_pretrain(name, step_args, device)["method_img_s"]
-        print(f"| {name} | {rate:.1f} | {math.ceil(rate / worst['ImageFolder'])} | "
-              f"{math.ceil(rate / worst['shards'])} |", flush=True)
+        print(f"| {name} | {rate:.1f} | " + " | ".join(str(math.ceil(rate / r)) for r in worst.values()) + " |",
+              flush=True)
 
 
 if __name__ == "__main__":

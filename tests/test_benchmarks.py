@@ -86,14 +86,19 @@ def test_monitor_cost_gives_each_monitor_a_share_of_an_epoch():
 
 
 @pytest.mark.slow
-def test_input_pipeline_reads_the_same_jpegs_from_a_folder_and_from_shards(tmp_path):
+def test_input_pipeline_reads_the_same_jpegs_from_a_folder_and_from_shards_with_each_decode(tmp_path):
+    rates = tmp_path / "rates.json"
     proc = run_script("benchmarks.input_pipeline", "--dirs", tmp_path, "--images", "40", "--samples_per_shard", "10",
-                      "--workers", "0", "1", "--models")
+                      "--workers", "0", "1", "--models", "--json", rates)
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
             if line.startswith(("| ImageFolder", "| shards"))]
-    assert [(r[0], r[2]) for r in rows] == [("ImageFolder", "0"), ("ImageFolder", "1"), ("shards", "0"),
-                                            ("shards", "1")]
-    assert all(float(r[3]) > 0 for r in rows)
+    runs = [(source, decode, workers) for source in ("ImageFolder", "shards") for decode in ("pil", "fast")
+            for workers in (0, 1)]
+    assert [(r[0], r[1], int(r[3])) for r in rows] == runs
+    assert all(float(r[4]) > 0 for r in rows) and {r[6] for r in rows if r[1] == "pil"} == {"1.00"}
+    written = json.loads(rates.read_text())
+    assert [(r["source"], r["decode"], r["workers"]) for r in written] == runs
+    assert all(abs(r["img_s"] - float(row[4])) <= 1 for r, row in zip(written, rows))
     index = (tmp_path / "input_pipeline_40_10" / "shards" / "train" / "index.json").read_text()
     assert '"samples": 40' in index and "GPU JPEG decoding" in proc.stdout
 
@@ -153,3 +158,12 @@ def test_gpu_check_stops_at_the_first_failure_with_the_table_and_the_json(tmp_pa
 def test_gpu_check_refuses_an_unknown_section():
     proc = run_script("benchmarks.gpu_check", "--device", "cpu", "--sections", "nope", check=False)
     assert proc.returncode == 2 and "invalid choice: 'nope'" in proc.stderr
+
+
+def test_decode_difference_counts_every_value_of_the_crops():
+    proc = run_script("benchmarks.decode_difference", "--crops", "4", "--sizes", "32")
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in proc.stdout.splitlines()
+            if line.startswith(("| 4 training", "| 2 evaluation"))]
+    assert [r[2] for r in rows] == [str(4 * 3 * 32 * 32), str(2 * 3 * 32 * 32)]
+    for row in rows:
+        assert abs(sum(float(v) for v in row[3:6]) - 100) < 0.01 and int(row[6]) <= 10

@@ -149,6 +149,9 @@ class OptimSettings:
         return text
 
 
+Decode = Literal["fast", "pil", "gpu"]
+
+
 @dataclass(frozen=True)
 class DataSettings:
     dataset: Literal["imagefolder", "digits", "synthetic"] = setting(
@@ -158,6 +161,11 @@ class DataSettings:
     crop_scale: tuple[float, float] = setting((0.08, 1.0), "RandomResizedCrop area range")
     crop_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), "RandomResizedCrop aspect-ratio range")
     crop_pct: float | None = setting(None, "evaluation centre-crop fraction; none: timm's 0.875")
+    decode: Decode = setting(
+        "fast", "how the crop-only transforms (pretraining, evaluation, the linear probe, kNN) read images. fast: "
+                "JPEGs decoded by torchvision's decode_jpeg and cropped as uint8 tensors in the loader workers; gpu: "
+                "training JPEGs decoded and cropped on the GPU, a batch at a time; pil: PIL decoding and transforms. "
+                "The same crops on all three; other formats, CMYK JPEGs and the digits go through PIL")
     num_workers: int = setting(4, "data-loading worker processes")
     pin_mem: bool = setting(True, "pin host memory (CUDA only)")
     synthetic_size: int = setting(1024, "images per split of --dataset synthetic")
@@ -270,6 +278,8 @@ def check_run_environment(settings: Settings) -> None:
     run = settings.of(RunSettings)
     if run.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {run.device}: CUDA is not available here (use --device cpu or auto)")
+    if settings.of(DataSettings).decode == "gpu" and (run.device == "cpu" or not torch.cuda.is_available()):
+        raise ValueError("--decode gpu decodes on the run's GPU, and this run has none (use --decode fast)")
     for name in ("output_dir", "log_dir"):
         check_writable_dir(getattr(run, name), f"--{name}")
 
@@ -344,8 +354,10 @@ RUN_LOCAL = frozenset({"output_dir", "log_dir", "device", "resume", "auto_resume
 
 
 def checkpoint_layer(stored: dict | None) -> tuple[str, dict]:
-    """The settings a resumed checkpoint stored, minus those that belong to this invocation (RUN_LOCAL)."""
-    return "checkpoint", {k: v for k, v in (stored or {}).items() if k not in RUN_LOCAL}
+    """The settings a resumed checkpoint stored, minus those that belong to this invocation (RUN_LOCAL). A checkpoint
+    without --decode read its images with PIL: it resumes on that path."""
+    values = {k: v for k, v in (stored or {}).items() if k not in RUN_LOCAL}
+    return "checkpoint", {"decode": "pil", **values} if stored else values
 
 
 def shared_names() -> set[str]:

@@ -13,7 +13,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_a
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 
-from util.config import AugmentSettings, DataSettings, MixupSettings
+from util.config import AugmentSettings, DataSettings, Decode, MixupSettings
+from util.decoding import TensorCrop, collate, decode_for
 from util.distributed import get_rank, get_world_size, print0
 from util.errors import UserError
 from util.rng import sample_seed, seeded_cpu_rng
@@ -80,7 +81,8 @@ class ImageFiles(ImageFolder):
             j = (i + k) % n
             path, target = self.samples[j]
             try:
-                img = self.loader(path)  # open + convert: where truncated or foreign files fail
+                with open(path, "rb") as f:
+                    img = decode_for(self.transform, f.read())  # where truncated or foreign files fail
             except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError and truncated reads are OSErrors
                 if not self.unreadable[j]:
                     self.unreadable[j] = 1
@@ -134,7 +136,7 @@ def with_safe_posterize(transform):
 
 def build_transform(input_size: int, is_train: bool, crop_scale: tuple[float, float] = (0.08, 1.0),
                     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), crop_pct: float | None = None,
-                    augment: AugmentSettings | None = None):
+                    augment: AugmentSettings | None = None, decode: Decode = DataSettings.decode):
     """Transforms through timm's create_transform, bicubic.
 
     Training: RandomResizedCrop(``crop_scale``, ``crop_ratio``) + flip, plus, with ``augment``, timm's supervised
@@ -143,18 +145,22 @@ def build_transform(input_size: int, is_train: bool, crop_scale: tuple[float, fl
 
     The transforms that end with the crop give uint8 pixels [3, H, W], which the training loop moves to the device
     and ImageNet-normalises there (util.images.device_images); timm's supervised recipe gives normalised float32,
-    because its random erasing fills normalised pixels."""
-    if not is_train:
-        return create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
-                                use_prefetcher=True)
-    if augment is None:
-        return create_transform(input_size, is_training=True, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
-                                color_jitter=None, interpolation="bicubic", use_prefetcher=True)
-    aa = augment.aa if augment.aa not in ("", "none") else None
-    return with_safe_posterize(create_transform(
-        input_size, is_training=True, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
-        color_jitter=augment.color_jitter, auto_augment=aa, interpolation="bicubic", re_prob=augment.reprob,
-        re_mode=augment.remode, re_count=augment.recount, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD))
+    because its random erasing fills normalised pixels. ``decode`` 'fast' or 'gpu' wraps the crop-only transforms in
+    their tensor twin (util.decoding.TensorCrop; 'gpu' decodes on the device in training, on the CPU in
+    evaluation); timm's supervised recipe works on PIL images whatever ``decode``."""
+    if is_train and augment is not None:
+        aa = augment.aa if augment.aa not in ("", "none") else None
+        return with_safe_posterize(create_transform(
+            input_size, is_training=True, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
+            color_jitter=augment.color_jitter, auto_augment=aa, interpolation="bicubic", re_prob=augment.reprob,
+            re_mode=augment.remode, re_count=augment.recount, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD))
+    if is_train:
+        pil = create_transform(input_size, is_training=True, scale=tuple(crop_scale), ratio=tuple(crop_ratio),
+                               color_jitter=None, interpolation="bicubic", use_prefetcher=True)
+    else:
+        pil = create_transform(input_size, is_training=False, interpolation="bicubic", crop_pct=crop_pct,
+                               use_prefetcher=True)
+    return pil if decode == "pil" else TensorCrop(pil, on_device=is_train and decode == "gpu")
 
 
 def build_dataset(dataset: str, split: str, transform, input_size: int, data_path: str = "",
@@ -189,9 +195,9 @@ def supervised_datasets(data: DataSettings, input_size: int, augment: AugmentSet
     def split(name: str, transform) -> Dataset:
         return build_dataset(data.dataset, name, transform, input_size, data.data_path, data.synthetic_size)
 
-    train_set = split("train", build_transform(input_size, True, data.crop_scale, data.crop_ratio,
-                                               augment=augment)) if train else None
-    return train_set, split("val", build_transform(input_size, False, crop_pct=data.crop_pct))
+    train_set = split("train", build_transform(input_size, True, data.crop_scale, data.crop_ratio, augment=augment,
+                                               decode=data.decode)) if train else None
+    return train_set, split("val", build_transform(input_size, False, crop_pct=data.crop_pct, decode=data.decode))
 
 
 def make_mixup(mixup: MixupSettings, num_classes: int) -> Mixup | None:
@@ -295,5 +301,5 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, is_train: 
     # through the shard stream's shared position
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=is_train, persistent_workers=num_workers > 0,
-                      worker_init_fn=_ignore_stop_signals,
+                      worker_init_fn=_ignore_stop_signals, collate_fn=collate,
                       generator=torch.Generator().manual_seed(seed))

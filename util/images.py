@@ -1,5 +1,5 @@
-"""Images on the device (the normalisation of uint8 batches) and labelled figures of image panels (what a
-pretraining model sees and predicts, attention maps)."""
+"""Images on the device (the decoding of --decode gpu batches, the normalisation of uint8 batches) and labelled
+figures of image panels (what a pretraining model sees and predicts, attention maps)."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from util.decoding import EncodedBatch, collate
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -35,18 +37,20 @@ def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def device_images(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+def device_images(images: torch.Tensor | EncodedBatch, device: torch.device) -> torch.Tensor:
     """A batch on ``device``, ImageNet-normalised there when it arrives as uint8 pixels (the loaders send uint8
     where the transform ends with the crop: a quarter of float32's bytes through host memory and PCIe). The same
     float32 operations as torchvision's ToTensor and Normalize, in the same order, so the result equals the old
     host-side normalisation bit for bit. Batches that are already normalised (random erasing, synthetic data) pass
-    unchanged."""
+    unchanged. A --decode gpu batch of JPEG bytes and crops is decoded and cropped on ``device`` first."""
+    if isinstance(images, EncodedBatch):
+        images = images.decode(device)
     images = images.to(device, non_blocking=True)
     return imagenet_normalize(images.float().div(255)) if images.dtype == torch.uint8 else images
 
 
 def first_images(dataset, n: int, device: torch.device) -> torch.Tensor:
-    return device_images(torch.stack([dataset[i][0] for i in range(min(n, len(dataset)))]), device)
+    return device_images(collate([dataset[i] for i in range(min(n, len(dataset)))])[0], device)
 
 
 def panels_figure(panels: dict[str, torch.Tensor], title: str, overlays: dict[str, torch.Tensor] | None = None,

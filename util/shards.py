@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.filters import shuffle
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from util.decoding import decode_for
 from util.errors import UserError
 from util.paths import inside
 from util.rng import sample_seed, seeded_cpu_rng
@@ -149,8 +149,7 @@ class ShardSet:
         """The transformed image, or None (flagged and named once) when it does not decode."""
         if image is not None:
             try:
-                with Image.open(io.BytesIO(image)) as img:
-                    return self.transform(img.convert("RGB"))
+                return self.transform(decode_for(self.transform, image))
             except (OSError, ValueError):  # PIL's UnidentifiedImageError and truncated data are OSErrors
                 pass
         if not self.unreadable[index]:
