@@ -21,7 +21,7 @@ import torch
 
 from util.datasets import build_transform
 from util.decoding import read_pil
-from util.misc import seeded_cpu_rng
+from util.rng import seeded_cpu_rng
 
 
 def photos() -> list[bytes]:

@@ -20,7 +20,7 @@ from util.config import checkpoint_layer
 from util.datasets import build_dataset, build_loader, build_transform
 from util.decoding import Crop, EncodedBatch, EncodedImage, JpegFile, decode_rgb, read_pil
 from util.errors import UserError
-from util.misc import seeded_cpu_rng
+from util.rng import seeded_cpu_rng
 
 
 def _jpeg(width: int, height: int, seed: int = 0, mode: str = "RGB", fmt: str = "JPEG") -> bytes:

@@ -230,3 +230,27 @@ def test_a_resume_on_another_rank_count_names_the_step_it_takes(tmp_path):
     proc = run_script("main_pretrain.py", *FAST, "--epochs", "2", "--output_dir", out)
     assert re.search(r"continuing at epoch 1, step 10 \(640 images into it\)", proc.stdout), proc.stdout
     assert "continues at step 10," in proc.stdout
+
+
+CRASH_IN_THE_STEP = """
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import util.train_loop
+def step(self, *args, **kwargs):
+    raise RuntimeError("a bug in the step")
+util.train_loop.TrainingEpoch.step = step
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_a_bug_in_a_run_with_loader_workers_ends_the_process(tmp_path):
+    """A bug (any exception but the one-line ones) keeps its traceback and the process exits with code 1: the loader
+    workers, which ignore SIGTERM and outlive an epoch, are killed at exit instead of being waited for forever."""
+    wrapper = tmp_path / "crash_in_the_step.py"
+    wrapper.write_text(CRASH_IN_THE_STEP)
+    proc = run_script(str(wrapper), "main_pretrain.py", *FAST, "--model", "xtra_vit_tiny", "--num_workers", "2",
+                      "--output_dir", tmp_path / "run", subprocess_run=True, check=False, timeout=120)
+    assert proc.returncode == 1 and "RuntimeError: a bug in the step" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "run.lock").exists()

@@ -1,7 +1,10 @@
 """Datasets (ImageFolder, WebDataset tar shards, the embedded digits, synthetic), transforms and loaders."""
 from __future__ import annotations
 
+import atexit
 import itertools
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit handler now, before _kill_loader_workers
 import os
 import signal
 import sys
@@ -260,6 +263,16 @@ def _ignore_stop_signals(worker_id: int) -> None:
     of it would break the loader first)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+@atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
+def _kill_loader_workers() -> None:
+    """At exit, kill the loader workers still alive (a loader that an uncaught exception's traceback keeps): they
+    ignore SIGTERM, which multiprocessing's exit handler sends its daemonic children before it waits for them, so
+    the process would otherwise never end. They hold nothing to save."""
+    for worker in multiprocessing.active_children():
+        if worker.daemon:
+            worker.kill()
 
 
 class ShardSampler(Sampler):

@@ -11,7 +11,7 @@ each image cropped there (``util.images.device_images``).
 
 The random draws are those of the PIL transforms, one for one: timm's ``RandomResizedCropAndInterpolation.get_params``
 (python's ``random``) and then RandomHorizontalFlip's ``torch.rand(1) < p``. Under the per-sample seed
-(util.misc.seeded_cpu_rng) every path gives a sample the same crop box and flip.
+(util.rng.seeded_cpu_rng) every path gives a sample the same crop box and flip.
 """
 from __future__ import annotations
 
