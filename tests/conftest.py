@@ -11,6 +11,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: a test of the full tier (torchrun, signals, kills, the launcher, "
                                        "filled disks, compile, the documented commands); run with --full")
+    # torchvision 0.29 announces that its image decoders will move to TorchCodec; --decode fast calls one per image
+    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities of "
+                                              "TorchVision are deprecated:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
