@@ -430,7 +430,7 @@ def run_suite(argv: Sequence[str]) -> None:
     listed = ", ".join(f"{name} ({path})" for name, path in missing.items())
     if missing and not own["skip_missing"]:
         raise UserError(f"{own['suite']}: no train/ and val/ folders for {listed} (--data_root "
-                        f"{data_root or 'not given'}); give --skip_missing to run the others")
+                        f"{data_root or 'not given'}); give --skip_missing to run the others", every_rank=True)
     if missing:
         print0(f"warning: skipping {len(missing)} benchmark(s) whose folder is missing: {listed}")
     first = resolved[0]

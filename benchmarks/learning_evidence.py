@@ -76,7 +76,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
                      for key in ("knn", "loss"))
         epochs = range(len(knn))
         knn_axes.plot(epochs, knn, color=colour, label=r["method"])
-        knn_axes.axhline(statistics.mean(run["knn_random"] for run in r["runs"]), color=colour, linestyle=":",
+        knn_axes.axhline(statistics.mean(run["knn_probe_random"] for run in r["runs"]), color=colour, linestyle=":",
                          linewidth=1)
         loss_axes.plot(epochs, [v / loss[0] for v in loss], color=colour, label=r["method"])
     knn_axes.set(xlabel="epoch", ylabel="kNN top-1 (%)",
@@ -142,8 +142,8 @@ def main() -> None:
     parser.add_argument("--probe_epochs", type=int, default=15)
     parser.add_argument("--pretrain_lr", type=float, default=1e-3, help="absolute lr of every method's pretraining")
     parser.add_argument("--pretrain_warmup", type=float, default=3, help="warmup epochs of every method")
-    parser.add_argument("--probe_lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2],
-                        help="the probes' lr sweep")
+    parser.add_argument("--probe_lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0],
+                        help="the probes' lr sweep (on the digits the best lr lies inside this grid)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="one pretraining, random initialisation and probe seed each")
     parser.add_argument("--slimmable_epochs", type=int, default=30)
@@ -184,7 +184,7 @@ def main() -> None:
                    "knn": [r["knn_acc1"] for r in log]}
             start = time.time()
             for encoder, ckpt in (("", out / "pretrain" / "checkpoint-last.pth"), ("_random", rand)):
-                row[f"knn{encoder}"] = knn_probe(ckpt, out / f"knn{encoder}")
+                row[f"knn_probe{encoder}"] = knn_probe(ckpt, out / f"knn{encoder}")
                 for kind in ("linear", "attentive"):
                     row[f"{kind}{encoder}"] = probe_sweep(ckpt, kind, out / f"{kind}{encoder}", seed, args)
             row["eval_wall_s"] = time.time() - start
@@ -228,7 +228,8 @@ def print_pretrain_table(rows: list[dict], args: argparse.Namespace) -> None:
         knn_first, knn_last = ([run["knn"][i] for run in runs] for i in (0, -1))
         wall = sum(run["wall_s"] + run["eval_wall_s"] for run in runs)
         print(f"| {r['method']} | {mean_std(first, 3)} → {mean_std(last, 3)} | {mean_std(knn_first)} → "
-              f"{mean_std(knn_last)} | {with_gain(runs, 'knn')} | {mean_std([run['knn_random'] for run in runs])} | "
+              f"{mean_std(knn_last)} | {with_gain(runs, 'knn_probe')} | "
+              f"{mean_std([run['knn_probe_random'] for run in runs])} | "
               f"{with_gain(runs, 'linear')} | {mean_std([run['linear_random'] for run in runs])} | "
               f"{with_gain(runs, 'attentive')} | {mean_std([run['attentive_random'] for run in runs])} | "
               f"{wall:.0f} |")

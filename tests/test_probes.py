@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -245,6 +246,30 @@ def test_a_suite_killed_in_its_second_benchmark_continues_there(encoder, digit_f
         assert (killed / name / "log.txt").read_bytes() == (tmp_path / "straight" / name / "log.txt").read_bytes()
     ours, theirs = (json.loads((d / "suite.json").read_text()) for d in (killed, tmp_path / "straight"))
     assert ours == theirs
+
+
+def test_a_suite_sets_up_one_process_group_for_all_its_benchmarks(encoder, tmp_path, monkeypatch):
+    """In torchrun's environment (one rank here, in this process), the suite's process group is set up once and
+    torn down once, around all its benchmarks: no run inside sets one up or tears it down."""
+    calls = []
+    for name in ("init_process_group", "destroy_process_group"):
+        original = getattr(torch.distributed, name)
+        monkeypatch.setattr(torch.distributed, name,
+                            lambda *a, _name=name, _original=original, **k: (calls.append(_name), _original(*a, **k))[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    manifest = _manifest(tmp_path / "suite.json", [{"name": "linear", "probe": "linear", "lrs": [1e-3, 1e-2]},
+                                                   {"name": "knn", "probe": "knn"}],
+                         {"dataset": "digits", "epochs": 1, "batch_size": 64, "optimizer": "adamw"})
+    proc = run_script("main_linprobe.py", "--suite", manifest, "--finetune", encoder, "--num_workers", "0",
+                      "--device", "cpu", "--log_dir", "", "--output_dir", tmp_path / "out")
+    assert calls == ["init_process_group", "destroy_process_group"]
+    assert proc.stdout.count("distributed: True (world size 1") == 3  # the suite's, then each run's, kept
+    assert json.loads((tmp_path / "out" / "suite.json").read_text())["benchmarks"][1]["chosen"].startswith("k ")
 
 
 def test_the_xtra_manifest_is_the_official_protocol(encoder, tmp_path):

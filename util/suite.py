@@ -49,10 +49,10 @@ def load_manifest(path: str) -> list[Benchmark]:
         with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read the suite manifest {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read the suite manifest {path}: {type(e).__name__}: {e}", every_rank=True) from None
 
-    def fail(what: str) -> UserError:
-        return UserError(f"{path}: {what}")
+    def fail(what: str) -> UserError:  # every rank reads the same manifest: rank 0 says it
+        return UserError(f"{path}: {what}", every_rank=True)
 
     if not isinstance(manifest, dict) or set(manifest) - {"description", "settings", "benchmarks"}:
         raise fail('expected {"benchmarks": [...]} with optional "settings" and "description"')
