@@ -12,7 +12,7 @@ forked RNG, so the training losses are those of an unmonitored run and exact res
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -92,19 +92,28 @@ def dataset_features(features: Features, dataset: Dataset, batch_size: int, num_
 
 
 @torch.no_grad()
+def knn_accuracies(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+                   num_classes: int, ks: Sequence[int], temperature: float, chunk: int = 512) -> list[float]:
+    """Top-1 accuracy (%) of DINO's weighted kNN vote for each k of ``ks``: cosine similarity, the k nearest bank
+    images vote for their class with weight exp(similarity / ``temperature``). One similarity search for all of
+    them (the largest k's neighbours, of which each k takes the nearest)."""
+    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+    ks = [min(k, len(bank)) for k in ks]
+    correct = [0] * len(ks)
+    for start in range(0, len(queries), chunk):
+        similarity, nearest = (queries[start:start + chunk] @ bank.T).topk(max(ks), dim=1)
+        weights, labels = (similarity / temperature).exp(), bank_labels[nearest]
+        for i, k in enumerate(ks):
+            votes = torch.zeros(len(nearest), num_classes, device=bank.device)
+            votes.scatter_add_(1, labels[:, :k], weights[:, :k])
+            correct[i] += int((votes.argmax(1) == query_labels[start:start + chunk]).sum())
+    return [100.0 * c / max(len(queries), 1) for c in correct]
+
+
 def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
              num_classes: int, k: int, temperature: float, chunk: int = 512) -> float:
-    """Top-1 accuracy (%) of DINO's weighted kNN vote: cosine similarity, the ``k`` nearest bank images vote for
-    their class with weight exp(similarity / ``temperature``)."""
-    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
-    k = min(k, len(bank))
-    correct = 0
-    for start in range(0, len(queries), chunk):
-        similarity, nearest = (queries[start:start + chunk] @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(nearest), num_classes, device=bank.device)
-        votes.scatter_add_(1, bank_labels[nearest], (similarity / temperature).exp())
-        correct += int((votes.argmax(1) == query_labels[start:start + chunk]).sum())
-    return 100.0 * correct / max(len(queries), 1)
+    """:func:`knn_accuracies` for one ``k``."""
+    return knn_accuracies(bank, bank_labels, queries, query_labels, num_classes, [k], temperature, chunk)[0]
 
 
 class OnlineProbe:

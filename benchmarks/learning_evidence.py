@@ -1,11 +1,12 @@
-"""Does it learn? For each pretraining method: pretrain a tiny model on the embedded digits for a fixed budget
-on CPU with the kNN monitor on every epoch, probe it (linear and attentive), and probe and kNN-evaluate a randomly
-initialised copy the same way; plot kNN top-1 and the loss against the epoch (PNG, one line per method). For a
-slimmable model (Scala): train it, then each of its widths alone with the same recipe, and compare top-1 per
-width.
+"""Does it learn? For each pretraining method and each of several seeds: pretrain a tiny model on the embedded
+digits for a fixed budget on CPU with the kNN monitor on every epoch, then evaluate it and a randomly initialised
+copy alike: the kNN probe, and an lr sweep of the linear and of the attentive probe (each judged by its best head,
+not at one lr); report mean ± standard deviation over the seeds, and plot the mean kNN top-1 and loss against the
+epoch (PNG, one line per method). For a slimmable model (Scala): train it, then each of its widths alone with the
+same recipe, and compare top-1 per width.
 
-    python -m benchmarks.learning_evidence                      # every pretraining method and Scala, default budget
-    python -m benchmarks.learning_evidence --methods xtra_vit_tiny --pretrain_epochs 20
+    python -m benchmarks.learning_evidence                      # every pretraining method (3 seeds) and Scala
+    python -m benchmarks.learning_evidence --methods xtra_vit_tiny --pretrain_epochs 20 --seeds 0
     python -m benchmarks.learning_evidence --methods scala_vit_tiny --slimmable_epochs 50
 
 Every number in the printed table comes from the runs this script launches (entry scripts as subprocesses,
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -24,12 +26,11 @@ from pathlib import Path
 import torch
 
 import models
-from engine_monitors import dataset_features, encoder_features, knn_top1
-from models.formats import encoder_record, load_checkpoint, model_from_checkpoint, plain_config
+from models.formats import encoder_record, plain_config
 from models.registry import MODELS, create_model, model_names
 from models.stand_ins import tiny_model_names
 from util.checkpoint import save_atomic
-from util.datasets import build_dataset, build_transform
+from util.suite import run_result
 
 assert models  # importing the package registers every method
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,37 +47,24 @@ def run(script: str, *args) -> float:
     return time.time() - start
 
 
-def best_acc(output_dir: Path) -> float:
-    lines = (output_dir / "log.txt").read_text().splitlines()
-    return max(json.loads(line)["test_acc1"] for line in lines)
-
-
-def random_init_checkpoint(name: str, extra: dict, path: Path) -> None:
-    torch.manual_seed(0)
+def random_init_checkpoint(name: str, extra: dict, path: Path, seed: int) -> None:
+    torch.manual_seed(seed)
     model = create_model(name, **extra)
     save_atomic({"model": model.state_dict(), **encoder_record(model.encoder, "encoder.", model.encoder_mask),
                  "model_name": name, "model_config": plain_config(model.config), "epoch": -1}, path)
 
 
-def random_init_knn(ckpt: Path) -> float:
-    """kNN top-1 (%) of a checkpoint's encoder as the monitor computes it: every digits training image as the bank,
-    the 359 validation images as queries, k 20, T 0.07."""
-    ckpt_dict = load_checkpoint(str(ckpt))
-    model = model_from_checkpoint(ckpt_dict)
-    model.load_state_dict(ckpt_dict["model"])
-    features = encoder_features(model, "off", torch.device("cpu"))
-    size = model.config.input_size
-    evaluation = build_transform(size, is_train=False)
-    bank, bank_labels = dataset_features(features, build_dataset("digits", "train", evaluation, size), 64, 0,
-                                         torch.device("cpu"))
-    queries, labels = dataset_features(features, build_dataset("digits", "val", evaluation, size), 64, 0,
-                                       torch.device("cpu"))
-    return knn_top1(bank, bank_labels, queries, labels, 10, 20, 0.07)
+def knn_probe(ckpt: Path, out: Path) -> float:
+    """kNN top-1 (%) of a checkpoint's encoder (main_linprobe.py --probe knn): every digits training image votes
+    for each of the 359 validation images, k 20, T 0.07, on the features the monitor reads."""
+    run("main_linprobe.py", *COMMON, "--finetune", ckpt, "--probe", "knn", "--knn_ks", 20, "--output_dir", out,
+        "--auto_resume", "false")
+    return json.loads((out / "log.txt").read_text())["test_acc1/k20"]
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
-    """kNN top-1 and the training loss (÷ its first epoch's) against the epoch, one line per method; each
-    method's random-init kNN as a dotted line of its colour."""
+    """kNN top-1 and the training loss (÷ its first epoch's), each the mean over the seeds, against the epoch, one
+    line per method; each method's random-init kNN as a dotted line of its colour."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -84,11 +72,15 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     knn_axes, loss_axes = fig.subplots(1, 2)
     for i, r in enumerate(rows):
         colour = f"C{i}"
-        epochs = range(len(r["knn"]))
-        knn_axes.plot(epochs, r["knn"], color=colour, label=r["method"])
-        knn_axes.axhline(r["knn_random"], color=colour, linestyle=":", linewidth=1)
-        loss_axes.plot(epochs, [v / r["loss"][0] for v in r["loss"]], color=colour, label=r["method"])
-    knn_axes.set(xlabel="epoch", ylabel="kNN top-1 (%)", title="kNN top-1 on the digits (dotted: random init)")
+        knn, loss = ([statistics.mean(values) for values in zip(*(run[key] for run in r["runs"]))]
+                     for key in ("knn", "loss"))
+        epochs = range(len(knn))
+        knn_axes.plot(epochs, knn, color=colour, label=r["method"])
+        knn_axes.axhline(statistics.mean(run["knn_probe_random"] for run in r["runs"]), color=colour, linestyle=":",
+                         linewidth=1)
+        loss_axes.plot(epochs, [v / loss[0] for v in loss], color=colour, label=r["method"])
+    knn_axes.set(xlabel="epoch", ylabel="kNN top-1 (%)",
+                 title="kNN top-1 on the digits, mean over seeds (dotted: random init)")
     loss_axes.set(xlabel="epoch", ylabel="train loss / epoch-0 loss", title="training loss (relative)")
     for axes in (knn_axes, loss_axes):
         axes.grid(alpha=0.3)
@@ -97,13 +89,16 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     FigureCanvasAgg(fig).print_png(str(path))
 
 
-def probe(ckpt: Path, kind: str, out: Path, args: argparse.Namespace) -> float:
-    # Both probes with AdamW at one fixed lr (XTRA's probe optimiser): LARS needs far larger batches than 64.
+def probe_sweep(ckpt: Path, kind: str, out: Path, seed: int, args: argparse.Namespace) -> float:
+    """The best validation top-1 (%) of an lr sweep (every head of --probe_lrs, every epoch: what its
+    checkpoint-best.pth holds)."""
+    # Both probes with AdamW (XTRA's probe optimiser): LARS needs far larger batches than 64.
     augment = ["--aa", "none", "--reprob", 0] if kind == "attentive" else []  # the linear probe has none
     run("main_linprobe.py", *COMMON, "--finetune", ckpt, "--probe", kind, "--optimizer", "adamw",
-        "--epochs", args.probe_epochs, "--batch_size", 64, "--warmup_epochs", 1, "--lr", args.probe_lr,
-        "--weight_decay", 0.05, *augment, "--crop_scale", 0.6, 1, "--output_dir", out, "--auto_resume", "false")
-    return best_acc(out)
+        "--epochs", args.probe_epochs, "--batch_size", 64, "--warmup_epochs", 1,
+        "--lrs", ",".join(map(repr, args.probe_lrs)), "--weight_decay", 0.05, *augment, "--crop_scale", 0.6, 1,
+        "--seed", seed, "--output_dir", out, "--auto_resume", "false")
+    return run_result(str(out))["acc1"]
 
 
 def slimmable_run(name: str, args: argparse.Namespace, out: Path, smallest: float, largest: float,
@@ -147,7 +142,10 @@ def main() -> None:
     parser.add_argument("--probe_epochs", type=int, default=15)
     parser.add_argument("--pretrain_lr", type=float, default=1e-3, help="absolute lr of every method's pretraining")
     parser.add_argument("--pretrain_warmup", type=float, default=3, help="warmup epochs of every method")
-    parser.add_argument("--probe_lr", type=float, default=1e-3)
+    parser.add_argument("--probe_lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0],
+                        help="the probes' lr sweep (on the digits the best lr lies inside this grid)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one pretraining, random initialisation and probe seed each")
     parser.add_argument("--slimmable_epochs", type=int, default=30)
     parser.add_argument("--slimmable_lr", type=float, default=2e-3)
     parser.add_argument("--teacher", default="",
@@ -171,22 +169,28 @@ def main() -> None:
     rows = []
     for name in [n for n in names if n in PRETRAIN_MODELS]:
         flags = ["--teacher", args.teacher] if MODELS[name][0].needs_teacher else []
-        out = work / name
-        # One optimisation budget for every method: the recipes' blr rule gives 20× smaller lrs than XTRA's
-        # absolute 1e-3 at batch 64, and their 30-40 warmup epochs would cover the whole run.
-        wall = run("main_pretrain.py", *COMMON, "--model", name, "--epochs", args.pretrain_epochs, "--batch_size", 64,
-                   "--lr", args.pretrain_lr, "--warmup_epochs", args.pretrain_warmup, "--knn_every", 1,
-                   "--output_dir", out / "pretrain", "--auto_resume", "false", *flags)
-        log = [json.loads(line) for line in (out / "pretrain" / "log.txt").read_text().splitlines()]
-        rand = out / "random_init.pth"
-        random_init_checkpoint(name, {"teacher": args.teacher} if flags else {}, rand)
-        row = {"method": name, "epochs": args.pretrain_epochs, "wall_s": wall, "loss": [r["train_loss"] for r in log],
-               "knn": [r["knn_acc1"] for r in log], "knn_random": random_init_knn(rand)}
-        for kind in ("linear", "attentive"):
-            row[f"{kind}"] = probe(out / "pretrain" / "checkpoint-last.pth", kind, out / f"probe_{kind}", args)
-            row[f"{kind}_random"] = probe(rand, kind, out / f"probe_{kind}_random", args)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        runs = []
+        for seed in args.seeds:
+            out = work / name / f"seed{seed}"
+            # One optimisation budget for every method: the recipes' blr rule gives 20× smaller lrs than XTRA's
+            # absolute 1e-3 at batch 64, and their 30-40 warmup epochs would cover the whole run.
+            wall = run("main_pretrain.py", *COMMON, "--model", name, "--epochs", args.pretrain_epochs, "--batch_size",
+                       64, "--lr", args.pretrain_lr, "--warmup_epochs", args.pretrain_warmup, "--knn_every", 1,
+                       "--seed", seed, "--output_dir", out / "pretrain", "--auto_resume", "false", *flags)
+            log = [json.loads(line) for line in (out / "pretrain" / "log.txt").read_text().splitlines()]
+            rand = out / "random_init.pth"
+            random_init_checkpoint(name, {"teacher": args.teacher} if flags else {}, rand, seed)
+            row = {"seed": seed, "wall_s": wall, "loss": [r["train_loss"] for r in log],
+                   "knn": [r["knn_acc1"] for r in log]}
+            start = time.time()
+            for encoder, ckpt in (("", out / "pretrain" / "checkpoint-last.pth"), ("_random", rand)):
+                row[f"knn_probe{encoder}"] = knn_probe(ckpt, out / f"knn{encoder}")
+                for kind in ("linear", "attentive"):
+                    row[f"{kind}{encoder}"] = probe_sweep(ckpt, kind, out / f"{kind}{encoder}", seed, args)
+            row["eval_wall_s"] = time.time() - start
+            runs.append(row)
+            print(json.dumps({"method": name, **row}), flush=True)
+        rows.append({"method": name, "runs": runs})
 
     if rows:
         print_pretrain_table(rows, args)
@@ -196,20 +200,39 @@ def main() -> None:
         slimmable_evidence(name, args, work)
 
 
+def mean_std(values: list[float], digits: int = 1) -> str:
+    """mean ± sample standard deviation (the mean alone for one value)."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def with_gain(runs: list[dict], key: str) -> str:
+    """The cell of ``key`` and, in brackets, how far its mean is above the random-init encoder's."""
+    delta = statistics.mean(run[key] for run in runs) - statistics.mean(run[f"{key}_random"] for run in runs)
+    return f"{mean_std([run[key] for run in runs])} ({delta:+.1f})"
+
+
 def print_pretrain_table(rows: list[dict], args: argparse.Namespace) -> None:
-    print(f"\ndigits, CPU ({os.cpu_count()} cores), pretrain {args.pretrain_epochs} epochs (lr {args.pretrain_lr}, "
-          f"warmup {args.pretrain_warmup}), probes "
-          f"{args.probe_epochs} epochs; accuracies are the best val top-1 (%) over the probe epochs; kNN top-1 (%) "
-          f"after the first and the last epoch, and of the random-init encoder\n")
-    print("| method | epochs | pretrain wall (s) | loss first → last | kNN first → last | kNN (random init) | "
-          "linear | linear (random init) | attentive | attentive (random init) |")
+    print(f"\ndigits, CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads), pretrain "
+          f"{args.pretrain_epochs} epochs (lr {args.pretrain_lr}, warmup {args.pretrain_warmup}); kNN probe k 20; "
+          f"probe sweeps of lrs {', '.join(map(repr, args.probe_lrs))}, {args.probe_epochs} epochs, judged by their "
+          f"best head and epoch; top-1 (%), mean ± standard deviation over seeds {', '.join(map(str, args.seeds))} "
+          f"(Δ: the difference of the means)\n")
+    print("| method | loss first → last | kNN monitor first → last | kNN probe (Δ) | kNN, random init | "
+          "linear sweep (Δ) | linear, random init | attentive sweep (Δ) | attentive, random init | wall (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['epochs']} | {r['wall_s']:.0f} | {r['loss'][0]:.3f} → {r['loss'][-1]:.3f} | "
-              f"{r['knn'][0]:.1f} → {r['knn'][-1]:.1f} | {r['knn_random']:.1f} | "
-              f"{r['linear']:.1f} ({r['linear'] - r['linear_random']:+.1f}) | {r['linear_random']:.1f} | "
-              f"{r['attentive']:.1f} ({r['attentive'] - r['attentive_random']:+.1f}) | {r['attentive_random']:.1f} |")
-
+        runs = r["runs"]
+        first, last = ([run[key][i] for run in runs] for key, i in (("loss", 0), ("loss", -1)))
+        knn_first, knn_last = ([run["knn"][i] for run in runs] for i in (0, -1))
+        wall = sum(run["wall_s"] + run["eval_wall_s"] for run in runs)
+        print(f"| {r['method']} | {mean_std(first, 3)} → {mean_std(last, 3)} | {mean_std(knn_first)} → "
+              f"{mean_std(knn_last)} | {with_gain(runs, 'knn_probe')} | "
+              f"{mean_std([run['knn_probe_random'] for run in runs])} | "
+              f"{with_gain(runs, 'linear')} | {mean_std([run['linear_random'] for run in runs])} | "
+              f"{with_gain(runs, 'attentive')} | {mean_std([run['attentive_random'] for run in runs])} | "
+              f"{wall:.0f} |")
 
 if __name__ == "__main__":
     main()

@@ -52,6 +52,14 @@ class LinearHead(nn.Module):
         return self.linear(self.bn(feats))
 
 
+class HeadSweep(nn.ModuleList):
+    """Heads trained side by side on the same features, one per learning rate of an lr sweep: logits
+    [heads, B, classes]. Each head computes exactly what it computes alone."""
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.stack([head(feats) for head in self])
+
+
 def default_pool(encoder: VisionTransformer) -> str:
     """How the linear probe pools an encoder's tokens unless told: the encoder's own ``global_pool``, else the cls
     token when it has one, else the mean of the patch tokens."""
@@ -77,7 +85,8 @@ def pooled_features(encoder: VisionTransformer, x: torch.Tensor, mask: torch.Ten
 
 
 class Probe(nn.Module):
-    """Frozen backbone (always in eval mode, run without gradients) + a trainable head.
+    """Frozen backbone (always in eval mode, run without gradients) + a trainable head (one, a :class:`HeadSweep`,
+    or ``nn.Identity`` for the pooled features themselves).
 
     Features: the average of the last ``n_last_blocks`` block outputs before the final norm (XTRA/AIM), or after
     it with ``final_norm``; ``pool`` 'token' / 'avg' pools them for the linear probe, None keeps every token

@@ -182,6 +182,12 @@ def save_json_atomic(obj: dict | list, path: str) -> None:
         json.dump(obj, f, indent=2)
 
 
+def save_text_atomic(text: str, path: str) -> None:
+    """``save_atomic`` for a text file (a suite's table)."""
+    with _replaced_atomically(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
 def module_generators(model: nn.Module) -> dict[str, torch.Generator]:
     """The model's own ``torch.Generator`` attributes (e.g. XTRA's order choice), by module path. Their states
     go into checkpoints next to the global RNG states, so that a resumed run continues their sequences."""

@@ -127,8 +127,9 @@ class OptimSettings:
         """--lr, or the MAE rule blr × batch_size × accum_iter × world_size / 256."""
         return self.lr if self.lr is not None else self.blr * self.batch_size * self.accum_iter * world_size / 256
 
-    def schedule(self, world_size: int) -> Schedule:
-        lr = self.peak_lr(world_size)
+    def schedule(self, world_size: int, lr: float | None = None) -> Schedule:
+        """The run's lr schedule; ``lr``: another peak (a head of an lr sweep) under the same warmup rule and floor."""
+        lr = self.peak_lr(world_size) if lr is None else lr
         return Schedule(lr=lr, min_lr=self.min_lr, warmup_lr=lr / 10 if self.warmup_lr is None else self.warmup_lr,
                         warmup_epochs=self.warmup_epochs, epochs=self.epochs)
 
@@ -215,23 +216,34 @@ class RunSettings:
 
 
 @dataclass(frozen=True)
-class KnnSettings:
+class KnnVoteSettings:
+    """DINO's weighted kNN vote (engine_monitors.knn_accuracies): the kNN monitor's and main_linprobe.py's
+    --probe knn."""
+
+    knn_temperature: float = setting(0.07, "temperature T of the votes' weights exp(similarity / T) (DINO: 0.07)")
+
+    def __post_init__(self) -> None:
+        if self.knn_temperature <= 0:
+            raise ValueError(f"--knn_temperature must be > 0, got {self.knn_temperature}")
+
+
+@dataclass(frozen=True)
+class KnnSettings(KnnVoteSettings):
     """The kNN monitor of a training run (engine_monitors.py)."""
 
     knn_every: int = setting(1, "kNN top-1 on the validation images every N epochs, logged as knn_acc1 (0 = off)")
     knn_k: int = setting(20, "neighbours that vote (DINO: 20)")
-    knn_temperature: float = setting(0.07, "temperature T of the votes' weights exp(similarity / T) (DINO: 0.07)")
     knn_train_images: int = setting(10000, "memory bank: at most this many training images (a fixed subset, "
                                            "evaluation transform)")
     knn_val_images: int = setting(10000, "queries: at most this many validation images (a fixed subset)")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("knn_every", "knn_train_images", "knn_val_images"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.knn_k < 1 or self.knn_temperature <= 0:
-            raise ValueError(f"--knn_k must be >= 1 and --knn_temperature > 0, got {self.knn_k} and "
-                             f"{self.knn_temperature}")
+        if self.knn_k < 1:
+            raise ValueError(f"--knn_k must be >= 1, got {self.knn_k}")
 
 
 @dataclass(frozen=True)

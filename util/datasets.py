@@ -71,10 +71,11 @@ class ImageFiles(ImageFolder):
     Each one is reported once with its path and flagged in ``unreadable``, a tensor shared with the DataLoader
     workers. In training it is replaced by the next readable image (index i+1, i+2, ...: deterministic, so a resumed
     run sees the same samples); in evaluation it comes back with target -1, which ``engine_finetune.evaluate``
-    skips and counts. The training loop stops once more than ``--max_unreadable`` of the images are unreadable."""
+    skips and counts. The training loop stops once more than ``--max_unreadable`` of the images are unreadable.
+    A class folder may be empty: a split without images of some classes keeps every class's index."""
 
     def __init__(self, root: str, transform, train: bool):
-        super().__init__(root, transform=transform)
+        super().__init__(root, transform=transform, allow_empty=True)
         self.train = train
         self.unreadable = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
 

@@ -7,10 +7,11 @@ another device with a message that names both, so a misplaced tensor is a clear 
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -126,6 +127,22 @@ def cleanup_distributed() -> None:
     if is_dist() and _OWN_GROUP:
         _OWN_GROUP.clear()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def shared_process_group(device: str, dist_url: str = "env://", timeout_minutes: float = 30.0) -> Iterator[Dist]:
+    """The process group of a driver that runs several runs one after another in this process (the probe suite):
+    set up once by :func:`init_distributed` (none for a plain process), kept by every run inside, which sets up and
+    tears down nothing, and torn down when the block ends. Under torchrun a group torn down and set up again in one
+    worker would find the previous group's keys in the launcher's store."""
+    info = init_distributed(device, dist_url, False, timeout_minutes)
+    owned = list(_OWN_GROUP)
+    _OWN_GROUP.clear()  # the runs inside see a group they do not own
+    try:
+        yield info
+    finally:
+        _OWN_GROUP[:] = owned
+        cleanup_distributed()
 
 
 # ---------------------------------------------------------------------------------------------------

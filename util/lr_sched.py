@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -25,9 +26,10 @@ class Schedule:
         return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float, schedule: Schedule) -> float:
-    """Write the scheduled lr into every param group (times its ``lr_scale`` for layer decay)."""
-    lr = schedule.at(epoch)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-    return lr
+def adjust_learning_rate(optimizer: torch.optim.Optimizer, epoch: float,
+                         schedule: Schedule | Sequence[Schedule]) -> None:
+    """Write the scheduled lr into every param group (times its ``lr_scale`` for layer decay): one schedule for all
+    groups, or one per group (the heads of an lr sweep, each with its own peak)."""
+    schedules = schedule if isinstance(schedule, Sequence) else [schedule] * len(optimizer.param_groups)
+    for group, own in zip(optimizer.param_groups, schedules, strict=True):
+        group["lr"] = own.at(epoch) * group.get("lr_scale", 1.0)

@@ -312,12 +312,14 @@ class EpochResult:
     """What an entry script adds to a trained epoch: ``record``, its fields of the epoch's log.txt line (besides the
     training averages); ``files``, name -> contents, written before the commit (encoder.pth); ``score``, the
     validation top-1 that keeps ``checkpoint-best.pth`` (None: the script keeps no best checkpoint); ``scalars``,
-    TensorBoard's, against the epoch."""
+    TensorBoard's, against the epoch; ``best``: what ``checkpoint-best.pth`` holds, made from the epoch's
+    weights-only checkpoint (None: all of it; an lr sweep keeps its best head alone)."""
 
     record: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)
     score: float | None = None
     scalars: dict = field(default_factory=dict)
+    best: Callable[[dict], dict] | None = None
 
 
 class TrainingRun:
@@ -394,8 +396,11 @@ class TrainingRun:
                 if improved:
                     self.best = result.score
                 state = self.state_after(epoch)
-                files = {**result.files, **({"checkpoint-best.pth": weights_only_state(state, self.model)}
-                                            if improved else {})}
+                if improved:
+                    best = weights_only_state(state, self.model)
+                    files = {**result.files, "checkpoint-best.pth": result.best(best) if result.best else best}
+                else:
+                    files = result.files
                 record = {**{f"train_{k}": v for k, v in averages.items()}, **result.record, "epoch": epoch,
                           "n_parameters": self.n_params}
                 commit_epoch(s.output_dir, epoch, record, state, s.epochs, s.save_freq, s.keep_last, files)

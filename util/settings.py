@@ -285,12 +285,18 @@ def preparse(argv: Sequence[str], **kinds: type) -> dict[str, Any]:
     the full parser exists (they decide which parser to build and which checkpoint to read): an argparse parser
     that knows only them reads what it can (``parse_known_args``, as timm's train.py reads ``--config`` first).
     A flag without its value is one error line."""
+    return take_flags([a for a in argv if a not in ("-h", "--help")], **kinds)[0]
+
+
+def take_flags(argv: Sequence[str], **kinds: type) -> tuple[dict[str, Any], list[str]]:
+    """:func:`preparse`'s values, and the rest of the command line without those flags (a driver's own flags taken
+    out of what it passes on)."""
     parser = OneLineParser(add_help=False, allow_abbrev=False)
     for name, kind in kinds.items():
         extra = dict(type=str2bool, nargs="?", const=True) if kind is bool else dict(type=kind)
         parser.add_argument(f"--{name}", default=None, **extra)
-    known, _ = parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
-    return vars(known)
+    known, rest = parser.parse_known_args(list(argv))
+    return vars(known), rest
 
 
 def print_resolved(settings: Settings, header: str) -> None:

@@ -16,6 +16,12 @@ An engine's epoch reads, for any method::
 The host waits for the device once per optimiser update, in :meth:`TrainingEpoch.step`: one read that carries the
 finiteness of every micro-step's loss and of the gradient norm, the unreadable images, the ranks' votes on saving
 and stopping, and the values logged for the update's micro-steps.
+
+Members: the optimiser's param groups may name a ``member``, one of several independent models trained side by
+side on one forward (the heads of an lr sweep). The loss is then one value per member, each member follows its own
+lr schedule (its groups' ``peak_lr``), is clipped on its own, and logs its own values (``loss/<member>``); a member
+whose loss or gradient norm is not finite is frozen (its groups' ``diverged`` says where: its weights stay as they
+were, its later gradients are dropped) and the others go on. The run stops only when every member has diverged.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import IterableDataset
@@ -101,17 +107,20 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
 
 
 @torch.no_grad()
-def verify_update(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor], epoch: int) -> None:
-    """Before an epoch's results are written, on every rank: the weights are finite and give a finite loss on the
-    epoch's last batch, recomputed in eval mode on a forked RNG (training randomness is untouched). Otherwise
-    every rank stops and nothing of the epoch is written, so the last checkpoint stays the last good one."""
+def verify_update(model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor], epoch: int,
+                  frozen: Sequence[torch.nn.Parameter] = ()) -> None:
+    """Before an epoch's results are written, on every rank: the weights (but the ``frozen`` ones of diverged
+    members) are finite and give a finite loss on the epoch's last batch, recomputed in eval mode on a forked RNG
+    (training randomness is untouched). Otherwise every rank stops and nothing of the epoch is written, so the last
+    checkpoint stays the last good one."""
     raw = unwrap(model)
     training = raw.training
     raw.eval()
     with forked_rng():
         loss = loss_of(raw)
     raw.train(training)
-    weights = [local(p) for p in raw.parameters() if p.is_floating_point()]
+    skipped = {id(p) for p in frozen}
+    weights = [local(p) for p in raw.parameters() if p.is_floating_point() and id(p) not in skipped]
     finite = torch.stack([torch.isfinite(t).all() for t in [loss.detach(), *weights]]).all()
     if all_reduce((~finite).double().reshape(1)).item() > 0:
         raise UserError(f"the weights after epoch {epoch} are non-finite or give a non-finite loss on its last "
@@ -216,7 +225,8 @@ class Trainer:
     updates (``model``'s trainable ones, in module order), --amp (a GradScaler for fp16 only), --accum_iter and
     --clip_grad, the unreadable images allowed, progress lines every ``print_freq`` steps and TensorBoard
     (``log_writer``). ``scaler_state``: the GradScaler's state of a resumed run. :meth:`epoch` gives one training
-    epoch."""
+    epoch. The optimiser's param groups may name members (see the module's docstring); a resumed optimiser brings
+    back which of them diverged."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, optim: OptimSettings,
                  device: torch.device, print_freq: int, max_unreadable: int = 0, log_writer=None,
@@ -225,11 +235,48 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.amp, self.accum_iter, self.clip_grad, self.batch_size = optim.amp, optim.accum_iter, optim.clip_grad, \
             optim.batch_size
-        self.schedule = optim.schedule(launch_world_size())
+        groups = optimizer.param_groups
+        self.schedules = [optim.schedule(launch_world_size(), g.get("peak_lr")) for g in groups]
+        self.members = list(dict.fromkeys(g["member"] for g in groups if "member" in g))
+        owned = [{id(p) for g in groups if g.get("member") == m for p in g["params"]} for m in self.members]
+        # what is clipped together: each member's parameters (in module order), else all of them
+        self.clip_groups = [[p for p in self.params if id(p) in ids] for ids in owned] or [self.params]
+        self.live = [not any(g.get("diverged") for g in groups if g.get("member") == m) for m in self.members]
+        self.live_mask = device_values(self.live, torch.bool) if self.members else None
         self.max_unreadable, self.log_writer = max_unreadable, log_writer
         self.scaler = torch.amp.GradScaler(device.type) if optim.amp == "fp16" else None
         if self.scaler and scaler_state:
             self.scaler.load_state_dict(scaler_state)
+
+    def live_losses(self, loss: torch.Tensor) -> torch.Tensor:
+        """The members' losses with a frozen member's set to 0 (its value may not be finite); a plain loss as it is."""
+        return torch.where(self.live_mask, loss, 0.0) if self.members else loss
+
+    def freeze(self, member: int, where: str) -> None:
+        """Member ``member`` diverged at ``where``: its groups record it and it is updated no more."""
+        self.live[member] = False
+        self.live_mask = device_values(self.live, torch.bool)
+        for g in self.optimizer.param_groups:
+            if g.get("member") == self.members[member]:
+                g["diverged"] = where
+
+    def frozen_params(self) -> list[torch.nn.Parameter]:
+        return [p for params, live in zip(self.clip_groups, self.live) if not live for p in params] \
+            if self.members else []
+
+    def current_lr(self) -> float | list[float]:
+        """The lr to log: the largest of the groups' (the head's under layer decay), or each member's."""
+        groups = self.optimizer.param_groups
+        if not self.members:
+            return max(g["lr"] for g in groups)
+        return [max(g["lr"] for g in groups if g.get("member") == m) for m in self.members]
+
+    def per_member(self, name: str, value):
+        """A logged value as meters: ``name`` for a number, ``name/<member>`` for each of a list (None for a frozen
+        member: meters and TensorBoard skip it)."""
+        if not isinstance(value, list):
+            return {name: value}
+        return {f"{name}/{m}": v if live else None for m, v, live in zip(self.members, value, self.live)}
 
     def epoch(self, loader, epoch: int, saves: MidEpochSaves) -> TrainingEpoch:
         return TrainingEpoch(self, loader, epoch, saves)
@@ -249,7 +296,8 @@ class TrainingEpoch:
     def __init__(self, trainer: Trainer, loader, epoch: int, saves: MidEpochSaves):
         self.trainer, self.loader, self.epoch, self.saves = trainer, loader, epoch, saves
         self.meters = MetricLogger()
-        self.meters.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.3e}"))
+        for name in trainer.per_member("lr", trainer.current_lr()):
+            self.meters.add_meter(name, SmoothedValue(window_size=1, fmt="{value:.3e}"))
         accum, batch_size = trainer.accum_iter, trainer.batch_size
         self.images_per_step = batch_size * get_world_size()
         # the epoch's order: the sampler's, or, for tar shards, the stream's own (util.shards)
@@ -282,7 +330,7 @@ class TrainingEpoch:
             if step >= self.steps:
                 break
             if step % trainer.accum_iter == 0:
-                adjust_learning_rate(trainer.optimizer, self.epoch + step / self.steps, trainer.schedule)
+                adjust_learning_rate(trainer.optimizer, self.epoch + step / self.steps, trainer.schedules)
             self.step_index = step
             yield Batch(step, self.epoch + step / self.steps, device_images(images, trainer.device),
                         targets.to(trainer.device, non_blocking=True), (step + 1) % trainer.accum_iter == 0)
@@ -303,12 +351,15 @@ class TrainingEpoch:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of ``loss`` / accum_iter (scaled for fp16): an update applies the mean gradient of its group. A
-        step that backpropagates several losses (Scala's widths) calls it once per loss. Whether each loss is finite
-        is recorded on the device and read at the update."""
-        nonfinite = (~torch.isfinite(loss.detach())).any().double()
+        step that backpropagates several losses (Scala's widths) calls it once per loss; with members, ``loss``
+        holds one per member (a frozen member's left out). Whether each loss is finite is recorded on the device
+        and read at the update."""
+        trainer = self.trainer
+        flags = ~torch.isfinite(loss.detach())
+        nonfinite = (flags if trainer.members else flags.any()).double().reshape(-1)
         self.nonfinite = nonfinite if self.nonfinite is None else self.nonfinite + nonfinite
-        loss = loss / self.trainer.accum_iter
-        (self.trainer.scaler.scale(loss) if self.trainer.scaler else loss).backward()
+        loss = trainer.live_losses(loss).sum() / trainer.accum_iter if trainer.members else loss / trainer.accum_iter
+        (trainer.scaler.scale(loss) if trainer.scaler else loss).backward()
 
     def step(self, n: int | None = None, **logged: torch.Tensor | float) -> bool:
         """End a micro-step: ``logged`` (the loss and the method's metrics, tensors or numbers) goes to the meters and
@@ -318,72 +369,107 @@ class TrainingEpoch:
         then the optimiser steps. Returns whether it did."""
         trainer = self.trainer
         nonfinite = self.nonfinite if self.nonfinite is not None else \
-            torch.zeros((), dtype=torch.float64, device=trainer.device)
+            torch.zeros(len(trainer.clip_groups), dtype=torch.float64, device=trainer.device)
         n = n if n is not None else trainer.batch_size
-        self.meters.update(n=n, lr=max(g["lr"] for g in trainer.optimizer.param_groups))  # a host number
+        self.meters.update(n=n, **trainer.per_member("lr", trainer.current_lr()))  # host numbers
         self.pending.append((nonfinite, {"n": n, **logged}))
         self.nonfinite = None
         if (self.step_index + 1) % trainer.accum_iter:
             return False
         if trainer.scaler:
             trainer.scaler.unscale_(trainer.optimizer)
-        values, grad_norm = self._agree(clip_gradients(trainer.params, trainer.clip_grad, trainer.device))
+        norms = torch.stack([clip_gradients(params, trainer.clip_grad, trainer.device)
+                             for params in trainer.clip_groups])
+        values, grad_norms = self._agree(norms)
+        for p in trainer.frozen_params():  # a diverged member is not updated (nor decayed)
+            p.grad = None
         optimizer_step(trainer.optimizer, trainer.scaler)
-        self._log(values, grad_norm)
+        self._log(values, grad_norms if trainer.members else grad_norms[0])
         return True
 
-    def _agree(self, norm: torch.Tensor) -> tuple[list[dict], float]:
+    def _agree(self, norms: torch.Tensor) -> tuple[list[dict], list[float]]:
         """The update's one host read: its micro-steps' non-finite flags and the unreadable images summed over the
         ranks, the votes on saving and stopping maximised over them, this rank's logged values and the gradient
-        norm. Raises (every rank together) when the update must not be applied; returns the micro-steps' logged
-        values as numbers, and the gradient norm."""
+        norms (one per member, else one). Raises (every rank together) when the update must not be applied, and
+        freezes a member that diverged; returns the micro-steps' logged values as numbers (a list for a value per
+        member), and the gradient norms."""
         trainer, pending = self.trainer, self.pending
         self.pending = []
         unreadable = getattr(self.loader.dataset, "unreadable", None)
         bad_images = float(unreadable.sum()) if unreadable is not None else 0.0  # host memory: no device wait
-        flags = all_reduce(torch.stack([nonfinite for nonfinite, _ in pending] +
-                                       [device_values([bad_images]).squeeze(0)]))
+        flags = all_reduce(torch.cat([nonfinite for nonfinite, _ in pending] + [device_values([bad_images])]))
         votes = all_reduce(device_values(self.saves.votes()), "max")
         names = [[k for k, v in logged.items() if isinstance(v, torch.Tensor)] for _, logged in pending]
-        tensors = [logged[k].detach().double().reshape(()) for (_, logged), keys in zip(pending, names) for k in keys]
-        read = torch.cat([flags, votes, torch.stack([*tensors, norm.detach().double().reshape(())])]).tolist()
+        tensors = [logged[k].detach().double().reshape(-1) for (_, logged), keys in zip(pending, names) for k in keys]
+        read = torch.cat([flags, votes, *tensors, norms.detach().double()]).tolist()
         first = self.step_index - len(pending) + 1  # the group's first micro-step
-        nonfinite, (bad_images,), (due, signum) = read[:len(pending)], read[len(pending):len(pending) + 1], \
-            read[len(pending) + 1:len(pending) + 3]
-        numbers = iter(read[len(pending) + 3:])
-        values = [{k: next(numbers) if k in keys else v for k, v in logged.items()}
+        width = len(norms)  # flags per micro-step: one per member, else one
+        nonfinite = [read[i * width:(i + 1) * width] for i in range(len(pending))]
+        bad_images, due, signum = read[len(pending) * width:len(pending) * width + 3]
+        numbers = iter(read[len(pending) * width + 3:])
+
+        def number(v: torch.Tensor) -> float | list[float]:  # with members, a 1-D value holds one per member
+            return [next(numbers) for _ in range(v.numel())] if trainer.members and v.ndim else next(numbers)
+
+        values = [{k: number(v) if k in keys else v for k, v in logged.items()}
                   for (_, logged), keys in zip(pending, names)]
-        grad_norm = next(numbers)
+        grad_norms = [next(numbers) for _ in range(width)]
         self.saves.agree(due, signum)
-        bad = next((i for i, count in enumerate(nonfinite) if count > 0), None)
-        if bad is not None:
-            loss = values[bad].get("loss", float("nan"))
-            raise UserError(f"non-finite loss on {int(nonfinite[bad])} rank(s) at epoch {self.epoch}, step "
-                            f"{first + bad} (rank 0: {loss}); stopping all ranks before the update (try --amp "
-                            "bf16/off, a lower lr or --clip_grad)", every_rank=True)
-        if not math.isfinite(grad_norm) and trainer.scaler is None:  # fp16: the scaler skips such steps by itself
-            raise UserError(f"non-finite gradient norm ({grad_norm}) at epoch {self.epoch}, step {self.step_index}: "
-                            "the update was not applied; stopping all ranks (try a lower lr, --clip_grad, or --amp "
-                            "off)", every_rank=True)
+        if trainer.members:
+            self._freeze_diverged(nonfinite, grad_norms, first)
+        else:
+            bad = next((i for i, (count,) in enumerate(nonfinite) if count > 0), None)
+            if bad is not None:
+                loss = values[bad].get("loss", float("nan"))
+                raise UserError(f"non-finite loss on {int(nonfinite[bad][0])} rank(s) at epoch {self.epoch}, step "
+                                f"{first + bad} (rank 0: {loss}); stopping all ranks before the update (try --amp "
+                                "bf16/off, a lower lr or --clip_grad)", every_rank=True)
+            if not math.isfinite(grad_norms[0]) and trainer.scaler is None:  # fp16: the scaler skips such steps
+                raise UserError(f"non-finite gradient norm ({grad_norms[0]}) at epoch {self.epoch}, step "
+                                f"{self.step_index}: the update was not applied; stopping all ranks (try a lower lr, "
+                                "--clip_grad, or --amp off)", every_rank=True)
         if bad_images > trainer.max_unreadable:
             paths = self.loader.dataset.unreadable_paths()
             listed = ", ".join(paths[:10]) + (" ..." if len(paths) > 10 else "")
             raise UserError(f"{int(bad_images)} unreadable training images, more than --max_unreadable allows "
                             f"({trainer.max_unreadable}); on rank 0: {listed or 'none'}", every_rank=True)
-        return values, grad_norm
+        return values, grad_norms
 
-    def _log(self, values: list[dict], grad_norm: float) -> None:
+    def _freeze_diverged(self, nonfinite: list[list[float]], grad_norms: list[float], first: int) -> None:
+        """Freeze each live member whose loss (at some micro-step of this group) or gradient norm is not finite
+        (fp16: only its loss; the scaler skips an update with an infinite gradient); every rank read the same
+        flags and norms. Raises, every rank together, once no member is left."""
+        trainer = self.trainer
+        for i, name in enumerate(trainer.members):
+            steps = [first + j for j, flags in enumerate(nonfinite) if flags[i] > 0]
+            bad_norm = not math.isfinite(grad_norms[i]) and trainer.scaler is None
+            if trainer.live[i] and (steps or bad_norm):
+                where = f"epoch {self.epoch}, step {steps[0] if steps else self.step_index}"
+                trainer.freeze(i, where)
+                print0(f"warning: {name} diverged (non-finite {'loss' if steps else 'gradient norm'}) at {where}: "
+                       f"frozen with its last weights, {sum(trainer.live)} of {len(trainer.live)} go on")
+        if not any(trainer.live):
+            raise UserError(f"every one of the {len(trainer.live)} members diverged (non-finite loss or gradient "
+                            f"norm), the last at epoch {self.epoch}, step {self.step_index}; stopping all ranks (try "
+                            "lower lrs, --clip_grad, or --amp off)", every_rank=True)
+
+    def _log(self, values: list[dict], grad_norm: float | list[float]) -> None:
         """The update's micro-steps into the meters, in order (the first logged value, then the gradient norm with
         the last micro-step, then the rest: the order of the meters in the progress line and log.txt), and the
-        update into TensorBoard: ``train_<name>`` of its last micro-step, ``lr`` and ``grad_norm``."""
-        lr = max(g["lr"] for g in self.trainer.optimizer.param_groups)  # the head's lr under layer decay
+        update into TensorBoard: ``train_<name>`` of its last micro-step, ``lr`` and ``grad_norm`` (a value per
+        member as ``<name>/<member>``)."""
+        trainer = self.trainer
         for i, logged in enumerate(values):
             n = logged.pop("n")
             (first, value), *rest = logged.items()
-            self.meters.update(n=n, **{first: value, "grad_norm": grad_norm if i == len(values) - 1 else None,
-                                       **dict(rest)})
-        log_step(self.trainer.log_writer, self.epoch + self.step_index / self.steps, lr=lr, grad_norm=grad_norm,
-                 **{f"train_{k}": v for k, v in values[-1].items()})
+            norm = grad_norm if i == len(values) - 1 else None
+            self.meters.update(n=n, **trainer.per_member(first, value), **trainer.per_member("grad_norm", norm),
+                               **{k: v for name, value in rest for k, v in trainer.per_member(name, value).items()})
+        scalars = {**trainer.per_member("lr", trainer.current_lr()), **trainer.per_member("grad_norm", grad_norm),
+                   **{k: v for name, value in values[-1].items()
+                      for k, v in trainer.per_member(f"train_{name}", value).items()}}
+        log_step(trainer.log_writer, self.epoch + self.step_index / self.steps,
+                 **{k: v for k, v in scalars.items() if v is not None})
         self.agreed = self.saves.due or bool(self.saves.signum)
 
     def save_if_agreed(self) -> None:
@@ -397,8 +483,9 @@ class TrainingEpoch:
     def end(self, model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor]) -> dict[str, float]:
         """Close the epoch: :func:`verify_update` with ``loss_of`` (the loss on the last batch, under autocast), the
         meters averaged over the ranks and printed; returns the averages."""
+        trainer = self.trainer
         with self.autocast():
-            verify_update(model, loss_of, self.epoch)
+            verify_update(model, lambda m: trainer.live_losses(loss_of(m)), self.epoch, trainer.frozen_params())
         self.meters.synchronize_between_processes()
         print0(f"Epoch [{self.epoch}] averaged stats: {self.meters}")
         return self.meters.averages()
