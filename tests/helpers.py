@@ -6,8 +6,10 @@ import importlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -81,6 +83,26 @@ def run_sequence(runs: list[tuple[str, list]], nproc: int, workdir: Path, timeou
     spec = Path(workdir) / "runs.json"
     spec.write_text(json.dumps([[module, [str(a) for a in argv]] for module, argv in runs]))
     return run_script("tests/run_sequence.py", spec, nproc=nproc, timeout=timeout).stdout
+
+
+def kill_inside_epoch(script: str, args: list, checkpoint: Path, epoch: int, timeout: int) -> None:
+    """Run ``script`` as ``run_script`` would, and SIGKILL it once ``checkpoint`` (a checkpoint-last.pth it
+    writes) records a position inside ``epoch``."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads())}
+    proc = subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+
+    def inside() -> bool:
+        with contextlib.suppress(Exception):  # not written yet, or being replaced
+            return torch.load(checkpoint, weights_only=True).get("position", {}).get("epoch") == epoch
+        return False
+
+    while not inside():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def read_log(output_dir: Path) -> list[dict]:

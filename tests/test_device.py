@@ -144,6 +144,20 @@ class HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def count_host_reads(monkeypatch, main) -> list[int]:
+    """Patches ``main.train_one_epoch`` to count each epoch's host reads; the counts fill the list returned."""
+    counts, original = [], main.train_one_epoch
+
+    def counted(*args, **kwargs):
+        with HostReads() as reads:
+            stats = original(*args, **kwargs)
+        counts.append(reads.count)
+        return stats
+
+    monkeypatch.setattr(main, "train_one_epoch", counted)
+    return counts
+
+
 @pytest.mark.parametrize("main, model, extra", [
     *[pytest.param(main_pretrain, m, ["--epochs", "1"], marks=[] if m == "xtra_vit_tiny" else pytest.mark.slow)
       for m in tiny_model_names("pretrain")],
@@ -159,16 +173,7 @@ def test_an_epoch_reads_the_device_once_per_optimiser_update(main, model, extra,
     closing check of the weights). Counted on the CPU by intercepting every tensor read of the training process
     (the images are read and augmented by two loader workers, as on a GPU node)."""
     teacher = stand_in_teacher(model, str(tmp_path / "teacher.pth")) if main is main_pretrain else {}
-    counts = []
-    original = main.train_one_epoch
-
-    def counted(*args, **kwargs):
-        with HostReads() as reads:
-            stats = original(*args, **kwargs)
-        counts.append(reads.count)
-        return stats
-
-    monkeypatch.setattr(main, "train_one_epoch", counted)
+    counts = count_host_reads(monkeypatch, main)
     run_script(f"{main.__name__}.py", *FAST, "--num_workers", "2", "--model", model, "--batch_size", "64", *extra,
                *[w for k, v in teacher.items() for w in (f"--{k}", v)], "--output_dir", tmp_path / "run")
     accum = int(extra[extra.index("--accum_iter") + 1]) if "--accum_iter" in extra else 1

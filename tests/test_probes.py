@@ -5,14 +5,8 @@ in one process (one process group under torchrun), continues where a kill stoppe
 is one error line before anything is written."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +20,8 @@ from models.formats import encoder_record, load_checkpoint, load_encoder_weights
 from models.probes import pooled_features
 from models.registry import create_model
 from models.vit import VisionTransformer
-from tests.helpers import FAST, ROOT, read_log, run_script, tensorboard_scalars, threads
-from tests.test_device import HostReads
+from tests.helpers import FAST, ROOT, kill_inside_epoch, read_log, run_script, tensorboard_scalars
+from tests.test_device import count_host_reads
 from tests.test_monitors import _reference_knn
 from util.checkpoint import save_atomic
 from util.datasets import DigitsDataset, build_dataset, build_transform
@@ -93,21 +87,15 @@ def test_every_head_of_a_sweep_trains_as_its_own_run_and_a_diverged_one_is_froze
     proc = run_script("main_linprobe.py", "--eval", "--resume", tmp_path / "sweep" / "checkpoint-best.pth",
                       "--output_dir", "", *FAST)
     assert f"* Acc@1 {best_epoch['test_acc1']:.3f}" in proc.stdout
+    exported = run_script("models.convert", "--export_timm", tmp_path / "sweep" / "checkpoint-best.pth",
+                          tmp_path / "timm.pth")
+    assert "wrote" in exported.stdout and (tmp_path / "timm.pth").is_file()
 
 
 def test_a_sweep_reads_the_device_once_per_optimiser_update(encoder, tmp_path, monkeypatch):
     """Three heads, each with its own finiteness flags, gradient norm and logged values: still one host read per
     update (tests/test_device.py counts those of every method's run the same way)."""
-    counts = []
-    original = main_linprobe.train_one_epoch
-
-    def counted(*args, **kwargs):
-        with HostReads() as reads:
-            stats = original(*args, **kwargs)
-        counts.append(reads.count)
-        return stats
-
-    monkeypatch.setattr(main_linprobe, "train_one_epoch", counted)
+    counts = count_host_reads(monkeypatch, main_linprobe)
     run_script("main_linprobe.py", *FAST, "--num_workers", "2", "--finetune", encoder, "--probe", "linear",
                "--lrs", "1e-3,1e-2,1e38", "--optimizer", "adamw", "--batch_size", "64", "--epochs", "1",
                "--warmup_epochs", "0", "--log_dir", "", "--output_dir", tmp_path)
@@ -223,22 +211,8 @@ def test_a_suite_killed_in_its_second_benchmark_continues_there(encoder, digit_f
     run_script("main_linprobe.py", *argv, "--output_dir", tmp_path / "straight")
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(threads())}
-    proc = subprocess.Popen([sys.executable, "main_linprobe.py", *map(str, argv), "--output_dir", str(killed)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-
-    def inside_the_second_epoch_of_the_second() -> bool:
-        with contextlib.suppress(Exception):  # not written yet
-            ckpt = torch.load(killed / "inverted" / "checkpoint-last.pth", weights_only=True)
-            return ckpt.get("position", {}).get("epoch") == 1
-        return False
-
-    while not inside_the_second_epoch_of_the_second():
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_inside_epoch("main_linprobe.py", [*argv, "--output_dir", killed], killed / "inverted" / "checkpoint-last.pth",
+                      1, 300)
     assert (killed / "digits" / "done.json").is_file() and not (killed / "inverted" / "done.json").exists()
     rerun = run_script("main_linprobe.py", *argv, "--output_dir", killed)
     assert "suite: digits is finished" in rerun.stdout and "continuing at epoch 1, step " in rerun.stdout
@@ -362,12 +336,19 @@ def test_the_sweep_cost_benchmark_prints_its_table():
 @pytest.mark.slow
 def test_the_learning_evidence_reports_the_mean_and_spread_over_seeds(tmp_path):
     """One method, two seeds, one epoch each: the kNN probe and both sweeps of the pretrained and the random-init
-    encoder, as mean ± standard deviation."""
-    proc = run_script("benchmarks.learning_evidence", "--methods", "mae_vit_tiny", "--seeds", "0", "1",
-                      "--pretrain_epochs", "1", "--probe_epochs", "1", "--probe_lrs", "1e-3", "1e-2",
-                      "--work_dir", tmp_path / "evidence", subprocess_run=True, timeout=900)
-    (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| mae_vit_tiny |")]
+    encoder, as mean ± standard deviation. A rerun reuses the seeds already measured."""
+    def evidence(*seeds: str) -> str:
+        proc = run_script("benchmarks.learning_evidence", "--methods", "mae_vit_tiny", "--seeds", *seeds,
+                          "--pretrain_epochs", "1", "--probe_epochs", "1", "--probe_lrs", "1e-3", "1e-2",
+                          "--work_dir", tmp_path / "evidence", subprocess_run=True, timeout=900)
+        (row,) = [line for line in proc.stdout.splitlines() if line.startswith("| mae_vit_tiny |")]
+        return row
+
+    row = evidence("0", "1")
     assert row.count("±") == 10, row  # every cell but the method and the wall time
     for seed in (0, 1):
         assert read_log(tmp_path / "evidence" / "mae_vit_tiny" / f"seed{seed}" / "linear_random")[0]["test_lr"] in \
             (1e-3, 1e-2)
+    log = tmp_path / "evidence" / "mae_vit_tiny" / "seed1" / "pretrain" / "log.txt"
+    written = log.stat().st_mtime_ns
+    assert evidence("0", "1") == row and log.stat().st_mtime_ns == written

@@ -1,16 +1,10 @@
 """End to end on the embedded digits data: fine-tuning, both probes, torchrun ×2, resume after a kill, bad input."""
-import contextlib
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from tests.helpers import FAST, ROOT, read_log, run_script, tensorboard_scalars
+from tests.helpers import FAST, kill_inside_epoch, read_log, run_script, tensorboard_scalars
 
 FT = [*FAST, "--model", "vit_tiny_patch4", "--input_size", "32", "--batch_size", "32", "--aa", "none",
       "--reprob", "0", "--blr", "5e-3", "--warmup_epochs", "1", "--layer_decay", "1.0"]
@@ -79,22 +73,7 @@ def test_a_run_killed_anywhere_inside_an_epoch_resumes_there_bit_identically(tmp
     run_script("main_finetune.py", *args, "--output_dir", tmp_path / "straight")
 
     killed = tmp_path / "killed"
-    # the same thread count as run_script's runs: float reductions depend on it
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.Popen([sys.executable, "main_finetune.py", *map(str, args), "--output_dir", str(killed)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-
-    def inside_epoch_2() -> bool:
-        with contextlib.suppress(Exception):  # not written yet
-            return torch.load(killed / "checkpoint-last.pth", weights_only=True).get("position", {}).get("epoch") == 2
-        return False
-
-    while not inside_epoch_2():
-        assert time.time() < deadline and proc.poll() is None
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_inside_epoch("main_finetune.py", [*args, "--output_dir", killed], killed / "checkpoint-last.pth", 2, 120)
     assert len(read_log(killed)) == 2
     rerun = run_script("main_finetune.py", *args, "--output_dir", killed)  # the same command again
     assert re.search(r"continuing at epoch 2, step [1-9]", rerun.stdout)
