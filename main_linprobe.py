@@ -40,7 +40,7 @@ from util.config import (
     print_settings,
     resolve_run,
 )
-from util.datasets import build_loader, build_transform, supervised_datasets
+from util.datasets import build_loader, eval_transform, supervised_datasets
 from util.distributed import cleanup_distributed, is_main_process, launch_world_size, print0, shared_process_group
 from util.errors import UserError, run_cli
 from util.metrics import log_epoch, make_log_writer
@@ -355,8 +355,8 @@ def probe_run(argv: Sequence[str], load: Callable[..., dict] = load_checkpoint) 
     model, backbone = build_probe(s, init, num_classes)
     model.to(device)
     if s.probe == "knn":
-        evaluation = build_transform(s.input_size, False, crop_pct=s.crop_pct)
-        knn_probe(s, model, with_transform(train_set, evaluation), val_set, num_classes, device)
+        bank = with_transform(train_set, eval_transform(s.of(DataSettings), s.input_size))
+        knn_probe(s, model, bank, val_set, num_classes, device)
         return cleanup_distributed()
     pin = s.pin_mem and device.type == "cuda"
     val_loader = build_loader(val_set, s.batch_size, s.num_workers, is_train=False, pin_memory=pin,

@@ -49,7 +49,7 @@ from util.config import (
     print_settings,
     resolve_run,
 )
-from util.datasets import build_loader, build_transform, make_mixup, supervised_datasets
+from util.datasets import build_loader, eval_transform, make_mixup, supervised_datasets
 from util.distributed import is_main_process, launch_world_size, print0
 from util.errors import UserError, run_cli
 from util.parallel import parallelize
@@ -210,8 +210,7 @@ def main(argv: Sequence[str]) -> None:
         features = Features(model, lambda net, x: net.forward_features(x, s.largest_ratio)[:, 0],
                             model.widths(s.largest_ratio)[0], s.amp, device)
         monitors = Monitors(s.of(KnnSettings), None, features,
-                            with_transform(train_set, build_transform(s.input_size, False, crop_pct=s.crop_pct,
-                                                                      decode=s.decode)),
+                            with_transform(train_set, eval_transform(s.of(DataSettings), s.input_size)),
                             val_set, num_classes, s.batch_size, s.num_workers)
     train_loader = build_loader(train_set, s.batch_size, s.num_workers, is_train=True, seed=s.seed, pin_memory=pin)
     mixup_fn = make_mixup(s.of(MixupSettings), num_classes)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib
 import json
@@ -67,12 +68,13 @@ from torch.profiler import ProfilerActivity, profile
 
 import models
 from benchmarks.input_pipeline import gpu_decode_rate, images_per_second, make_jpegs
-from benchmarks.throughput import PEAK_TFLOPS, count_flops, measure, method_forward, mfu, train_step
+from benchmarks.throughput import count_flops, measure, method_forward, mfu, peak_flops, train_step
 from models.registry import model_names
 from models.stand_ins import stand_in_teacher, tiny_model_names
 from util.checkpoint import POINTER
 from util.errors import run_cli
 from util.parallel import recompute_blocks
+from util.suite import flag_words
 from util.train_loop import adamw
 
 assert models  # importing the package registers every method
@@ -261,7 +263,7 @@ class Check:
         """A random teacher of the right shape for a method that needs one, written once under --out."""
         if preset not in self.teachers:
             overrides = stand_in_teacher(preset, str(self.out / f"{preset}-teacher.pth"))
-            self.teachers[preset] = [w for k, v in overrides.items() for w in (f"--{k}", str(v))]
+            self.teachers[preset] = flag_words(overrides)
         return self.teachers[preset]
 
     def train_argv(self, preset: str, device: str, amp: str, batch: int, data: list[str], flags: Sequence[str],
@@ -444,7 +446,7 @@ def versions(ck: Check) -> None:
     ck.add(s, "NCCL", "ok" if nccl else "FAIL", ".".join(map(str, version)) if isinstance(version, tuple) else
            str(version or "not available"), "available (DDP, FSDP)")
     props = torch.cuda.get_device_properties(0)
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in props.name), None)
+    peak = peak_flops(props.name)
     value = (f"{ck.gpus} × {props.name} (sm_{props.major}{props.minor}, {gib(props.total_memory)}); MFU against "
              + (f"{peak / 1e12:.0f} TFLOP/s bf16" if peak else "no known peak (benchmarks.throughput.PEAK_TFLOPS)"))
     ck.add(s, "GPU", "ok" if torch.cuda.is_bf16_supported() else "FAIL", value, "supports bf16")
@@ -805,16 +807,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.sections and section not in args.sections:
                 continue
             start = time.perf_counter()
-            try:
-                SECTION_RUNNERS[section](check)
-            except FirstFailure:
-                raise
-            except Exception as e:  # a crash of the check's own process (CUDA error, out of memory): a FAIL row
-                traceback.print_exc()
-                report.add(section, "(section)", "FAIL", crash_message(e), "no exception")
+            try:  # a crash of the check's own process (CUDA error, out of memory): a FAIL row of the section
+                check.attempt(section, "(section)", functools.partial(SECTION_RUNNERS[section], check))
             finally:
                 report.seconds[section] = time.perf_counter() - start
-                free_memory()
             if check.cuda and not torch.cuda.is_available():
                 break  # the versions row said why
     except FirstFailure:

@@ -26,16 +26,17 @@ from pathlib import Path
 import torch
 
 import models
-from models.formats import encoder_record, plain_config
-from models.registry import MODELS, create_model, model_names
-from models.stand_ins import tiny_model_names
-from util.checkpoint import save_atomic, save_json_atomic
+from models.registry import MODELS, model_names
+from models.stand_ins import random_init_checkpoint, tiny_model_names
+from util.checkpoint import save_json_atomic
+from util.run import finished
 from util.suite import run_result
 
 assert models  # importing the package registers every method
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN_MODELS, SLIMMABLE_MODELS = model_names("pretrain"), model_names("slimmable")
 
+TEACHER_EPOCHS = 15
 COMMON = ["--dataset", "digits", "--num_workers", "0", "--print_freq", "100000", "--device", "cpu"]
 
 
@@ -47,19 +48,12 @@ def run(script: str, *args) -> float:
     return time.time() - start
 
 
-def random_init_checkpoint(name: str, extra: dict, path: Path, seed: int) -> None:
-    torch.manual_seed(seed)
-    model = create_model(name, **extra)
-    save_atomic({"model": model.state_dict(), **encoder_record(model.encoder, "encoder.", model.encoder_mask),
-                 "model_name": name, "model_config": plain_config(model.config), "epoch": -1}, path)
-
-
 def knn_probe(ckpt: Path, out: Path) -> float:
     """kNN top-1 (%) of a checkpoint's encoder (main_linprobe.py --probe knn): every digits training image votes
     for each of the 359 validation images, k 20, T 0.07, on the features the monitor reads."""
     run("main_linprobe.py", *COMMON, "--finetune", ckpt, "--probe", "knn", "--knn_ks", 20, "--output_dir", out,
         "--auto_resume", "false")
-    return json.loads((out / "log.txt").read_text())["test_acc1/k20"]
+    return run_result(str(out))["acc1"]
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
@@ -162,9 +156,9 @@ def main() -> None:
 
     if any(MODELS[n][0].needs_teacher or n in SLIMMABLE_MODELS for n in names) and not args.teacher:
         teacher = work / "teacher"
-        if not (teacher / "done.json").exists():  # a finished teacher is reused by a rerun
-            run("main_finetune.py", *COMMON, "--model", "vit_tiny_patch4", "--input_size", 32, "--epochs", 15,
-                "--batch_size", 32, "--blr", 5e-3, "--warmup_epochs", 1, "--layer_decay", 1, "--aa",
+        if not finished(str(teacher), TEACHER_EPOCHS):  # a finished teacher is reused by a rerun
+            run("main_finetune.py", *COMMON, "--model", "vit_tiny_patch4", "--input_size", 32, "--epochs",
+                TEACHER_EPOCHS, "--batch_size", 32, "--blr", 5e-3, "--warmup_epochs", 1, "--layer_decay", 1, "--aa",
                 "none", "--reprob", 0, "--output_dir", teacher, "--auto_resume", "false")
         args.teacher = str(teacher / "checkpoint-best.pth")
     rows = []
@@ -183,7 +177,7 @@ def main() -> None:
                        "--seed", seed, "--output_dir", out / "pretrain", "--auto_resume", "false", *flags)
             log = [json.loads(line) for line in (out / "pretrain" / "log.txt").read_text().splitlines()]
             rand = out / "random_init.pth"
-            random_init_checkpoint(name, {"teacher": args.teacher} if flags else {}, rand, seed)
+            random_init_checkpoint(name, str(rand), seed, **({"teacher": args.teacher} if flags else {}))
             row = {"seed": seed, "wall_s": wall, "loss": [r["train_loss"] for r in log],
                    "knn": [r["knn_acc1"] for r in log]}
             start = time.time()

@@ -26,9 +26,8 @@ import torch
 
 import main_linprobe
 import models
-from models.formats import encoder_record, plain_config
-from models.registry import create_model
-from util.checkpoint import save_atomic
+from models.registry import model_config
+from models.stand_ins import random_init_checkpoint
 
 assert models  # importing the package registers every method
 GRID = [1e-4, 3e-4, 5e-4, 1e-3, 1.5e-3, 2e-3, 4e-3, 8e-3, 1e-2, 1e-1]  # XTRA's probe lrs
@@ -89,18 +88,16 @@ def main() -> None:
     if not 1 < args.heads <= len(GRID) or args.epochs < 2:
         parser.error(f"--heads must be 2 to {len(GRID)} and --epochs at least 2")
     with tempfile.TemporaryDirectory() as work:
-        torch.manual_seed(0)
-        model = create_model(args.model)
         encoder = os.path.join(work, "encoder.pth")
-        save_atomic({"model": model.state_dict(), **encoder_record(model.encoder, "encoder.", model.encoder_mask),
-                     "model_name": args.model, "model_config": plain_config(model.config), "epoch": -1}, encoder)
+        random_init_checkpoint(args.model, encoder, seed=0)
         rows = []
         for probe in args.probes:
             one = measure(encoder, probe, GRID[:1], args, os.path.join(work, f"{probe}-1"))
             many = measure(encoder, probe, GRID[:args.heads], args, os.path.join(work, f"{probe}-{args.heads}"))
             rows.append((probe, one, many))
-    print(f"\n{args.model} encoder (random init), {model.config.input_size} px, synthetic images; device "
-          f"{args.device}, {torch.get_num_threads()} threads, --amp {args.amp}; {args.steps} steps of "
+    size = model_config(args.model, "pretrain").input_size
+    print(f"\n{args.model} encoder (random init), {size} px, synthetic images; device {args.device}, "
+          f"{torch.get_num_threads()} threads, --amp {args.amp}; {args.steps} steps of "
           f"{args.batch_size} per epoch, the fastest of epochs 2 to {args.epochs}\n")
     print(f"| probe | train s/epoch, 1 head | {args.heads} heads | ratio | validation s, 1 head | {args.heads} heads | "
           f"ratio |")

@@ -102,11 +102,16 @@ def count_flops(step: Callable[[], None]) -> int:
     return fc.get_total_flops()
 
 
+def peak_flops(gpu_name: str) -> float | None:
+    """The bf16 peak FLOP/s of a GPU by its name (PEAK_TFLOPS), None for one not listed."""
+    return next((v for k, v in PEAK_TFLOPS.items() if k in gpu_name), None)
+
+
 def mfu(flops: int, img_s: float, args: argparse.Namespace, device: torch.device) -> float:
     """Model FLOPs utilisation (%) on a known CUDA device, else NaN."""
     if device.type != "cuda":
         return float("nan")
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+    peak = peak_flops(torch.cuda.get_device_name())
     return 100 * flops * img_s / args.batch_size / peak if peak else float("nan")
 
 

@@ -105,6 +105,18 @@ def kill_inside_epoch(script: str, args: list, checkpoint: Path, epoch: int, tim
     proc.wait()
 
 
+def one_error_line(proc: subprocess.CompletedProcess, *needles: str, after_warnings: bool = False) -> str:
+    """Exit 2 and one `error:` line holding each of ``needles`` on stderr, no traceback (with ``after_warnings``,
+    `warning:` lines the run logged before may precede it); returns the line."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines()
+             if line.strip() and not (after_warnings and line.startswith("warning: "))]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
 def read_log(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "log.txt").read_text().splitlines()]
 

@@ -1,5 +1,6 @@
 """python -m benchmarks.throughput runs from a clean checkout and prints its table (one quick round: no timing asserts)."""
 import json
+from collections.abc import Callable, Hashable
 
 import pytest
 
@@ -10,11 +11,12 @@ from tests.helpers import run_script
 assert models  # importing the package registers every method
 
 
-def table_rows(stdout: str) -> dict[str, dict[str, str]]:
+def table_rows(stdout: str, key: Callable[[dict], Hashable] = lambda row: row["model"]) -> dict:
+    """The rows of the first markdown table in ``stdout`` (cells by column name), by ``key`` (default: model)."""
     lines = [line for line in stdout.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return {row["model"]: row for row in (dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
-                                          for line in lines[1:])}
+    return {key(row): row for row in (dict(zip(header, (c.strip() for c in line.strip("|").split("|"))))
+                                      for line in lines[1:])}
 
 
 def test_throughput_table_counts_the_methods_extra_arithmetic():
@@ -103,20 +105,12 @@ def test_input_pipeline_reads_the_same_jpegs_from_a_folder_and_from_shards_with_
     assert '"samples": 40' in index and "GPU JPEG decoding" in proc.stdout
 
 
-def _gpu_check_rows(stdout: str) -> dict[tuple[str, str], dict[str, str]]:
-    """The gpu_check table's rows by (section, check)."""
-    lines = [line for line in stdout.splitlines() if line.startswith("| ")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
-    return {(r["section"], r["check"]): r for r in rows}
-
-
 def test_gpu_check_reduced_cpu_form_gives_every_section_a_row_and_no_failure(tmp_path):
     from benchmarks.gpu_check import SECTIONS, TINY
 
     report = tmp_path / "gpu_check.json"
     proc = run_script("benchmarks.gpu_check", "--device", "cpu", "--json", report, "--out", tmp_path / "runs")
-    rows = _gpu_check_rows(proc.stdout)
+    rows = table_rows(proc.stdout, key=lambda row: (row["section"], row["check"]))
     data = json.loads(report.read_text())
     assert data["status"] == "ok" and [(r["section"], r["check"]) for r in data["rows"]] == list(rows)
     assert {section for section, _ in rows} == set(SECTIONS) and set(data["seconds"]) == set(SECTIONS)

@@ -13,20 +13,10 @@ import torch
 from PIL import Image
 
 import main_pretrain
-from tests.helpers import FAST, ROOT, read_log, run_script, tmpfs
+from tests.helpers import FAST, ROOT, one_error_line, read_log, run_script, tmpfs
 from util.settings import SettingsError
 
 PT = [*FAST, "--model", "xtra_vit_tiny", "--batch_size", "64", "--warmup_epochs", "1", "--save_freq", "2"]
-
-
-def _one_error_line(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2 and one `error:` line (warnings logged earlier in the run may precede it), no traceback."""
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("warning: ")]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +76,11 @@ def test_a_kill_during_the_first_save_leaves_nothing_behind(tmp_path):
 def test_auto_resume_into_another_models_run_is_refused_before_anything_is_written(finished_run, tmp_path):
     args_json = (finished_run / "args.json").read_text()
     proc = run_script("main_pretrain.py", *FAST, "--model", "saim_vit_tiny", "--output_dir", finished_run, check=False)
-    _one_error_line(proc, "checkpoint of xtra_vit_tiny, not saim_vit_tiny")
+    one_error_line(proc, "checkpoint of xtra_vit_tiny, not saim_vit_tiny", after_warnings=True)
     assert (finished_run / "args.json").read_text() == args_json
     proc = run_script("main_finetune.py", *FAST, "--resume", finished_run / "checkpoint-last.pth",
                       "--output_dir", tmp_path / "ft", check=False)
-    _one_error_line(proc, "not a classifier checkpoint", "--finetune")
+    one_error_line(proc, "not a classifier checkpoint", "--finetune", after_warnings=True)
     assert not (tmp_path / "ft").exists()
 
 
@@ -104,7 +94,7 @@ def test_impossible_counts_and_devices_are_refused_up_front(tmp_path):
             main_pretrain.resolve_settings([*PT, *flags, "--output_dir", str(tmp_path)])
     if not torch.cuda.is_available():
         proc = run_script("main_pretrain.py", *PT, "--device", "cuda", "--output_dir", tmp_path / "x", check=False)
-        _one_error_line(proc, "CUDA is not available")
+        one_error_line(proc, "CUDA is not available", after_warnings=True)
     assert not list(tmp_path.iterdir())
 
 
@@ -112,7 +102,7 @@ def test_an_output_dir_that_is_a_file_or_not_writable_is_refused(tmp_path, monke
     afile = tmp_path / "afile"
     afile.write_text("keep me")
     proc = run_script("main_pretrain.py", *PT, "--output_dir", afile / "sub", check=False)
-    _one_error_line(proc, "is a file")
+    one_error_line(proc, "is a file", after_warnings=True)
     assert afile.read_text() == "keep me"
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # root may write anywhere: fake a read-only disk
     with pytest.raises(SettingsError, match="not writable"):
@@ -122,7 +112,7 @@ def test_an_output_dir_that_is_a_file_or_not_writable_is_refused(tmp_path, monke
 def test_a_missing_data_path_creates_no_output_dir(tmp_path):
     proc = run_script("main_pretrain.py", *PT, "--dataset", "imagefolder", "--data_path", tmp_path / "nope",
                       "--output_dir", tmp_path / "out", check=False)
-    _one_error_line(proc, "--data_path")
+    one_error_line(proc, "--data_path", after_warnings=True)
     assert not (tmp_path / "out").exists()
 
 
@@ -161,7 +151,7 @@ def test_unreadable_images_are_logged_replaced_and_counted(tmp_path):
     assert [r["test_n"] for r in log] == [39, 39] and [r["test_unreadable"] for r in log] == [1, 1]
     proc = run_script("main_finetune.py", *flags, "--max_unreadable", "0", "--output_dir", tmp_path / "strict",
                       check=False)
-    line = _one_error_line(proc, "unreadable training images", "--max_unreadable")
+    line = one_error_line(proc, "unreadable training images", "--max_unreadable", after_warnings=True)
     assert str(bad[0]) in line or str(bad[1]) in line
     assert not list((tmp_path / "strict").glob("checkpoint-*"))
 
@@ -211,7 +201,7 @@ def test_run_and_eval_scripts_use_the_interpreters_launcher_and_refuse_a_wrong_p
     assert proc.returncode == 0 and "ratio" in proc.stdout, proc.stderr[-2000:]
     proc = subprocess.run(["bash", "eval.sh", "small", str(scala / "checkpoint-last.pth")], cwd=ROOT,
                           capture_output=True, text=True, env={**env, "IMAGENET": str(tmp_path)})
-    _one_error_line(proc, "checkpoint of scala_vit_tiny, not scala_deit_small_patch16")
+    one_error_line(proc, "checkpoint of scala_vit_tiny, not scala_deit_small_patch16", after_warnings=True)
 
 
 @pytest.fixture
@@ -227,8 +217,8 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_committed_checkpoin
     proc = run_script("main_pretrain.py", *FAST, "--model", "xtra_vit_tiny", "--batch_size", "64", "--epochs", "3",
                       "--save_freq", "100", "--save_encoder", "false", "--log_dir", "", "--output_dir", out,
                       check=False)
-    line = _one_error_line(proc, "cannot write ", "No space left on device", "MiB free there",
-                           "the last committed checkpoint is untouched")
+    line = one_error_line(proc, "cannot write ", "No space left on device", "MiB free there",
+                          "the last committed checkpoint is untouched", after_warnings=True)
     assert "checkpoint-last.pth" in line
     assert not list(out.glob("*.tmp.*")), "the partial file was left behind"
     committed = torch.load(out / "checkpoint-last.pth", weights_only=True)
@@ -267,7 +257,8 @@ def test_a_full_disk_during_a_sharded_save_is_one_line_and_keeps_the_committed_c
     proc = run_script("main_pretrain.py", *FAST, "--model", "xtra_vit_tiny", "--batch_size", "64", "--epochs", "3",
                       "--save_freq", "100", "--save_encoder", "false", "--log_dir", "", "--fsdp",
                       "--output_dir", out, check=False)
-    line = _one_error_line(proc, "cannot write ", "checkpoint-1.dcp.tmp", "No space left on device", "MiB free there")
+    line = one_error_line(proc, "cannot write ", "checkpoint-1.dcp.tmp", "No space left on device", "MiB free there",
+                          after_warnings=True)
     assert "Traceback" not in line and not (out / "checkpoint-1.dcp.tmp").exists()
     assert json.loads((out / "checkpoint-last.json").read_text())["epoch"] == 0
     assert (out / "checkpoint-0.dcp").is_dir() and not (out / "done.json").exists()

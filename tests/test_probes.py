@@ -16,15 +16,16 @@ from PIL import ImageOps
 
 import main_linprobe
 from engine_monitors import knn_accuracies, knn_top1
-from models.formats import encoder_record, load_checkpoint, load_encoder_weights, plain_config
+from models.formats import load_checkpoint, load_encoder_weights
 from models.probes import pooled_features
 from models.registry import create_model
+from models.stand_ins import random_init_checkpoint
 from models.vit import VisionTransformer
-from tests.helpers import FAST, ROOT, kill_inside_epoch, read_log, run_script, tensorboard_scalars
+from tests.helpers import FAST, ROOT, kill_inside_epoch, one_error_line, read_log, run_script, tensorboard_scalars
 from tests.test_device import count_host_reads
 from tests.test_monitors import _reference_knn
-from util.checkpoint import save_atomic
 from util.datasets import DigitsDataset, build_dataset, build_transform
+from util.decoding import TensorCrop
 from util.images import device_images
 
 SWEEP = ["--batch_size", "64", "--epochs", "1", "--warmup_epochs", "0.5", "--optimizer", "adamw", "--clip_grad", "0.3",
@@ -34,19 +35,9 @@ SWEEP = ["--batch_size", "64", "--epochs", "1", "--warmup_epochs", "0.5", "--opt
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory) -> Path:
     """A randomly initialised xtra_vit_tiny encoder (32 px, its block-causal mask kept by the probes)."""
-    torch.manual_seed(0)
-    model = create_model("xtra_vit_tiny")
     path = tmp_path_factory.mktemp("encoder") / "encoder.pth"
-    save_atomic({"model": model.state_dict(), **encoder_record(model.encoder, "encoder.", model.encoder_mask),
-                 "model_name": "xtra_vit_tiny", "model_config": plain_config(model.config), "epoch": -1}, path)
+    random_init_checkpoint("xtra_vit_tiny", str(path), seed=0)
     return path
-
-
-def _one_error_line(proc) -> str:
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 # --- the lr sweep ------------------------------------------------------------------------------------------------
@@ -74,7 +65,7 @@ def test_every_head_of_a_sweep_trains_as_its_own_run_and_a_diverged_one_is_froze
             if key.startswith("head.") and value.is_floating_point():
                 torch.testing.assert_close(heads[f"head.{i}.{key[5:]}"], value, rtol=1e-6, atol=1e-7)
     alone = run_script("main_linprobe.py", *args, "--lr", "1e38", "--output_dir", tmp_path / "1e38", check=False)
-    assert "non-finite" in _one_error_line(alone)
+    assert "non-finite" in one_error_line(alone)
     assert all(r["diverged/lr1e+38"].startswith("epoch 0, step ") for r in sweep)
     assert sweep[-1]["test_lr"] in (1e-3, 1e-2)  # a diverged head is never the best
     assert [e.value for e in tensorboard_scalars(tmp_path / "sweep")["perf/test_acc1/lr0.001"]] == \
@@ -111,6 +102,22 @@ def test_knn_accuracies_of_several_k_are_each_ks_vote():
     ks = [1, 5, 20, 500]  # more neighbours than the bank holds: all of it
     together = knn_accuracies(bank, bank_labels, queries, query_labels, 4, ks, 0.1, chunk=16)
     assert together == [knn_top1(bank, bank_labels, queries, query_labels, 4, k, 0.1) for k in ks]
+
+
+@pytest.mark.parametrize("decode", ["pil", "fast"])
+def test_the_knn_probes_bank_is_read_as_its_queries(encoder, tmp_path, monkeypatch, decode):
+    """The training images that vote are decoded and resized as the validation images (--decode, --crop_pct)."""
+    seen = {}
+    monkeypatch.setattr(main_linprobe, "knn_probe", lambda s, model, bank, queries, *rest: seen.update(
+        bank=bank.transform, queries=queries.transform))
+    run_script("main_linprobe.py", *FAST, "--finetune", encoder, "--probe", "knn", "--decode", decode,
+               "--crop_pct", "0.9", "--output_dir", tmp_path)
+
+    def described(transform) -> str:  # the PIL transform's steps with their sizes, and whether tensors take them
+        return f"tensor {transform.pil!r}" if isinstance(transform, TensorCrop) else repr(transform)
+
+    assert described(seen["bank"]) == described(seen["queries"])
+    assert described(seen["bank"]).startswith("tensor") == (decode == "fast") and "size=35" in described(seen["bank"])
 
 
 def test_the_knn_probe_is_dinos_vote_on_the_features_the_linear_probe_reads(encoder, tmp_path):
@@ -277,7 +284,7 @@ def test_the_xtra_manifest_is_the_official_protocol(encoder, tmp_path):
     proc = run_script("main_linprobe.py", *flags, "--print_config")
     assert proc.stdout.count("resolved settings") == 16 and "benchmark pcam (--probe attentive)" in proc.stdout
     assert proc.stdout.count("accum_iter         = 4   [--global_batch]") == 4  # in1k, in1k_linear, inat18, pcam
-    line = _one_error_line(run_script("main_linprobe.py", *flags, check=False))
+    line = one_error_line(run_script("main_linprobe.py", *flags, check=False))
     assert all(f"{name} (" in line for name in official) and "--skip_missing" in line
     assert not (tmp_path / "out").exists()
 
@@ -303,7 +310,7 @@ def test_a_bad_suite_is_one_error_line_before_anything_runs(encoder, tmp_path, m
     path = _manifest(tmp_path / "suite.json", manifest)
     proc = run_script("main_linprobe.py", "--suite", path, "--data_root", tmp_path / "root", "--finetune", encoder,
                       "--output_dir", tmp_path / "out", *extra, "--num_workers", "0", "--device", "cpu", check=False)
-    line = _one_error_line(proc)
+    line = one_error_line(proc)
     assert message in line and (str(path) in line or "manifest" in line), line
     assert not (tmp_path / "out").exists()
 
@@ -318,7 +325,7 @@ def test_a_bad_suite_is_one_error_line_before_anything_runs(encoder, tmp_path, m
 def test_bad_lrs_are_one_error_line_before_anything_is_written(encoder, tmp_path, flags, message):
     proc = run_script("main_linprobe.py", *FAST, "--finetune", encoder, *flags, "--output_dir", tmp_path / "out",
                       check=False)
-    assert message in _one_error_line(proc)
+    assert message in one_error_line(proc)
     assert not (tmp_path / "out").exists()
 
 

@@ -191,6 +191,12 @@ def build_dataset(dataset: str, split: str, transform, input_size: int, data_pat
     return images
 
 
+def eval_transform(data: DataSettings, input_size: int):
+    """The evaluation transform of ``data``'s settings (its --crop_pct and --decode): the validation split's, and
+    that of the training images a kNN vote reads."""
+    return build_transform(input_size, False, crop_pct=data.crop_pct, decode=data.decode)
+
+
 def supervised_datasets(data: DataSettings, input_size: int, augment: AugmentSettings | None,
                         train: bool) -> tuple[Dataset | None, Dataset]:
     """(training split, validation split) of a supervised run: the training split only when ``train`` (not for
@@ -201,7 +207,7 @@ def supervised_datasets(data: DataSettings, input_size: int, augment: AugmentSet
 
     train_set = split("train", build_transform(input_size, True, data.crop_scale, data.crop_ratio, augment=augment,
                                                decode=data.decode)) if train else None
-    return train_set, split("val", build_transform(input_size, False, crop_pct=data.crop_pct, decode=data.decode))
+    return train_set, split("val", eval_transform(data, input_size))
 
 
 def make_mixup(mixup: MixupSettings, num_classes: int) -> Mixup | None:
